@@ -1,0 +1,34 @@
+# GenCLS++ — the two commands: `make run` (main job) and `make test` (test suite).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true \
+       DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+       TOKENIZERS_PARALLELISM=false
+export PREFECT_HOME ?= $(HOME)/.cache/gencls/prefect
+
+.PHONY: install run test test-fast ui clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)  ## build trec6, dvc repro the quick pipeline, register, print the summary
+	$(BIN)/python -m flows.run_default
+
+test: $(STAMP)  ## the whole suite (unit tests on tiny models + a few slow ones on real SmolLM2)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+ui: $(STAMP)  ## Prefect server + MLflow server on 127.0.0.1
+	$(BIN)/gencls ui
+
+clean-venv:
+	rm -rf $(VENV)

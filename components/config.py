@@ -1,0 +1,62 @@
+"""Project paths, offline switches and params.yaml loading (no side effects at import)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+OFFLINE_ENV = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_offline_env() -> None:
+    """Set the offline/no-telemetry switches unless the user already set them."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(cache_dir() / "prefect"))
+
+
+def project_root() -> Path:
+    """Directory holding data/, checkpoints/, params.yaml (GENCLS_ROOT or the current directory)."""
+    return Path(os.environ.get("GENCLS_ROOT", os.getcwd())).resolve()
+
+
+def data_dir() -> Path:
+    """Where datasets live: <root>/data."""
+    return project_root() / "data"
+
+
+def checkpoints_dir() -> Path:
+    """Where trained adapters live: <root>/checkpoints."""
+    return project_root() / "checkpoints"
+
+
+def reports_dir() -> Path:
+    """Where predictions, metrics and plots go: <root>/reports."""
+    return project_root() / "reports"
+
+
+def cache_dir() -> Path:
+    """Cache outside the repo for downloaded packages, converted models, embeddings."""
+    return Path(os.environ.get("GENCLS_CACHE", Path.home() / ".cache" / "gencls")).expanduser()
+
+
+def load_params(path: str | Path | None = None) -> dict[str, Any]:
+    """Read params.yaml (default: <root>/params.yaml); empty dict when absent."""
+    path = Path(path) if path else project_root() / "params.yaml"
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return yaml.safe_load(fh) or {}

@@ -1,0 +1,322 @@
+"""Prompt strategies: the five GenCLS++ dimensions plus the reasoning switch.
+
+A `Strategy` says how a prompt is built; a `LabelSpace` maps labels to the answer strings
+the model sees (label names, or numbers 1..K) and parses answers back strictly; a
+`PromptBuilder` renders chat-template prompts and target completions for examples.
+
+    gencls prompt show --dataset trec6 --strategy icl=semantic,k=4,definitions,numeric
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence
+
+UNCERTAIN = "uncertain"
+ICL_MODES = ("none", "random", "semantic")
+DECODINGS = ("generative", "perplexity")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One point in the GenCLS++ strategy space (DESIGN.md, "The five strategy dimensions").
+
+    Attributes:
+        icl: in-context examples: "none", "random" k, or "semantic" k nearest (MiniLM).
+        k: number of demonstrations when icl is not "none".
+        definitions: list each label's one-sentence definition in the prompt.
+        uncertain: offer an extra answer `uncertain`.
+        numeric: replace label names by the numbers 1..K in prompt and target.
+        decoding: "generative" (greedy text, strict parse) or "perplexity" (label scoring).
+        reasoning: answer after `<think>...</think>` instead of directly.
+    """
+
+    icl: Literal["none", "random", "semantic"] = "none"
+    k: int = 4
+    definitions: bool = False
+    uncertain: bool = False
+    numeric: bool = False
+    decoding: Literal["generative", "perplexity"] = "generative"
+    reasoning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.icl not in ICL_MODES:
+            raise ValueError(f"strategy icl={self.icl!r}: expected one of {', '.join(ICL_MODES)}")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"strategy decoding={self.decoding!r}: expected one of {', '.join(DECODINGS)}")
+        if self.icl != "none" and self.k < 1:
+            raise ValueError(f"strategy k={self.k}: expected k >= 1 when icl={self.icl}")
+        if self.reasoning and self.decoding == "perplexity":
+            raise ValueError("strategy reasoning=on needs decoding=generative (perplexity scores a direct answer)")
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "Strategy":
+        """Parse `naive` or a comma list like `icl=semantic,k=4,definitions,decoding=perplexity`.
+
+        A bare flag name turns a boolean on; `flag=off|false|0` turns it off.
+        """
+        spec = (spec or "").strip()
+        if spec in ("", "naive", "plain", "default"):
+            return cls()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            key, _, raw = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in fields:
+                raise ValueError(f"strategy {spec!r}: unknown dimension {key!r}; expected one of {', '.join(fields)}")
+            values[key] = _coerce(key, raw.strip(), fields[key].type, spec)
+        return cls(**values)
+
+    def slug(self) -> str:
+        """Canonical, parseable short name (`naive` for the default strategy)."""
+        parts = []
+        if self.icl != "none":
+            parts += [f"icl={self.icl}", f"k={self.k}"]
+        parts += [name for name in ("definitions", "uncertain", "numeric", "reasoning") if getattr(self, name)]
+        if self.decoding != "generative":
+            parts.append(f"decoding={self.decoding}")
+        return ",".join(parts) or "naive"
+
+    def replace(self, **changes: Any) -> "Strategy":
+        """Copy with some dimensions changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(key: str, raw: str, type_name: Any, spec: str) -> Any:
+    """Turn one `key=value` of a strategy spec into the field's type."""
+    if key == "k":
+        if not raw.isdigit():
+            raise ValueError(f"strategy {spec!r}: k={raw!r} is not a positive integer")
+        return int(raw)
+    if key in ("icl", "decoding"):
+        if not raw:
+            raise ValueError(f"strategy {spec!r}: {key} needs a value, e.g. {key}={'semantic' if key == 'icl' else 'perplexity'}")
+        return raw
+    if raw in ("", "on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"strategy {spec!r}: {key}={raw!r}; expected on/off")
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """Labels of a dataset as the model sees them, and strict parsing back.
+
+    Attributes:
+        labels: the real labels, in labels.yaml order.
+        definitions: label -> one-sentence definition.
+        numeric: answers are "1".."K" instead of label names.
+        uncertain: the extra answer `uncertain` is offered.
+    """
+
+    labels: tuple[str, ...]
+    definitions: dict[str, str] = field(default_factory=dict)
+    numeric: bool = False
+    uncertain: bool = False
+
+    @classmethod
+    def from_strategy(cls, labels: dict[str, str] | Sequence[str], strategy: Strategy) -> "LabelSpace":
+        """Build from labels.yaml content (label -> definition) and a strategy."""
+        defs = dict(labels) if isinstance(labels, dict) else {label: "" for label in labels}
+        if UNCERTAIN in defs:
+            raise ValueError(f"label {UNCERTAIN!r} is reserved for the uncertainty option; rename it in labels.yaml")
+        return cls(tuple(defs), defs, strategy.numeric, strategy.uncertain)
+
+    def answer(self, label: str) -> str:
+        """The string the model should produce for `label` (or `uncertain`)."""
+        if label == UNCERTAIN:
+            if not self.uncertain:
+                raise ValueError("`uncertain` is not an answer of this label space")
+            return UNCERTAIN
+        try:
+            index = self.labels.index(label)
+        except ValueError:
+            raise ValueError(f"label {label!r} is not one of {list(self.labels)}") from None
+        return str(index + 1) if self.numeric else label
+
+    @property
+    def answers(self) -> list[str]:
+        """Every answer offered, real labels first, then `uncertain` when on."""
+        return [self.answer(label) for label in self.labels] + ([UNCERTAIN] if self.uncertain else [])
+
+    def parse(self, text: str) -> str | None:
+        """Map a model answer back to a label, `uncertain`, or None (invalid).
+
+        Strict: only surrounding whitespace, surrounding quotes and one trailing period are
+        forgiven, and case is ignored; anything else ("A or B", extra words, empty) is invalid.
+        """
+        cleaned = text.strip().strip("\"'`").strip()
+        if cleaned.endswith("."):
+            cleaned = cleaned[:-1].rstrip()
+        lookup = {answer.lower(): answer for answer in self.answers}
+        answer = lookup.get(cleaned.lower())
+        if answer is None:
+            return None
+        if answer == UNCERTAIN:
+            return UNCERTAIN
+        return self.labels[int(answer) - 1] if self.numeric else answer
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """Split `<think>...</think> answer` into (thought, answer); thought None if malformed."""
+    match = re.fullmatch(r"\s*<think>(.*?)</think>\s*(.*?)\s*", text, flags=re.S)
+    if not match:
+        return None, text
+    return match.group(1).strip(), match.group(2)
+
+
+class Retriever(Protocol):
+    """What semantic ICL needs: the ids of the k nearest training examples to a text."""
+
+    def nearest(self, text: str, k: int, exclude_ids: set[str]) -> list[str]: ...
+
+
+SYSTEM = "You are a precise text classifier."
+INSTRUCTION = "Classify the text into exactly one of these categories: {options}."
+DIRECT_HINT = "Reply with the category only."
+REASONING_HINT = (
+    "First think briefly inside <think> and </think>, then give the category alone on the last line."
+)
+UNCERTAIN_HINT = "If you cannot tell, reply {uncertain}."
+
+
+class PromptBuilder:
+    """Renders prompts (chat template, generation prompt added) and targets for examples.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a chat template.
+        labels: labels.yaml content (label -> definition).
+        strategy: the strategy to render.
+        train_examples: the training split (dicts with id, text, label): the demo pool.
+        retriever: needed when strategy.icl == "semantic".
+        max_prompt_tokens: budget for the whole prompt; the example text is truncated to fit.
+        demo_tokens: budget for each demonstration's text.
+        seed: seed for random demos (each example gets a fixed, reproducible draw).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        labels: dict[str, str],
+        strategy: Strategy,
+        train_examples: Sequence[dict] = (),
+        retriever: Retriever | None = None,
+        max_prompt_tokens: int = 384,
+        demo_tokens: int = 48,
+        seed: int = 0,
+    ) -> None:
+        if strategy.icl == "semantic" and retriever is None:
+            raise ValueError("strategy icl=semantic needs a retriever (components.retrieval.Retriever)")
+        if strategy.icl != "none" and not train_examples:
+            raise ValueError(f"strategy icl={strategy.icl} needs training examples to draw demos from")
+        self.tokenizer = tokenizer
+        self.strategy = strategy
+        self.space = LabelSpace.from_strategy(labels, strategy)
+        self.pool = list(train_examples)
+        self.by_id = {ex["id"]: ex for ex in self.pool}
+        self.retriever = retriever
+        self.max_prompt_tokens = max_prompt_tokens
+        self.demo_tokens = demo_tokens
+        self.seed = seed
+        self.truncated = 0  # number of examples whose text was cut to fit the budget
+
+    # -- demos ---------------------------------------------------------------------------
+    def demos(self, example: dict) -> list[dict]:
+        """Demonstrations for `example`, never the example itself (same id or same text)."""
+        strategy = self.strategy
+        if strategy.icl == "none":
+            return []
+        exclude = {ex_id for ex_id, ex in self.by_id.items() if ex["text"] == example["text"]}
+        exclude.add(example["id"])
+        if strategy.icl == "semantic":
+            ids = self.retriever.nearest(example["text"], strategy.k, exclude)
+            return [self.by_id[i] for i in ids if i not in exclude][: strategy.k]
+        rng = random.Random(f"{self.seed}:{example['id']}")
+        candidates = [ex for ex in self.pool if ex["id"] not in exclude]
+        return rng.sample(candidates, min(strategy.k, len(candidates)))
+
+    # -- rendering -----------------------------------------------------------------------
+    def header(self) -> str:
+        """Instruction, options, definitions and answer hints (everything but demos and text)."""
+        space, strategy = self.space, self.strategy
+        lines = [INSTRUCTION.format(options=", ".join(space.answers))]
+        if strategy.definitions:
+            lines.append("Category definitions:")
+            for label in space.labels:
+                lines.append(f"- {space.answer(label)}: {space.definitions.get(label) or label}")
+        if strategy.uncertain:
+            lines.append(UNCERTAIN_HINT.format(uncertain=UNCERTAIN))
+        lines.append(REASONING_HINT if strategy.reasoning else DIRECT_HINT)
+        return "\n".join(lines)
+
+    def user_message(self, example: dict, demos: Sequence[dict] | None = None, text: str | None = None) -> str:
+        """The user turn: header, demos (text + answer), then the text to classify."""
+        demos = self.demos(example) if demos is None else demos
+        parts = [self.header()]
+        if demos:
+            shots = [
+                f"Text: {self.truncate(d['text'], self.demo_tokens)[0]}\nCategory: {self.space.answer(d['label'])}"
+                for d in demos
+            ]
+            parts.append("Examples:\n\n" + "\n\n".join(shots))
+        parts.append(f"Text: {example['text'] if text is None else text}\nCategory:")
+        return "\n\n".join(parts)
+
+    def messages(self, example: dict) -> list[dict[str, str]]:
+        """Chat messages for `example`, with its text truncated to the token budget."""
+        demos = self.demos(example)
+        overhead = len(self._encode(self._chat(self.user_message(example, demos, text=""))))
+        text, cut = self.truncate(example["text"], max(self.max_prompt_tokens - overhead, 16))
+        self.truncated += int(cut)
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.user_message(example, demos, text=text)}]
+
+    def prompt(self, example: dict) -> str:
+        """The exact string the model sees, ending with the assistant generation prompt."""
+        return self._chat(self.messages(example)[-1]["content"])
+
+    def target(self, example: dict, label: str | None = None) -> str:
+        """The completion to train on: the answer, or `<think>rationale</think>\\nanswer`.
+
+        In reasoning mode the rationale is templated from the label definition (there are no
+        gold rationales); RL then lets the model write its own.
+        """
+        label = example["label"] if label is None else label
+        answer = self.space.answer(label)
+        if not self.strategy.reasoning:
+            return answer
+        definition = self.space.definitions.get(label) or label
+        thought = f"The text fits the definition of {answer}: {definition}"
+        return f"{THINK_OPEN}{thought}{THINK_CLOSE}\n{answer}"
+
+    def parse(self, completion: str) -> str | None:
+        """Label (or `uncertain`) from a completion; None when invalid or malformed."""
+        if self.strategy.reasoning:
+            thought, answer = split_reasoning(completion)
+            if thought is None:
+                return None
+            return self.space.parse(answer)
+        return self.space.parse(completion)
+
+    # -- tokens --------------------------------------------------------------------------
+    def truncate(self, text: str, max_tokens: int) -> tuple[str, bool]:
+        """Cut `text` to at most `max_tokens` tokens; returns (text, was_cut)."""
+        ids = self._encode(text)
+        if len(ids) <= max_tokens:
+            return text, False
+        return self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip() + " ...", True
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _chat(self, user: str) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
