@@ -135,12 +135,12 @@ def read_manifest(name: str, version: str) -> dict:
 
 
 def _download(name: str, version: str, dest: Path) -> Path:
-    """Run pip download (wheel first, then any archive) and return the archive path."""
+    """Run pip download (a wheel first, then any distribution, e.g. an sdist) and return the archive."""
     dest.mkdir(parents=True)
     base = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
             "--quiet", "--dest", str(dest), f"{name}=={version}"]
     errors = []
-    for extra in (["--only-binary=:all:"], ["--no-binary=:all:"]):
+    for extra in (["--only-binary=:all:"], []):
         proc = subprocess.run(base + extra, capture_output=True, text=True, check=False)
         files = sorted(dest.iterdir())
         if proc.returncode == 0 and files:

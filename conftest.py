@@ -1,0 +1,22 @@
+"""Repository-wide pytest fixtures (tests/conftest.py holds the data fixtures)."""
+from __future__ import annotations
+
+import pytest
+
+from components.config import set_offline_env
+
+set_offline_env()
+
+TINY_TEXTS = [
+    "what is the capital of france", "who wrote hamlet", "how many legs does a spider have",
+    "great film , loved it", "terrible plot and bad acting", "win a free prize now call",
+    "see you at lunch tomorrow", "negative positive description entity abbreviation human number location",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama + ChatML tokenizer saved on disk (built once per session)."""
+    from components.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), texts=TINY_TEXTS)
