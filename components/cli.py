@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "components.cli_core",
     "components.cli_train",
     "components.cli_ops",
+    "components.cli_study",
 ]
 
 

@@ -1,0 +1,232 @@
+"""Ops commands: UIs, retraining, schedules, registry promotion/rollback, serving.
+
+    gencls ui                                   # Prefect :4200 + MLflow :5000 on 127.0.0.1, in the background
+    gencls ui --stop                            # stop them
+    gencls retrain --dataset trec6 [--set rl.learning_rate=1e-5]
+    gencls serve-deployments                    # cron deployments from params.yaml `retrain:`
+    gencls registry show --dataset trec6
+    gencls promote --dataset trec6 --version 3 --reason "..."
+    gencls rollback --dataset trec6
+    gencls serve --dataset trec6 [--port 5001]  # mlflow models serve models:/gencls-trec6@champion
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+PREFECT_PORT = 4200
+MLFLOW_PORT = 5000
+HOST = "127.0.0.1"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the ops subcommands on the `gencls` parser."""
+    ui = sub.add_parser("ui", help="start the Prefect and MLflow servers on 127.0.0.1 (background)")
+    ui.add_argument("--prefect-port", type=int, default=PREFECT_PORT)
+    ui.add_argument("--mlflow-port", type=int, default=MLFLOW_PORT)
+    ui.add_argument("--stop", action="store_true", help="stop the servers started by `gencls ui`")
+    ui.set_defaults(func=cmd_ui)
+
+    retrain = sub.add_parser("retrain", help="run the Prefect retraining flow once for a dataset")
+    retrain.add_argument("--dataset", default="trec6")
+    retrain.add_argument("--profile", default="quick", choices=["quick", "full"])
+    retrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="config override, e.g. rl.learning_rate=1e-5 (repeatable)")
+    retrain.set_defaults(func=cmd_retrain)
+
+    for name in ("serve-deployments", "schedule"):
+        dep = sub.add_parser(name, help="serve the scheduled retraining deployments (blocks)")
+        dep.set_defaults(func=cmd_serve_deployments)
+
+    reg = sub.add_parser("registry", help="inspect the MLflow model registry")
+    reg_sub = reg.add_subparsers(dest="registry_command", required=True)
+    show = reg_sub.add_parser("show", help="versions, figures, gate decisions and the champion")
+    show.add_argument("--dataset", required=True)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_registry_show)
+
+    promote = sub.add_parser("promote", help="move the champion alias to a version (manual, recorded)")
+    promote.add_argument("--dataset", required=True)
+    promote.add_argument("--version", required=True)
+    promote.add_argument("--reason", default="", help="why (kept in the champion history)")
+    promote.set_defaults(func=cmd_promote)
+
+    rollback = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
+    rollback.add_argument("--dataset", required=True)
+    rollback.add_argument("--reason", default="")
+    rollback.set_defaults(func=cmd_rollback)
+
+    serve = sub.add_parser("serve", help="serve the champion over REST (mlflow models serve)")
+    serve.add_argument("--dataset", required=True)
+    serve.add_argument("--alias", default="champion")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.set_defaults(func=cmd_serve)
+
+
+# ----------------------------------------------------------------------------- ui
+def _state_dir() -> Path:
+    from components.config import cache_dir
+
+    path = cache_dir() / "ui"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> bool:
+    """Poll `url` until it answers 200 (False on timeout or when `proc` exits)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1.0)
+    return False
+
+
+def _start(name: str, cmd: list[str], env: dict, health: str) -> tuple[bool, Path]:
+    """Start a server in the background (own session, log file); wait for its health URL."""
+    state = _state_dir()
+    log = state / f"{name}.log"
+    if wait_healthy(health, timeout=1):
+        return True, log  # already running
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    (state / f"{name}.pid").write_text(str(proc.pid))
+    return wait_healthy(health, timeout=180, proc=proc), log
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start (or stop) the Prefect server and the MLflow tracking server."""
+    from components import tracking
+    from components.config import project_root
+
+    if args.stop:
+        for name in ("prefect", "mlflow"):
+            pid_file = _state_dir() / f"{name}.pid"
+            if pid_file.exists():
+                try:
+                    os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+                    print(f"stopped {name} (pid {pid_file.read_text()})")
+                except (ProcessLookupError, ValueError):
+                    pass
+                pid_file.unlink()
+        return 0
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ)
+    uri = tracking.tracking_uri(project_root())
+    tracking.mlflow_dir(project_root()).mkdir(parents=True, exist_ok=True)
+    artifacts = tracking.artifact_root(project_root())
+    artifacts.mkdir(parents=True, exist_ok=True)
+    prefect_url = f"http://{HOST}:{args.prefect_port}"
+    mlflow_url = f"http://{HOST}:{args.mlflow_port}"
+    ok_p, log_p = _start("prefect", [str(bin_dir / "prefect"), "server", "start", "--host", HOST,
+                                     "--port", str(args.prefect_port)], env, f"{prefect_url}/api/health")
+    ok_m, log_m = _start("mlflow", [str(bin_dir / "mlflow"), "server", "--backend-store-uri", uri,
+                                    "--default-artifact-root", artifacts.as_uri(), "--artifacts-destination",
+                                    artifacts.as_uri(), "--host", HOST, "--port", str(args.mlflow_port)],
+                         env, f"{mlflow_url}/health")
+    if ok_p:
+        subprocess.run([str(bin_dir / "prefect"), "config", "set", f"PREFECT_API_URL={prefect_url}/api"],
+                       env=env, capture_output=True)  # flows started afterwards report to this server
+    print(f"Prefect UI : {prefect_url}   {'ok' if ok_p else 'NOT healthy, see ' + str(log_p)}")
+    print(f"MLflow UI  : {mlflow_url}   {'ok' if ok_m else 'NOT healthy, see ' + str(log_m)}")
+    print(f"logs       : {log_p}, {log_m}")
+    print(f"Flows started from now on report to Prefect (profile setting PREFECT_API_URL={prefect_url}/api) and "
+          f"log to {uri} (what the MLflow UI shows).")
+    print("stop with   : gencls ui --stop   (and `prefect config unset PREFECT_API_URL`)")
+    return 0 if ok_p and ok_m else 1
+
+
+# ----------------------------------------------------------------------------- flows
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """Run the retraining flow once."""
+    from components.training_common import parse_overrides
+    from flows.retrain import retrain
+
+    state = retrain(args.dataset, args.profile, parse_overrides(args.overrides), return_state=True)
+    if state.is_failed():
+        print(f"retrain failed: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve_deployments(args: argparse.Namespace) -> int:
+    """Serve the cron deployments (needs a Prefect server: `gencls ui`)."""
+    from flows.deploy import main
+
+    return main()
+
+
+# ----------------------------------------------------------------------------- registry
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    """Print versions with figures, decisions, champion and history."""
+    from components import registry
+
+    info = registry.show(args.dataset)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['model']}  champion: v{info['champion']}" if info["champion"] else f"{info['model']}  (no champion)")
+    print(f"{'version':>7} {'accuracy':>9} {'macro_f1':>9}  decision")
+    for row in info["versions"]:
+        mark = " *" if row["champion"] else ""
+        print(f"{row['version']:>7} {float(row['accuracy'] or 'nan'):9.4f} {float(row['macro_f1'] or 'nan'):9.4f}  "
+              f"{row['decision']}{mark}")
+    for entry in info["history"][-5:]:
+        print(f"  history: v{entry['version']} at {entry['at']} by {entry['by']}: {entry['reason']}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Manual promotion (no gate), recorded with who and why."""
+    from components import registry
+
+    try:
+        out = registry.promote(args.dataset, args.version, reason=args.reason)
+    except registry.RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{out['model']}: champion v{out['previous']} -> v{out['version']} (by {out['by']})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Back to the previous champion."""
+    from components import registry
+
+    try:
+        out = registry.rollback(args.dataset, reason=args.reason)
+    except registry.RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{out['model']}: champion v{out['previous']} -> v{out['version']} (rollback by {out['by']})")
+    return 0
+
+
+def serve_command(dataset: str, port: int, alias: str = "champion") -> list[str]:
+    """The `mlflow models serve` command line for a dataset's aliased model."""
+    return [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/gencls-{dataset}@{alias}",
+            "--env-manager", "local", "-h", HOST, "-p", str(port)]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a registered model over REST (foreground)."""
+    from components import tracking
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.configure()
+    bin_dir = str(Path(sys.executable).parent)  # the scoring server execs `uvicorn` from PATH
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    print(f"serving models:/gencls-{args.dataset}@{args.alias} on http://{HOST}:{args.port}/invocations")
+    return subprocess.call(serve_command(args.dataset, args.port, args.alias))

@@ -1,0 +1,249 @@
+"""Evaluation: metrics over prediction records, confusion plots, and a full test-split run.
+
+Usage:
+    gencls evaluate --dataset trec6 --model smollm2-135m --strategy decoding=perplexity --limit 200
+    # or: evaluate("trec6", "smollm2-135m", "decoding=perplexity", limit=200)
+
+Writes predictions.jsonl, metrics.json, confusion.png and prompts_sample.txt into
+``reports/<dataset>/eval/<model>-<strategy slug>/`` (or --out).
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+INVALID = "invalid"
+ECE_BINS = 10
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over equal-width confidence bins of |acc - conf| * share.
+
+    Args:
+        confidences: probability of the predicted label, one per example.
+        correct: whether each prediction was right.
+        bins: number of equal-width bins on [0, 1].
+
+    Returns:
+        ECE in [0, 1] (0.0 for no examples).
+
+    Example:
+        >>> expected_calibration_error([0.9, 0.9, 0.6, 0.6], [True, False, True, True])
+        0.4
+    """
+    conf = np.asarray(confidences, dtype=float)
+    hits = np.asarray(correct, dtype=float)
+    if conf.size == 0:
+        return 0.0
+    index = np.minimum((conf * bins).astype(int), bins - 1)  # bin i holds [i/bins, (i+1)/bins)
+    ece = 0.0
+    for b in np.unique(index):
+        members = index == b
+        ece += members.mean() * abs(hits[members].mean() - conf[members].mean())
+    return round(float(ece), 10)
+
+
+def compute_metrics(records: Sequence[dict], labels: Sequence[str] | dict) -> dict:
+    """Classification metrics over prediction records (see decoding.predict).
+
+    Args:
+        records: dicts with label (gold), pred (a label or "invalid"), probs, abstained, invalid.
+        labels: the real labels (list, or labels.yaml mapping) in display order.
+
+    Returns:
+        accuracy, macro_f1 (over real labels; invalid counts as wrong), per_label
+        (precision/recall/f1/support), confusion ({labels: rows, columns, matrix}; columns get
+        "invalid" when any prediction is invalid), invalid_rate, abstention_rate,
+        answered_accuracy (accuracy on non-abstained records; None if all abstained), ece
+        (when every record has probs, else None), n.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = list(labels)
+    n = len(records)
+    if n == 0:
+        raise ValueError("compute_metrics: no records")
+    gold = [r["label"] for r in records]
+    pred = [r["pred"] for r in records]
+    invalid = np.array([bool(r.get("invalid")) or r["pred"] == INVALID for r in records])
+    abstained = np.array([bool(r.get("abstained")) for r in records])
+    correct = np.array([g == p for g, p in zip(gold, pred)])
+    precision, recall, f1, support = precision_recall_fscore_support(
+        gold, pred, labels=labels, zero_division=0
+    )
+    columns = labels + ([INVALID] if invalid.any() else [])
+    matrix = confusion_matrix(gold, pred, labels=columns)[: len(labels)]
+    answered = ~abstained
+    metrics: dict[str, Any] = {
+        "n": n,
+        "accuracy": float(accuracy_score(gold, pred)),
+        "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", zero_division=0)),
+        "per_label": {
+            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for label, p, r, f, s in zip(labels, precision, recall, f1, support)
+        },
+        "confusion": {"rows": labels, "columns": columns, "matrix": matrix.tolist()},
+        "invalid_rate": float(invalid.mean()),
+        "abstention_rate": float(abstained.mean()),
+        "answered_accuracy": float(correct[answered].mean()) if answered.any() else None,
+        "ece": None,
+    }
+    if all(r.get("probs") for r in records):
+        conf = [max(r["probs"].values()) for r in records]
+        metrics["ece"] = expected_calibration_error(conf, correct)
+    return metrics
+
+
+def plot_confusion(metrics: dict, labels: Sequence[str] | None, path: str | Path, title: str = "") -> Path:
+    """Save the confusion matrix of `metrics` as a PNG (rows gold, columns predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf = metrics["confusion"]
+    rows, cols = conf["rows"] if labels is None else list(labels), conf["columns"]
+    matrix = np.asarray(conf["matrix"])
+    size = max(4.0, 0.6 * len(cols) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    top = matrix.max() if matrix.size else 0
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > top / 2 else "black", fontsize=8)
+    ax.set_title(title or f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def slugify(text: str) -> str:
+    """File-system friendly name: `icl=semantic,k=4` -> `icl-semantic-k-4`."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-") or "naive"
+
+
+def default_out_dir(dataset: str, model: str, strategy_slug: str, adapter: str | None = None) -> Path:
+    """reports/<dataset>/eval/<model or adapter>-<strategy slug>/."""
+    from components.config import reports_dir
+
+    who = slugify(Path(adapter).name if adapter else Path(str(model)).name)
+    if adapter:
+        who = f"{slugify(Path(adapter).parent.name)}-{who}"
+    return reports_dir() / dataset / "eval" / f"{who}-{slugify(strategy_slug)}"
+
+
+def select_examples(examples: Sequence[dict], limit: int | None, seed: int = 0) -> list[dict]:
+    """The first `limit` examples after a seeded shuffle (all of them, in order, when None)."""
+    examples = list(examples)
+    if limit is None or limit >= len(examples):
+        return examples
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    return [examples[i] for i in order[:limit]]
+
+
+def build_retriever(train: Sequence[dict], strategy: Any, queries: Sequence[dict] = ()) -> Any:
+    """A MiniLM retriever when the strategy needs semantic demos, else None.
+
+    The query examples' embeddings are computed in one batch (and cached on disk).
+    """
+    if strategy.icl != "semantic":
+        return None
+    from components.retrieval import Retriever
+
+    retriever = Retriever(train)
+    retriever.embed([ex["text"] for ex in queries])
+    return retriever
+
+
+def evaluate(
+    dataset: str,
+    model: str | None,
+    strategy: Any,
+    adapter: str | None = None,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 384,
+    seed: int = 0,
+    calibrate: bool = False,
+    progress: bool = True,
+    data_dir: str | Path | None = None,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict:
+    """Run a model (zero-shot or with an adapter) on a dataset's test split and write reports.
+
+    Args:
+        dataset: dataset name (built under data/).
+        model: registry name, folder or HF id; None takes the adapter's base model.
+        strategy: a `Strategy` or a spec string.
+        adapter: PEFT adapter folder.
+        limit: evaluate the first N test examples after a seeded shuffle.
+        out_dir: report folder (default reports/<dataset>/eval/<model>-<strategy>/).
+        batch_size: prompts per forward pass.
+        max_prompt_tokens: prompt token budget (the example text is truncated to fit).
+        seed: seed for the subset and random demos.
+        calibrate: contextual calibration for perplexity decoding.
+        progress: show a progress bar.
+        data_dir: folder holding datasets (default data/).
+        loaded: an already loaded (model, tokenizer) pair to reuse.
+
+    Returns:
+        The metrics dict plus n, strategy, model, adapter, seconds, examples_per_s, out_dir.
+    """
+    from components.datasets import load_labels, load_split
+    from components.decoding import predict
+    from components.models import DEFAULT_MODEL, load_model, read_adapter_config
+    from components.prompts import PromptBuilder, Strategy
+
+    strategy = Strategy.parse(strategy) if isinstance(strategy, str) or strategy is None else strategy
+    labels = load_labels(dataset, data_dir)
+    train = load_split(dataset, "train", data_dir)
+    test = select_examples(load_split(dataset, "test", data_dir), limit, seed)
+    if model is None and adapter is None:
+        model = DEFAULT_MODEL
+    model_name = model or read_adapter_config(adapter).get("base_model") or "adapter-base"
+    lm, tokenizer = loaded if loaded is not None else load_model(model, adapter=adapter)
+    builder = PromptBuilder(tokenizer, labels, strategy, train, retriever=build_retriever(train, strategy, test),
+                            max_prompt_tokens=max_prompt_tokens, seed=seed)
+    started = time.perf_counter()
+    records = predict(lm, tokenizer, builder, test, batch_size=batch_size, progress=progress, calibrate=calibrate)
+    seconds = time.perf_counter() - started
+    metrics = compute_metrics(records, list(labels))
+    metrics.update({
+        "dataset": dataset, "strategy": strategy.slug(), "model": str(model_name),
+        "adapter": str(adapter) if adapter else None, "limit": limit, "seed": seed, "calibrate": calibrate,
+        "truncated": builder.truncated, "seconds": round(seconds, 2),
+        "examples_per_s": round(len(records) / seconds, 3) if seconds > 0 else None,
+    })
+    out = Path(out_dir) if out_dir else default_out_dir(dataset, str(model_name), strategy.slug(), adapter)
+    write_reports(out, records, metrics, list(labels), [builder.prompt(ex) for ex in test[:3]])
+    metrics["out_dir"] = str(out)
+    return metrics
+
+
+def write_reports(out: Path, records: Sequence[dict], metrics: dict, labels: list[str], prompts: Sequence[str]) -> None:
+    """predictions.jsonl, metrics.json, confusion.png and prompts_sample.txt into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    plot_confusion(metrics, labels, out / "confusion.png", title=f"{metrics.get('dataset', '')} {metrics.get('strategy', '')}")
+    sep = "\n" + "=" * 80 + "\n"
+    (out / "prompts_sample.txt").write_text(sep.join(prompts) + "\n", encoding="utf-8")

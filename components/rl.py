@@ -1,0 +1,186 @@
+"""RL with TRL's GRPOTrainer, starting from the SFT checkpoint ("policy warm-up").
+
+    gencls train rl --dataset trec6 --profile quick [--from-sft checkpoints/trec6/sft] [--set rl.beta=0]
+
+Choice: the SFT LoRA adapter is loaded trainable and GRPO continues training that same
+adapter. With beta > 0, TRL copies it into a frozen "ref" adapter, so the KL term is taken
+against the SFT policy (not the raw base model), and the result is again one adapter on
+the base model: `gencls evaluate --adapter checkpoints/<d>/rl` works like for SFT. (A
+full-fine-tuned SFT folder is trained in full, with a reference copy when beta > 0.)
+
+Rewards (components.rewards): 1 gold label, `uncertain_reward` for `uncertain` when the
+strategy offers it, `wrong_reward` for another label, `invalid_penalty` otherwise; in
+reasoning mode a weighted format reward for `<think>...</think>` then the answer. The share
+of prompt groups with zero reward variance (no learning signal) is logged as
+`rl/zero_variance_groups` (and TRL's own `frac_reward_zero_std`).
+
+The held-out slice is decoded at step 0 (the SFT policy), every eval_every steps and at the
+end; the kept adapter is the best by macro-F1, so RL never hands back a policy that is worse
+on held-out data than the one it started from.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from components.training_common import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    GenerativeEval,
+    LogFn,
+    RLConfig,
+    asdict_config,
+    device_settings,
+    fingerprint,
+    library_versions,
+    load_config,
+    make_callbacks,
+    plot_curves,
+    printer,
+    read_json,
+    resume_checkpoint,
+    save_final,
+    write_json,
+)
+
+__all__ = ["RLConfig", "load_config", "train_rl", "load_policy"]
+
+
+def load_policy(sft_dir: Path) -> tuple[Any, Any, dict]:
+    """(trainable policy, tokenizer, SFT gencls_config) from an SFT output folder."""
+    from components.models import load_model
+
+    sft_dir = Path(sft_dir)
+    sft_info = read_json(sft_dir / CONFIG_FILE, {})
+    if (sft_dir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = sft_info.get("base_model") or json.loads((sft_dir / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+        model, tokenizer = load_model(base)
+        if (sft_dir / "tokenizer_config.json").exists():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(sft_dir)
+            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        model = PeftModel.from_pretrained(model, str(sft_dir), is_trainable=True)
+    elif (sft_dir / "config.json").exists():
+        model, tokenizer = load_model(str(sft_dir))
+    else:
+        raise FileNotFoundError(f"{sft_dir}: no SFT adapter or model here; run `gencls train sft` first")
+    tokenizer.padding_side = "left"
+    model.train()
+    return model, tokenizer, sft_info
+
+
+def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_funcs: list, weights: list[float],
+                       config: RLConfig, trainer_dir: Path, callbacks: list = ()):
+    """A GRPOTrainer over prompt rows (`prompt`, `label`)."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(trainer_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        beta=config.beta,
+        reward_weights=weights,
+        log_completions=False,
+        **device_settings(config.bf16),
+    )
+    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(rows),
+                       processing_class=tokenizer, callbacks=list(callbacks))
+
+
+def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path | None = None,
+             out_dir: str | Path | None = None, log_fn: LogFn | None = None,
+             data_dir: str | Path | None = None) -> Path:
+    """GRPO from the SFT checkpoint; returns the folder of the kept (best) adapter.
+
+    Args:
+        dataset: dataset name.
+        config: RLConfig; default: the quick profile (with params.yaml).
+        sft_dir: SFT output folder; default checkpoints/<dataset>/sft.
+        out_dir: output folder; default checkpoints/<dataset>/rl.
+        log_fn: `log_fn(metrics, step)` receives rewards, KL, zero-variance share, held-out metrics.
+        data_dir: folder holding the datasets; default data/.
+
+    Returns:
+        out_dir (adapter safetensors + tokenizer + gencls_config.json + metrics.json).
+    """
+    from components import config as project_config
+    from components.prompts import Strategy
+    from components.rewards import build_rewards
+    from components.sft import load_data, make_builder, require_valid_data
+
+    config = config or load_config("rl", "quick")
+    log = printer()
+    require_valid_data(dataset, data_dir)
+    root = project_config.checkpoints_dir() / dataset
+    sft_dir = Path(sft_dir) if sft_dir else root / "sft"
+    out_dir = Path(out_dir) if out_dir else root / "rl"
+    started = time.time()
+
+    model, tokenizer, sft_info = load_policy(sft_dir)
+    strategy = Strategy.parse(config.train_strategy or sft_info.get("train_strategy") or "naive")
+    labels, train, held, pool = load_data(dataset, data_dir, config.train_size, config.eval_size, config.seed)
+    builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
+    rows = [{"prompt": builder.prompt(ex), "label": ex["label"]} for ex in train]
+    log(f"RL {dataset}: {len(rows)} prompts ({builder.truncated} truncated), {len(held)} held out, "
+        f"strategy {strategy.slug()}, from {sft_dir}")
+    funcs, weights = build_rewards(builder, config.uncertain_reward, config.invalid_penalty, config.wrong_reward,
+                                   config.format_reward, num_generations=config.num_generations)
+
+    run_id = fingerprint({"kind": "rl", "dataset": dataset, "config": asdict_config(config), "sft": str(sft_dir),
+                          "sft_config": sft_info, "rows": fingerprint(rows)})
+    trainer_dir, best_dir = out_dir / "trainer", out_dir / "best"
+    resume = resume_checkpoint(trainer_dir, run_id, log)
+    evaluator = None
+    if held:
+        eval_builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
+        evaluator = GenerativeEval(eval_builder, tokenizer, held, list(labels), best_dir,
+                                   trainer_dir / "eval_history.json", config.eval_every, config.eval_batch_size,
+                                   log_fn, "rl", eval_at_start=True, log=log)
+    trainer = build_grpo_trainer(model, tokenizer, rows, funcs, weights, config, trainer_dir,
+                                 make_callbacks(log_fn, evaluator, "rl"))
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    save_final(trainer.model, tokenizer, out_dir, best_dir, evaluator)
+    history = evaluator.history if evaluator else []
+    reward_keys = [k for k in ("reward", "rewards/label_reward/mean", "zero_variance_groups", "frac_reward_zero_std",
+                               "kl") if any(k in h for h in trainer.state.log_history)]
+    metrics = {
+        "kind": "rl", "dataset": dataset, "train_loss": float(result.training_loss),
+        "global_step": int(trainer.state.global_step),
+        "resumed_from_step": evaluator.resumed_from if evaluator else (int(resume.rsplit("-", 1)[-1]) if resume else 0),
+        "eval_history": history, "best": evaluator.best if evaluator else None,
+        "seconds": round(time.time() - started, 1), "truncated_rows": builder.truncated,
+        "train_history": [{k: h[k] for k in ["step", *reward_keys] if k in h}
+                          for h in trainer.state.log_history if "reward" in h],
+    }
+    write_json(out_dir / METRICS_FILE, metrics)
+    write_json(out_dir / CONFIG_FILE, {
+        "kind": "rl", "dataset": dataset, "base_model": sft_info.get("base_model"), "strategy": strategy.slug(),
+        "train_strategy": strategy.slug(), "sft_dir": str(sft_dir), "sft_config": sft_info.get("config"),
+        "config": asdict_config(config), "libraries": library_versions(),
+        "best_step": (evaluator.best or {}).get("step") if evaluator else None,
+    })
+    plot_curves(trainer.state.log_history, history, reward_keys, out_dir / "reward_curve.png",
+                f"GRPO rewards ({dataset})")
+    best = metrics["best"]
+    if best:
+        log(f"RL done in {metrics['seconds']}s: best held-out step {best['step']} accuracy {best['accuracy']:.3f} "
+            f"macro-F1 {best['macro_f1']:.3f} -> {out_dir}")
+    return out_dir

@@ -1,0 +1,202 @@
+"""The served model: an MLflow pyfunc that holds a LoRA adapter and names its base model.
+
+    export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow/mlflow.db
+    mlflow models serve -m models:/gencls-trec6@champion --env-manager local -h 127.0.0.1 -p 5001
+    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+         -d '{"dataframe_split": {"columns": ["text"], "data": [["Who wrote Hamlet?"]]}}'
+    # {"predictions": [{"label": "human", "probs": {"description": 0.01, ..., "human": 0.93, ...}}]}
+
+What is logged per run: the adapter folder (safetensors + tokenizer + gencls_config.json),
+labels.yaml, the demo pool when the strategy uses in-context examples, and a model_config
+naming the base model by registry name, package, version and sha256
+(`components.models.model_provenance`) — never a copy of the base weights. At load time
+the base model is materialised offline by `components.models.load_model` (from the
+package cache, converting once) and the adapter is applied. Prediction uses perplexity
+decoding so every answer comes with a probability for each label.
+
+Bad requests (no `text` column, no rows, non-string or empty texts) raise
+``MlflowException(error_code=INVALID_PARAMETER_VALUE)``, which the scoring server turns
+into HTTP 400 with the message.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+PACKAGE_DIR = Path(__file__).resolve().parent  # shipped with the model as code_paths
+MAX_BATCH = 256  # rows per request; more is a 400 (keep latency bounded)
+PINNED = ("mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy",
+          "pandas", "pyyaml", "gguf", "filelock")  # what load_context and predict import
+
+
+def _bad_request(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
+
+
+def pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
+    """The model's runtime deps pinned to the versions installed here (no torchvision)."""
+    out = []
+    for name in PINNED + extra:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class GenclsClassifier(mlflow.pyfunc.PythonModel):
+    """DataFrame with a `text` column -> DataFrame with `label` and `probs` per row."""
+
+    def load_context(self, context: Any) -> None:
+        """Load the base model named in model_config, apply the adapter, build the prompt builder."""
+        import yaml
+
+        from components.models import load_model
+        from components.prompts import PromptBuilder, Strategy
+
+        cfg = dict(context.model_config or {})
+        adapter = context.artifacts["adapter"]
+        labels = yaml.safe_load(Path(context.artifacts["labels"]).read_text(encoding="utf-8"))
+        self.model, self.tokenizer = load_model(cfg["base_model"], adapter=adapter, device=cfg.get("device", "auto"))
+        strategy = Strategy.parse(cfg.get("strategy", "decoding=perplexity"))
+        if not strategy.reasoning:
+            strategy = strategy.replace(decoding="perplexity")  # probabilities for every label
+        demos: list[dict] = []
+        if strategy.icl != "none" and "demos" in context.artifacts:
+            with open(context.artifacts["demos"], encoding="utf-8") as fh:
+                demos = [json.loads(line) for line in fh if line.strip()]
+        retriever = None
+        if strategy.icl == "semantic":
+            from components.retrieval import Retriever
+
+            retriever = Retriever(demos)
+        self.builder = PromptBuilder(self.tokenizer, labels, strategy, demos, retriever=retriever,
+                                     max_prompt_tokens=int(cfg.get("max_prompt_tokens", 384)))
+        self.batch_size = int(cfg.get("batch_size", 16))
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+        """Classify each row's `text`; 400 (MlflowException) on empty or malformed input."""
+        import pandas as pd
+
+        from components.decoding import predict
+
+        texts = validate_input(model_input)
+        examples = [{"id": str(i), "text": text, "label": None} for i, text in enumerate(texts)]
+        records = predict(self.model, self.tokenizer, self.builder, examples, batch_size=self.batch_size,
+                          progress=False)
+        labels = list(self.builder.space.labels)
+        probs = [rec.get("probs") or {lab: float(lab == rec["pred"]) for lab in labels} for rec in records]
+        return pd.DataFrame({"label": [rec["pred"] for rec in records], "probs": probs})
+
+
+def validate_input(model_input: Any) -> list[str]:
+    """The texts of a request, or an MlflowException(INVALID_PARAMETER_VALUE) saying what is wrong."""
+    import pandas as pd
+
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input)
+    elif isinstance(model_input, list):
+        model_input = pd.DataFrame({"text": model_input}) if all(isinstance(x, str) for x in model_input) else pd.DataFrame(model_input)
+    if not isinstance(model_input, pd.DataFrame):
+        raise _bad_request(f"expected a table with a 'text' column, got {type(model_input).__name__}")
+    if "text" not in model_input.columns:
+        raise _bad_request(f"request needs a 'text' column; got columns {list(model_input.columns)}. "
+                           'Example: {"dataframe_split": {"columns": ["text"], "data": [["Who wrote Hamlet?"]]}}')
+    if len(model_input) == 0:
+        raise _bad_request("request has no rows: send at least one text")
+    if len(model_input) > MAX_BATCH:
+        raise _bad_request(f"request has {len(model_input)} rows; at most {MAX_BATCH} per request")
+    texts = model_input["text"].tolist()
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise _bad_request(f"row(s) {bad[:10]}: 'text' must be a non-empty string")
+    return texts
+
+
+def signature() -> Any:
+    """Explicit signature: text (string) -> label (string), probs (map label -> probability)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, DataType, Map, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string, "text")]),
+                          outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(Map(DataType.double), "probs")]))
+
+
+def base_model_reference(adapter_dir: str | Path, base_model: str | None = None) -> dict:
+    """Provenance of the adapter's base model (registry name + package + version + sha256).
+
+    A base given as a local folder (tests, user models) is recorded by path: it is
+    not copied into the logged model either.
+    """
+    from components.models import model_provenance, read_adapter_config
+
+    config = read_adapter_config(adapter_dir)
+    base = base_model or config.get("base_model") or config.get("model")
+    if not base:
+        raise ValueError(f"{adapter_dir}: gencls_config.json names no base model; pass base_model")
+    info = model_provenance(str(base))
+    info["base_model"] = str(base)
+    return info
+
+
+def log_model(run_id: str, adapter_dir: str | Path, labels_path: str | Path, strategy: str,
+              base_model: str | None = None, demos_path: str | Path | None = None,
+              input_text: str = "What is the capital of France?", artifact_path: str = "model",
+              validate: bool = True) -> Any:
+    """Log the adapter as a pyfunc model in ``run_id`` (explicit signature, example, pip deps).
+
+    Args:
+        run_id: MLflow run to log into.
+        adapter_dir: PEFT adapter folder (checkpoints/<d>/rl).
+        labels_path: the dataset's labels.yaml.
+        strategy: inference strategy spec (perplexity decoding is used for probabilities).
+        base_model: override the base named in the adapter's gencls_config.json.
+        demos_path: JSONL demo pool, logged only when the strategy uses in-context examples.
+        input_text: text of the input example.
+        artifact_path: name of the model inside the run.
+        validate: let MLflow load the model and score the input example before logging.
+
+    Returns:
+        The ModelInfo (``model_uri`` and ``model_id``).
+    """
+    import mlflow
+    import pandas as pd
+
+    from components.prompts import Strategy
+
+    parsed = Strategy.parse(strategy)
+    provenance = base_model_reference(adapter_dir, base_model)
+    model_config = {**provenance, "strategy": parsed.slug(), "device": "cpu"}
+    staging = Path(tempfile.mkdtemp(prefix="gencls-adapter-"))
+    for path in Path(adapter_dir).iterdir():  # the final adapter only: no trainer checkpoints, curves
+        if path.is_file() and path.suffix not in (".png",) and path.name != "README.md":
+            shutil.copy2(path, staging / path.name)
+    artifacts = {"adapter": str(staging), "labels": str(labels_path)}
+    if parsed.icl != "none" and demos_path:
+        artifacts["demos"] = str(demos_path)
+    extra = ("sentence-transformers",) if parsed.icl == "semantic" else ()
+    from components import tracking
+
+    tracking.configure() if not mlflow.get_tracking_uri().startswith("sqlite") else None
+    try:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            return mlflow.pyfunc.log_model(
+                name=artifact_path,
+                python_model=GenclsClassifier(),
+                artifacts=artifacts,
+                model_config=model_config,
+                code_paths=[str(PACKAGE_DIR)],
+                pip_requirements=pip_requirements(extra),
+                signature=signature(),
+                input_example=pd.DataFrame({"text": [input_text]}) if validate else None,
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,281 @@
+"""Supervised fine-tuning ("policy warm-up") with TRL's SFTTrainer.
+
+    gencls train sft --dataset trec6 --profile quick [--strategy definitions] [--set sft.lora_r=8]
+
+What it does, in order:
+    1. validates the dataset (components.validation.require_valid, when present);
+    2. takes a stratified held-out slice of the training split (eval_size) and a stratified,
+       seeded training subsample from the rest (train_size); optional class-weighted resampling;
+    3. renders prompt/completion pairs with the training strategy (PromptBuilder truncates the
+       example text only; the number of truncated rows is logged); completions end with
+       `<|im_end|>` so the model learns to stop; the loss covers the completion tokens only;
+    4. with an `uncertain` strategy and uncertain_policy=margin, relabels some targets as
+       `uncertain` (rule in `select_uncertain`);
+    5. trains LoRA (PEFT) or all weights, fp32 on CPU, with generative held-out eval every
+       eval_every_steps; the kept adapter is the best by held-out macro-F1;
+    6. resumes from out_dir/trainer/checkpoint-N when the same run was interrupted.
+
+Output (out_dir, default checkpoints/<dataset>/sft): adapter safetensors + tokenizer +
+gencls_config.json + metrics.json + loss_curve.png; best/ and trainer/ inside.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from components.training_common import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    GenerativeEval,
+    LogFn,
+    SFTConfig,
+    asdict_config,
+    device_settings,
+    fingerprint,
+    library_versions,
+    load_config,
+    make_callbacks,
+    plot_curves,
+    printer,
+    read_json,
+    rebalance,
+    resume_checkpoint,
+    save_final,
+    split_train_eval,
+    write_json,
+)
+
+__all__ = ["SFTConfig", "load_config", "train_sft", "select_uncertain", "build_sft_rows", "require_valid_data"]
+
+IM_END = "<|im_end|>"
+
+
+def require_valid_data(dataset: str, data_dir: Any = None) -> None:
+    """Run components.validation.require_valid(dataset) when the data area provides it.
+
+    Raises:
+        DataValidationError: when the dataset fails validation (nothing gets trained).
+    """
+    try:
+        from components import validation
+    except ImportError:
+        return
+    check = getattr(validation, "require_valid", None)
+    if check is None:
+        return
+    try:
+        check(dataset, data_dir=data_dir) if data_dir is not None else check(dataset)
+    except TypeError:
+        check(dataset)
+
+
+def load_data(dataset: str, data_dir: Any, train_size: int, eval_size: int, seed: int):
+    """(labels, training subsample, held-out slice, demo pool) for a dataset."""
+    from components.datasets import load_labels, load_split
+
+    labels = load_labels(dataset, data_dir)
+    train_all = load_split(dataset, "train", data_dir)
+    train, held = split_train_eval(train_all, train_size, eval_size, seed)
+    held_ids = {ex["id"] for ex in held}
+    pool = [ex for ex in train_all if ex["id"] not in held_ids]  # demos never come from the held-out slice
+    return labels, train, held, pool
+
+
+def make_builder(tokenizer: Any, labels: dict, strategy: Any, pool: list[dict], max_prompt_tokens: int, seed: int):
+    """PromptBuilder for `strategy` (with a retriever over `pool` for semantic ICL)."""
+    from components.prompts import PromptBuilder
+
+    retriever = None
+    if strategy.icl == "semantic":
+        from components.retrieval import Retriever
+
+        retriever = Retriever(pool)
+    return PromptBuilder(tokenizer, labels, strategy, train_examples=pool, retriever=retriever,
+                         max_prompt_tokens=max_prompt_tokens, seed=seed)
+
+
+def select_uncertain(model: Any, tokenizer: Any, builder: Any, examples: list[dict], config: SFTConfig,
+                     batch_size: int = 16) -> tuple[set[str], dict[str, float]]:
+    """Which training examples get `uncertain` as their SFT target (the "margin" rule).
+
+    Rule: the reference model (the base model before SFT) scores every real label by
+    likelihood after the prompt (perplexity decoding, shared KV cache). For each example,
+    margin = logp(gold) - max logp(other label). Examples with margin < uncertain_margin
+    (default 0: the reference gets them wrong) are candidates; the lowest margins, at most
+    uncertain_max_share of the training set, take `uncertain`. Only the first
+    uncertain_max_scored examples (a seeded random subset) are scored, to bound the cost.
+
+    Returns:
+        (ids relabelled, stats: scored, reference_accuracy, share, seconds).
+    """
+    import numpy as np
+
+    from components.decoding import score_candidates
+
+    start = time.time()
+    scored = examples[: config.uncertain_max_scored] if config.uncertain_max_scored > 0 else list(examples)
+    space = builder.space
+    real = [space.answer(label) for label in space.labels]
+    prompts = [builder.prompt(ex) for ex in scored]
+    scores = np.asarray(score_candidates(model, tokenizer, prompts, real, batch_size))
+    gold = np.array([space.labels.index(ex["label"]) for ex in scored])
+    gold_scores = scores[np.arange(len(scored)), gold]
+    others = scores.copy()
+    others[np.arange(len(scored)), gold] = -np.inf
+    margins = gold_scores - others.max(axis=1)
+    cap = int(math.floor(config.uncertain_max_share * len(examples)))
+    order = [i for i in np.argsort(margins, kind="stable") if margins[i] < config.uncertain_margin][:cap]
+    ids = {scored[i]["id"] for i in order}
+    stats = {"uncertain_scored": float(len(scored)), "uncertain_reference_accuracy": float((margins > 0).mean()),
+             "uncertain_share": len(ids) / max(len(examples), 1), "uncertain_seconds": round(time.time() - start, 1)}
+    return ids, stats
+
+
+def build_sft_rows(builder: Any, examples: list[dict], uncertain_ids: set[str] = frozenset()) -> list[dict]:
+    """Prompt/completion rows; completions end with `<|im_end|>` (the end-of-turn token)."""
+    from components.prompts import UNCERTAIN
+
+    rows = []
+    for ex in examples:
+        label = UNCERTAIN if ex["id"] in uncertain_ids else ex["label"]
+        rows.append({"prompt": builder.prompt(ex), "completion": builder.target(ex, label=label) + IM_END})
+    return rows
+
+
+def lora_config(config: Any):
+    """The PEFT LoraConfig for a config with lora_r/lora_alpha/lora_dropout/target_modules."""
+    from peft import LoraConfig
+
+    targets = config.target_modules
+    if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] == "all-linear":
+        targets = "all-linear"
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+
+
+def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfig, trainer_dir: Path,
+                  callbacks: list = ()):
+    """An SFTTrainer on prompt/completion rows with completion-only loss."""
+    from datasets import Dataset
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    eos = IM_END if IM_END in tokenizer.get_vocab() else None
+    args = TRLSFTConfig(
+        output_dir=str(trainer_dir),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        completion_only_loss=True,
+        max_length=None,  # truncation happens in the text (PromptBuilder), never in the label
+        eos_token=eos,
+        dataset_num_proc=None,
+        **device_settings(config.bf16),
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      peft_config=lora_config(config) if config.lora else None, callbacks=list(callbacks))
+
+
+def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path | None = None,
+              log_fn: LogFn | None = None, data_dir: str | Path | None = None) -> Path:
+    """Fine-tune the base model on `dataset`; returns the folder of the kept (best) checkpoint.
+
+    Args:
+        dataset: dataset name (data/<dataset>/ must be built).
+        config: SFTConfig; default: the quick profile (with params.yaml).
+        out_dir: output folder; default checkpoints/<dataset>/sft.
+        log_fn: `log_fn(metrics, step)` receives losses and held-out metrics (e.g. MLflow).
+        data_dir: folder holding the datasets; default data/.
+
+    Returns:
+        out_dir, loadable with `components.models.load_model(adapter=out_dir)` (LoRA) or as a
+        model folder (full fine-tuning).
+    """
+    from components import config as project_config
+    from components.models import load_model
+    from components.prompts import Strategy
+
+    config = config or load_config("sft", "quick")
+    log = printer()
+    require_valid_data(dataset, data_dir)
+    out_dir = Path(out_dir) if out_dir else project_config.checkpoints_dir() / dataset / "sft"
+    strategy = Strategy.parse(config.train_strategy)
+    started = time.time()
+
+    model, tokenizer = load_model(config.model)
+    model.train()
+    labels, train, held, pool = load_data(dataset, data_dir, config.train_size, config.eval_size, config.seed)
+    builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
+    if config.rebalance:
+        train = rebalance(train, config.seed)
+
+    stats: dict[str, float] = {}
+    uncertain_ids: set[str] = set()
+    if strategy.uncertain and config.uncertain_policy == "margin":
+        model.eval()
+        uncertain_ids, stats = select_uncertain(model, tokenizer, builder, train, config)
+        model.train()
+        log(f"uncertain targets: {len(uncertain_ids)} of {len(train)} (margin rule; {stats})")
+    builder.truncated = 0
+    rows = build_sft_rows(builder, train, uncertain_ids)
+    stats.update({"truncated_rows": float(builder.truncated), "train_examples": float(len(rows)),
+                  "heldout_examples": float(len(held))})
+    log(f"SFT {dataset}: {len(rows)} training rows ({builder.truncated} truncated to {config.max_prompt_tokens} "
+        f"prompt tokens), {len(held)} held out, strategy {strategy.slug()}")
+    if log_fn:
+        log_fn({f"sft/{k}": v for k, v in stats.items()}, 0)
+
+    run_id = fingerprint({"kind": "sft", "dataset": dataset, "config": asdict_config(config),
+                          "rows": fingerprint(rows), "held": [ex["id"] for ex in held]})
+    trainer_dir, best_dir = out_dir / "trainer", out_dir / "best"
+    resume = resume_checkpoint(trainer_dir, run_id, log)
+    if resume is None and best_dir.exists():
+        import shutil
+
+        shutil.rmtree(best_dir)
+    evaluator = None
+    if held:
+        eval_builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
+        evaluator = GenerativeEval(eval_builder, tokenizer, held, list(labels), best_dir,
+                                   trainer_dir / "eval_history.json", config.eval_every_steps,
+                                   config.eval_batch_size, log_fn, "sft", log=log)
+    trainer = build_trainer(model, tokenizer, rows, config, trainer_dir, make_callbacks(log_fn, evaluator, "sft"))
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    save_final(trainer.model, tokenizer, out_dir, best_dir, evaluator)
+    history = evaluator.history if evaluator else []
+    metrics = {
+        "kind": "sft", "dataset": dataset, "train_loss": float(result.training_loss),
+        "global_step": int(trainer.state.global_step), "resumed_from_step": evaluator.resumed_from if evaluator
+        else (int(resume.rsplit("-", 1)[-1]) if resume else 0),
+        "eval_history": history, "best": evaluator.best if evaluator else None,
+        "seconds": round(time.time() - started, 1), **stats,
+        "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+    }
+    write_json(out_dir / METRICS_FILE, metrics)
+    write_json(out_dir / CONFIG_FILE, {
+        "kind": "sft", "dataset": dataset, "base_model": config.model, "strategy": strategy.slug(),
+        "train_strategy": strategy.slug(), "lora": config.lora, "config": asdict_config(config),
+        "libraries": library_versions(), "best_step": (evaluator.best or {}).get("step") if evaluator else None,
+    })
+    plot_curves(trainer.state.log_history, history, ["loss"], out_dir / "loss_curve.png", f"SFT loss ({dataset})")
+    best = metrics["best"]
+    if best:
+        log(f"SFT done in {metrics['seconds']}s: best held-out step {best['step']} accuracy {best['accuracy']:.3f} "
+            f"macro-F1 {best['macro_f1']:.3f} -> {out_dir}")
+    return out_dir
+
+
+def read_metrics(out_dir: str | Path) -> dict:
+    """metrics.json of a finished run (empty dict when absent)."""
+    return read_json(Path(out_dir) / METRICS_FILE, {})

@@ -1,0 +1,56 @@
+"""dvc stage entry points: `python -m flows.stages <stage>` (dvc.yaml calls these).
+
+    python -m flows.stages data|validate|render|sft|rl|register
+    python -m flows.stages evaluate zeroshot|sft|gencls
+
+The dataset and profile come from params.yaml (`data.dataset`, `profile`); each stage
+opens its own MLflow run (tag `stage`), marked FAILED when the stage raises.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from components.config import load_params, set_offline_env
+
+STAGES = ("data", "validate", "render", "sft", "rl", "evaluate", "register")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one stage for the dataset and profile named in params.yaml."""
+    set_offline_env()
+    parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("name", nargs="?", help="evaluate only: zeroshot | sft | gencls")
+    args = parser.parse_args(argv)
+    from flows import steps
+
+    params = load_params()
+    dataset = (params.get("data") or {}).get("dataset", "trec6")
+    profile = params.get("profile", "quick")
+    if args.stage == "data":
+        steps.step_data(dataset)
+    elif args.stage == "validate":
+        steps.step_validate(dataset)
+    elif args.stage == "render":
+        cfg = steps.resolve_configs(profile)
+        steps.step_render(dataset, {"train": cfg["sft"].train_strategy,
+                                    "inference": steps.eval_settings("gencls", profile=profile)["strategy"]},
+                          cfg["sft"].model)
+    elif args.stage == "sft":
+        steps.step_sft(dataset, profile)
+    elif args.stage == "rl":
+        steps.step_rl(dataset, profile)
+    elif args.stage == "evaluate":
+        if args.name not in ("zeroshot", "sft", "gencls"):
+            parser.error("evaluate needs one of: zeroshot, sft, gencls")
+        steps.step_evaluate(dataset, args.name, profile=profile)
+    elif args.stage == "register":
+        decision = steps.step_register(dataset, profile=profile)
+        print(f"[register] {decision['model']} v{decision['version']}: {decision['decision']} ({decision['reason']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

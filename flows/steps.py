@@ -1,0 +1,355 @@
+"""Pipeline steps shared by the Prefect flow (flows/retrain.py) and the dvc stages (flows/stages.py).
+
+Each step calls components/, writes its outputs under data/, checkpoints/ or reports/,
+logs to MLflow through components.tracking and returns plain values. No Prefect here.
+
+Resume: the training and evaluation steps write ``.gencls_step.json`` with a fingerprint
+of their inputs (resolved config, data hashes, upstream fingerprint, source of the
+component) next to their outputs; when the fingerprint matches, the step is skipped and
+its recorded result returned. This works across processes (a flow started again after a
+failure resumes at the failed step) and matches what dvc does for `dvc repro`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+from components import config, tracking
+
+STEP_FILE = ".gencls_step.json"
+SUMMARY_ROWS = (("zeroshot", "zero-shot"), ("sft", "naive SFT"), ("gencls", "GenCLS++ (SFT+RL)"))
+COMPONENT_SOURCES = {  # code each step depends on (its source is part of the fingerprint)
+    "sft": ("sft.py", "training_common.py", "prompts.py", "models.py"),
+    "rl": ("rl.py", "rewards.py", "training_common.py", "prompts.py", "models.py"),
+    "evaluate": ("evaluation.py", "decoding.py", "prompts.py", "models.py", "retrieval.py"),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def params() -> dict:
+    """params.yaml of the project root."""
+    return config.load_params()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    """One sha256 over several files (name + content)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
+def data_hash(dataset: str, splits: tuple[str, ...] = ("train", "test")) -> str:
+    """Hash of a dataset's split files and labels.yaml."""
+    folder = config.data_dir() / dataset
+    return sha256_files([folder / f"{s}.jsonl" for s in splits] + [folder / "labels.yaml"])
+
+
+def source_hash(kind: str) -> str:
+    """Hash of the component sources a step runs (so code changes invalidate its result)."""
+    folder = Path(__file__).resolve().parent.parent / "components"
+    return sha256_files([folder / name for name in COMPONENT_SOURCES.get(kind, ())])
+
+
+def fingerprint(data: Any) -> str:
+    """Stable short hash of JSON-able data."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def read_step(folder: Path) -> dict:
+    """The step record of an output folder ({} when absent)."""
+    path = Path(folder) / STEP_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_step(folder: Path, record: dict) -> None:
+    """Write the step record last, so a crash mid-step leaves no record."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / STEP_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def is_done(folder: Path, key: str, needs: tuple[str, ...] = ()) -> dict | None:
+    """The record when ``folder`` holds a finished step with fingerprint ``key`` and the files ``needs``."""
+    record = read_step(folder)
+    if record.get("fingerprint") != key or not all((Path(folder) / name).exists() for name in needs):
+        return None
+    return record
+
+
+@contextmanager
+def run_scope(dataset: str, stage: str, run_id: str | None, tags: dict | None = None) -> Iterator[str]:
+    """Use the caller's MLflow run, or open one for this stage (dvc: one run per stage)."""
+    if run_id:
+        with nullcontext():
+            yield run_id
+        return
+    with tracking.start_run(dataset, run_name=stage, tags={"stage": stage, **(tags or {})}) as run:
+        yield run.info.run_id
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write pretty JSON, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def reports(dataset: str) -> Path:
+    """reports/<dataset>/."""
+    return config.reports_dir() / dataset
+
+
+# ----------------------------------------------------------------------------- steps
+def step_data(dataset: str) -> dict:
+    """Build the dataset from its registry package when missing; write reports/<d>/data.json (hashes)."""
+    from components.datasets import build_dataset
+
+    folder = config.data_dir() / dataset
+    built = False
+    if not all((folder / name).is_file() for name in ("train.jsonl", "test.jsonl", "labels.yaml")):
+        build_dataset(dataset)
+        built = True
+    files = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+             for name in ("train.jsonl", "test.jsonl", "labels.yaml")}
+    record = {"dataset": dataset, "built_now": built, "files": files,
+              "rows": {s: sum(1 for line in open(folder / f"{s}.jsonl", encoding="utf-8") if line.strip())
+                       for s in ("train", "test")}}
+    write_json(reports(dataset) / "data.json", {k: v for k, v in record.items() if k != "built_now"})
+    return record
+
+
+def step_validate(dataset: str, run_id: str | None = None) -> dict:
+    """Run the great-expectations suite; write reports/<d>/validation.json; raise on failure."""
+    from components.validation import DataValidationError, validate_dataset
+
+    with run_scope(dataset, "validate", run_id) as rid:
+        report = validate_dataset(dataset)
+        data = report.as_dict()
+        path = write_json(reports(dataset) / "validation.json", data)
+        tracking.log_artifact(rid, path, "validation")
+        tracking.set_tags(rid, {"validation.success": report.success})
+        if not report.success:
+            raise DataValidationError(report)
+    return data
+
+
+def step_render(dataset: str, strategies: dict[str, str], model: str, n: int = 3, run_id: str | None = None) -> Path:
+    """Render prompt samples (training and inference strategies) to reports/<d>/prompt_samples.txt."""
+    from transformers import AutoTokenizer
+
+    from components.datasets import load_labels, load_split
+    from components.models import resolve_model
+    from components.prompts import PromptBuilder, Strategy
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    labels, train = load_labels(dataset), load_split(dataset, "train")
+    test = load_split(dataset, "test")[:n]
+    parts = []
+    for role, spec in strategies.items():
+        strategy = Strategy.parse(spec)
+        retriever = None
+        if strategy.icl == "semantic":
+            from components.retrieval import Retriever
+
+            retriever = Retriever(train)
+        builder = PromptBuilder(tokenizer, labels, strategy, train, retriever=retriever)
+        for ex in test:
+            parts.append(f"### {role} strategy: {strategy.slug()} | example {ex['id']} | gold {ex['label']}\n"
+                         f"{builder.prompt(ex)}{builder.target(ex)}")
+    path = reports(dataset) / "prompt_samples.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(("\n" + "=" * 80 + "\n").join(parts) + "\n", encoding="utf-8")
+    if run_id:
+        tracking.log_artifact(run_id, path, "prompts")
+    return path
+
+
+def resolve_configs(profile: str, overrides: dict | None = None, params_data: dict | None = None) -> dict:
+    """Resolved SFT and RL configs (dataclasses) for a profile."""
+    from components.training_common import load_config
+
+    params_data = params() if params_data is None else params_data
+    return {kind: load_config(kind, profile, params_data, overrides) for kind in ("sft", "rl")}
+
+
+def step_sft(dataset: str, profile: str = "quick", overrides: dict | None = None, run_id: str | None = None) -> dict:
+    """SFT warm-up into checkpoints/<d>/sft (skipped when its fingerprint matches)."""
+    from components.sft import train_sft
+    from components.training_common import asdict_config
+
+    cfg = resolve_configs(profile, overrides)["sft"]
+    out = config.checkpoints_dir() / dataset / "sft"
+    key = fingerprint({"config": asdict_config(cfg), "data": data_hash(dataset, ("train",)), "src": source_hash("sft")})
+    with run_scope(dataset, "sft", run_id, {"strategy.train": cfg.train_strategy}) as rid:
+        tracking.log_config(rid, asdict_config(cfg), prefix="sft.")
+        done = is_done(out, key, ("gencls_config.json",))
+        if done:
+            print(f"[sft] {out} is up to date (fingerprint {key}); skipped")
+            tracking.set_tags(rid, {"sft.skipped": "true"})
+            return done
+        started = time.time()
+        train_sft(dataset, cfg, out_dir=out, log_fn=tracking.make_log_fn(rid))
+        _log_training_outputs(rid, out, "sft")
+        record = {"fingerprint": key, "path": str(out), "run_id": rid, "seconds": round(time.time() - started, 1)}
+        write_step(out, record)
+    return record
+
+
+def step_rl(dataset: str, profile: str = "quick", overrides: dict | None = None, run_id: str | None = None,
+            sft_fingerprint: str | None = None) -> dict:
+    """GRPO from the SFT checkpoint into checkpoints/<d>/rl (skipped when its fingerprint matches)."""
+    from components.rl import train_rl
+    from components.training_common import asdict_config
+
+    cfg = resolve_configs(profile, overrides)["rl"]
+    sft_dir = config.checkpoints_dir() / dataset / "sft"
+    out = config.checkpoints_dir() / dataset / "rl"
+    upstream = sft_fingerprint or read_step(sft_dir).get("fingerprint") or sha256_files(sorted(sft_dir.glob("*.json")))
+    key = fingerprint({"config": asdict_config(cfg), "sft": upstream, "src": source_hash("rl"),
+                       "data": data_hash(dataset, ("train",))})
+    with run_scope(dataset, "rl", run_id) as rid:
+        tracking.log_config(rid, asdict_config(cfg), prefix="rl.")
+        done = is_done(out, key, ("gencls_config.json",))
+        if done:
+            print(f"[rl] {out} is up to date (fingerprint {key}); skipped")
+            tracking.set_tags(rid, {"rl.skipped": "true"})
+            return done
+        started = time.time()
+        train_rl(dataset, cfg, sft_dir=sft_dir, out_dir=out, log_fn=tracking.make_log_fn(rid))
+        _log_training_outputs(rid, out, "rl")
+        record = {"fingerprint": key, "path": str(out), "run_id": rid, "seconds": round(time.time() - started, 1)}
+        write_step(out, record)
+    return record
+
+
+def _log_training_outputs(run_id: str, out: Path, kind: str) -> None:
+    """Log a training folder's config, metrics and curves (not the weights) to the run."""
+    for name in ("gencls_config.json", "metrics.json", "loss_curve.png", "reward_curve.png"):
+        tracking.log_artifact(run_id, out / name, kind)
+    for png in out.glob("*.png"):
+        tracking.log_artifact(run_id, png, kind)
+
+
+def eval_settings(name: str, params_data: dict | None = None, profile: str = "quick") -> dict:
+    """What one evaluation in the summary uses: model, adapter, strategy, limit, batch size."""
+    params_data = params() if params_data is None else params_data
+    ev = dict(params_data.get("evaluate") or {})
+    ev.update(((params_data.get("profiles") or {}).get(profile) or {}).get("evaluate") or {})
+    strategy = ev.get("strategy", "decoding=perplexity")
+    root = config.checkpoints_dir()
+    spec = {
+        "zeroshot": {"adapter": None, "strategy": strategy},
+        "sft": {"adapter": "sft", "strategy": ev.get("baseline_strategy", "naive")},
+        "gencls": {"adapter": "rl", "strategy": strategy},
+    }[name]
+    return {"strategy": spec["strategy"], "adapter_kind": spec["adapter"], "root": str(root),
+            "limit": ev.get("limit"), "batch_size": int(ev.get("batch_size", 16)),
+            "max_prompt_tokens": int(ev.get("max_prompt_tokens", 384))}
+
+
+def step_evaluate(dataset: str, name: str, model: str | None = None, profile: str = "quick",
+                  run_id: str | None = None, overrides: dict | None = None) -> dict:
+    """Evaluate one row of the summary (zeroshot | sft | gencls) into reports/<d>/<name>/."""
+    from components.evaluation import evaluate
+
+    settings = eval_settings(name, profile=profile)
+    settings.update({k: v for k, v in (overrides or {}).items() if k in settings})
+    adapter = config.checkpoints_dir() / dataset / settings["adapter_kind"] if settings["adapter_kind"] else None
+    if model is None and adapter is None:
+        model = resolve_configs(profile)["sft"].model
+    out = reports(dataset) / name
+    upstream = read_step(adapter).get("fingerprint") if adapter else None
+    key = fingerprint({"settings": settings, "model": model, "adapter": str(adapter), "upstream": upstream,
+                       "test": data_hash(dataset, ("test",)), "src": source_hash("evaluate")})
+    with run_scope(dataset, f"evaluate-{name}", run_id, {"strategy": settings["strategy"]}) as rid:
+        done = is_done(out, key, ("metrics.json", "predictions.jsonl", "confusion.png"))
+        if done:
+            print(f"[evaluate:{name}] {out} is up to date; skipped")
+            metrics = json.loads((out / "metrics.json").read_text())
+        else:
+            metrics = evaluate(dataset, model, settings["strategy"], adapter=str(adapter) if adapter else None,
+                               limit=settings["limit"], out_dir=out, batch_size=settings["batch_size"],
+                               max_prompt_tokens=settings["max_prompt_tokens"], progress=False)
+            write_step(out, {"fingerprint": key, "run_id": rid})
+        tracking.log_metrics(rid, {k: v for k, v in metrics.items() if k not in ("confusion", "seed", "limit")},
+                             prefix=f"{name}/")
+        for file in ("metrics.json", "predictions.jsonl", "confusion.png", "prompts_sample.txt"):
+            tracking.log_artifact(rid, out / file, f"eval/{name}")
+    return metrics
+
+
+def test_set_key(dataset: str, limit: Any) -> str:
+    """Test-set identity used by the champion gate: test.jsonl + labels.yaml + the subset limit."""
+    from components.registry import test_set_hash
+
+    return hashlib.sha256(f"{test_set_hash(dataset)}:{limit}".encode()).hexdigest()
+
+
+def step_register(dataset: str, run_id: str | None = None, profile: str = "quick", adapter: str | Path | None = None,
+                  base_model: str | None = None, configs: dict | None = None) -> dict:
+    """Log the RL adapter as a pyfunc model, register it and gate the champion alias.
+
+    Writes reports/<d>/register.json (decision, version, both figures).
+    """
+    from components import registry, serving
+
+    adapter = Path(adapter) if adapter else config.checkpoints_dir() / dataset / "rl"
+    settings = eval_settings("gencls", profile=profile)
+    metrics = json.loads((reports(dataset) / "gencls" / "metrics.json").read_text())
+    summary = summary_table(dataset)
+    with run_scope(dataset, "register", run_id, {"strategy": settings["strategy"]}) as rid:
+        if configs is None:
+            from components.training_common import asdict_config
+
+            configs = {k: asdict_config(v) for k, v in resolve_configs(profile).items()}
+        tracking.log_config(rid, {"profile": profile, **configs, "evaluate": settings})
+        tracking.set_tags(rid, {"strategy.train": configs.get("sft", {}).get("train_strategy", ""),
+                                "strategy.inference": settings["strategy"],
+                                "sft_run_id": read_step(adapter.parent / "sft").get("run_id", ""),
+                                "rl_run_id": read_step(adapter).get("run_id", "")})
+        for name, _ in SUMMARY_ROWS:
+            path = reports(dataset) / name / "metrics.json"
+            if path.is_file():
+                tracking.log_metrics(rid, {k: v for k, v in json.loads(path.read_text()).items()
+                                           if k not in ("confusion", "seed", "limit")}, prefix=f"{name}/")
+        tracking.log_metrics(rid, {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
+        for name in ("validation.json", "prompt_samples.txt", "data.json"):
+            tracking.log_artifact(rid, reports(dataset) / name, "reports")
+        tracking.log_artifact(rid, reports(dataset) / "gencls" / "confusion.png", "eval/gencls")
+        tracking.log_artifact(rid, reports(dataset) / "gencls" / "predictions.jsonl", "eval/gencls")
+        tracking.log_dict(rid, summary, "summary.json")
+        labels = config.data_dir() / dataset / "labels.yaml"
+        demos = config.data_dir() / dataset / "train.jsonl"
+        info = serving.log_model(rid, adapter, labels, settings["strategy"], base_model=base_model, demos_path=demos)
+        decision = registry.register_and_gate(rid, dataset, metrics, test_set_key(dataset, settings["limit"]),
+                                              model_uri=info.model_uri)
+    write_json(reports(dataset) / "register.json", decision)
+    return decision
+
+
+def summary_table(dataset: str) -> list[dict]:
+    """Rows (zero-shot, naive SFT, GenCLS++) with accuracy, macro-F1 and invalid rate, from reports/."""
+    rows = []
+    for name, title in SUMMARY_ROWS:
+        path = reports(dataset) / name / "metrics.json"
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        rows.append({"row": title, "strategy": m.get("strategy"), "n": m.get("n"), "accuracy": m.get("accuracy"),
+                     "macro_f1": m.get("macro_f1"), "invalid_rate": m.get("invalid_rate")})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of summary rows."""
+    lines = [f"{'model':<20} {'strategy':<28} {'n':>5} {'accuracy':>9} {'macro-F1':>9} {'invalid':>8}"]
+    for r in rows:
+        fmt = lambda v: f"{v:9.3f}" if isinstance(v, (int, float)) else f"{'-':>9}"  # noqa: E731
+        lines.append(f"{r['row']:<20} {str(r['strategy'])[:28]:<28} {str(r.get('n') or ''):>5} {fmt(r['accuracy'])} "
+                     f"{fmt(r['macro_f1'])} {fmt(r['invalid_rate'])[1:]}")
+    return "\n".join(lines)

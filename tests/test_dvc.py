@@ -1,0 +1,133 @@
+"""dvc.yaml wiring: after a param change `dvc repro --dry` lists exactly the stages that must rerun."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DVC = str(Path(sys.executable).parent / "dvc")
+ALL_STAGES = {"data", "validate", "render", "sft", "rl", "evaluate_zeroshot", "evaluate_sft", "evaluate", "register"}
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"{args}: {out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+def _stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+STUB = """import sys, time, pathlib
+stage, outs = sys.argv[1], sys.argv[2:]
+for out in outs:
+    path = pathlib.Path(out)
+    target = path if path.suffix else path / "stub.txt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(f"{stage} {time.time_ns()}\\n")  # new content each run: changes propagate downstream
+with open("ran.log", "a") as fh:
+    fh.write(stage + "\\n")
+"""
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """A git + dvc repo with the real dvc.yaml (commands swapped for stubs that write the outs) and params.yaml."""
+    root = tmp_path_factory.mktemp("dvc_repo")
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    subst = {"${data.dataset}": params["data"]["dataset"], "${profile}": params["profile"]}
+
+    def path_of(entry) -> str:
+        name = entry if isinstance(entry, str) else next(iter(entry))
+        for key, value in subst.items():
+            name = name.replace(key, value)
+        return name
+
+    outputs = {s for st in spec["stages"].values()
+               for s in map(path_of, st.get("outs", []) + st.get("metrics", []) + st.get("plots", []))}
+    for name, stage in spec["stages"].items():
+        outs = [path_of(e) for e in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", [])]
+        stage["cmd"] = f"python stub.py {name} " + " ".join(outs)
+        for dep in map(path_of, stage.get("deps", [])):
+            if dep in outputs:
+                continue
+            path = root / dep
+            if path.suffix:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"stub {path.name}\n")
+            else:  # a folder dependency (data/<dataset>)
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "train.jsonl").write_text("{}\n")
+    (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    (root / "stub.py").write_text(STUB)
+    (root / ".gitignore").write_text("ran.log\n")
+    _run(["git", "init", "-q"], root)
+    _run([DVC, "init", "-q"], root)
+    _run([DVC, "repro", "-q"], root)
+    assert set((root / "ran.log").read_text().split()) == ALL_STAGES
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-q", "-m", "pipeline"], root)
+    assert _stages(_run([DVC, "repro", "--dry"], root)) == set()
+    return root
+
+
+def _after_change(root: Path, section: str, key: str, value) -> tuple[set[str], set[str]]:
+    """(stages `dvc repro --dry` names, stages `dvc repro` actually runs) after one param change."""
+    original = (root / "params.yaml").read_text()
+    data = yaml.safe_load(original)
+    data[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    try:
+        dry = _stages(_run([DVC, "repro", "--dry"], root))
+        (root / "ran.log").write_text("")
+        _run([DVC, "repro", "-q"], root)
+        ran = set((root / "ran.log").read_text().split())
+    finally:
+        (root / "params.yaml").write_text(original)
+        _run([DVC, "repro", "-q"], root)  # back to the committed state
+    return dry, ran
+
+
+def test_rl_param_reruns_rl_and_later_never_sft(pipeline):
+    dry, ran = _after_change(pipeline, "rl", "learning_rate", 1e-5)
+    assert "rl" in dry and "sft" not in dry
+    assert ran == {"rl", "evaluate", "register"}
+
+
+def test_sft_param_reruns_sft_and_everything_downstream(pipeline):
+    dry, ran = _after_change(pipeline, "sft", "lora_r", 8)
+    assert dry == {"sft", "render"} - {"render"} | (dry & {"render"}) and "rl" not in dry
+    assert ran == {"sft", "rl", "evaluate_sft", "evaluate", "register"}
+
+
+def test_eval_param_reruns_only_evaluations(pipeline):
+    _, ran = _after_change(pipeline, "evaluate", "batch_size", 8)
+    assert ran == {"evaluate_zeroshot", "evaluate_sft", "evaluate", "register"}
+
+
+def test_exp_run_sweeps_a_param(pipeline):
+    out = _run([DVC, "exp", "run", "-S", "rl.learning_rate=3e-5"], pipeline)
+    assert "Running stage 'rl'" in out and "Running stage 'sft'" not in out
+
+
+def test_every_stage_lists_its_script_and_params():
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert set(spec["stages"]) == ALL_STAGES
+    for name, stage in spec["stages"].items():
+        deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
+        assert "flows/stages.py" in deps and "flows/steps.py" in deps, name
+        assert stage.get("params"), name
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert {"data", "sft", "rl", "evaluate", "register", "profiles", "retrain"} <= set(params)

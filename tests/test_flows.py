@@ -1,0 +1,93 @@
+"""The Prefect retraining flow end to end on a tiny model and a tiny dataset (prefect_test_harness)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from components import registry, tracking
+
+LABELS = {"negative": "The text expresses an unfavourable opinion.",
+          "neutral": "The text states facts without an opinion.",
+          "positive": "The text expresses a favourable opinion."}
+
+
+def write_tiny_dataset(data_dir, name="tiny", n_train=12, n_test=3, bad=False):
+    """data/<name>/ with 3 labels; `bad` plants a label that labels.yaml does not define."""
+    folder = data_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = [{"id": f"{split}-{lab}-{i}", "text": f"{split} {lab} example number {i}", "label": lab}
+                for lab in LABELS for i in range(n)]
+        if bad and split == "train":
+            rows.append({"id": "x", "text": "planted fault", "label": "bogus"})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "labels.yaml").write_text(yaml.safe_dump(LABELS, sort_keys=False), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch, tiny_model_dir):
+    """A temp project root (data/, checkpoints/, reports/, mlflow/) with a tiny dataset."""
+    monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(tmp_path))
+    write_tiny_dataset(tmp_path / "data")
+    return tmp_path
+
+
+def tiny_overrides(model_dir) -> dict:
+    """Configs that train for one step on the tiny model (seconds)."""
+    return {"sft.model": str(model_dir), "sft.train_size": 8, "sft.eval_size": 0, "sft.batch_size": 4,
+            "sft.max_steps": 1, "sft.save_steps": 10, "sft.logging_steps": 1,
+            "rl.train_size": 8, "rl.eval_size": 0, "rl.num_generations": 2, "rl.batch_size": 4, "rl.max_steps": 1,
+            "rl.max_completion_length": 4, "rl.save_steps": 10, "rl.logging_steps": 1}
+
+
+def test_retrain_flow_end_to_end_then_resumes(prefect_harness, project, tiny_model_dir):
+    from flows.retrain import retrain
+
+    out = retrain("tiny", "quick", tiny_overrides(tiny_model_dir), {"limit": 6, "batch_size": 8},
+                  evaluations=["zeroshot", "gencls"])
+    assert out["decision"]["promoted"] and out["decision"]["version"] == "1"
+    champ = registry.current_champion("tiny")
+    assert champ is not None and str(champ.version) == "1"
+    run = tracking.client().get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dataset"] == "tiny" and run.data.tags["strategy"] == "decoding=perplexity"
+    assert run.data.params["sft.model"] == str(tiny_model_dir) and "rl.beta" in run.data.params
+    assert "gencls/accuracy" in run.data.metrics and "zeroshot/accuracy" in run.data.metrics
+    history = tracking.client().get_metric_history(out["run_id"], "sft/loss")
+    assert history, "per-step SFT loss is logged"
+    artifacts = {a.path for a in tracking.client().list_artifacts(out["run_id"])}
+    assert {"reports", "eval", "prompts", "validation"} <= artifacts
+    eval_files = {a.path for a in tracking.client().list_artifacts(out["run_id"], "eval/gencls")}
+    assert "eval/gencls/confusion.png" in eval_files and "eval/gencls/predictions.jsonl" in eval_files
+    assert (project / "reports" / "tiny" / "register.json").is_file()
+
+    # second run: training and evaluation are up to date, so they are skipped; the gate sees a tie
+    again = retrain("tiny", "quick", tiny_overrides(tiny_model_dir), {"limit": 6, "batch_size": 8},
+                    evaluations=["gencls"])
+    run2 = tracking.client().get_run(again["run_id"])
+    assert run2.data.tags.get("sft.skipped") == "true" and run2.data.tags.get("rl.skipped") == "true"
+    assert not again["decision"]["promoted"] and str(registry.current_champion("tiny").version) == "1"
+
+
+def test_failed_validation_stops_before_training(prefect_harness, project, tiny_model_dir):
+    from flows.retrain import retrain
+
+    write_tiny_dataset(project / "data", "broken", bad=True)
+    state = retrain("broken", "quick", tiny_overrides(tiny_model_dir), return_state=True)
+    assert state.is_failed()
+    assert "validation" in str(state.message).lower() or "bogus" in str(state.message)
+    assert not (project / "checkpoints" / "broken" / "sft").exists()
+    exp = tracking.client().get_experiment_by_name("gencls-broken")
+    runs = tracking.client().search_runs([exp.experiment_id])
+    assert runs and runs[0].info.status == "FAILED" and "DataValidationError" in runs[0].data.tags["error"]

@@ -1,0 +1,115 @@
+"""Champion gating in the MLflow registry: better, worse, equal, other test set, concurrent, manual."""
+from __future__ import annotations
+
+import threading
+
+import mlflow.pyfunc
+import pytest
+
+from components import registry, tracking
+
+DATASET = "toy"
+_MODEL_URI: list[str] = []
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One sqlite store for the module (creating the schema takes seconds) and one logged model."""
+    root = tmp_path_factory.mktemp("registry_root")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("GENCLS_ROOT", str(root))
+    patch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
+    tracking.configure()
+    with tracking.start_run("shared", run_name="model") as run:
+        with mlflow.start_run(run_id=run.info.run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=["mlflow"])
+    yield info.model_uri
+    patch.undo()
+
+
+@pytest.fixture()
+def store(shared_store, request, monkeypatch):
+    """Each test registers under its own dataset name (so its own registered model and lock)."""
+    global DATASET
+    DATASET = request.node.name.replace("_", "-")[5:40]
+    _MODEL_URI[:] = [shared_store]
+    return shared_store
+
+
+def _candidate(accuracy: float, macro_f1: float, test_hash: str = "h1") -> dict:
+    """A new run whose (shared) model is registered and gated."""
+    with tracking.start_run(DATASET, run_name="cand") as run:
+        return registry.register_and_gate(run.info.run_id, DATASET, {"accuracy": accuracy, "macro_f1": macro_f1},
+                                          test_hash, model_uri=_MODEL_URI[0])
+
+
+def test_first_version_becomes_champion_and_decision_is_logged(store):
+    out = _candidate(0.5, 0.4)
+    assert out["promoted"] and out["decision"] == "promoted"
+    assert str(registry.current_champion(DATASET).version) == out["version"]
+    mv = tracking.client().get_model_version(registry.model_name(DATASET), out["version"])
+    assert mv.tags["gate.decision"] == "promoted" and mv.tags["gate.candidate_accuracy"] == "0.5"
+
+
+def test_gate_better_worse_equal_tiebreak(store):
+    v1 = _candidate(0.5, 0.4)
+    worse = _candidate(0.4, 0.9)  # worse accuracy, better F1: accuracy decides
+    assert not worse["promoted"] and worse["champion"]["accuracy"] == 0.5
+    equal = _candidate(0.5, 0.4)  # full tie: champion kept
+    assert not equal["promoted"] and "tie" in equal["reason"]
+    tie_f1 = _candidate(0.5, 0.45)  # equal accuracy, better macro-F1
+    assert tie_f1["promoted"]
+    better = _candidate(0.6, 0.1)
+    assert better["promoted"]
+    assert str(registry.current_champion(DATASET).version) == better["version"]
+    tags = tracking.client().get_model_version(registry.model_name(DATASET), worse["version"]).tags
+    assert tags["gate.decision"] == "kept-champion" and tags["gate.champion_accuracy"] == "0.5"
+    run = tracking.client().get_run(worse["run_id"])  # the decision is on the run too
+    assert run.data.tags["gate.decision"] == "kept-champion" and run.data.tags["gate.candidate_accuracy"] == "0.4"
+    assert v1["version"] == "1"
+
+
+def test_gate_refuses_other_test_set(store):
+    _candidate(0.5, 0.5, test_hash="old")
+    out = _candidate(0.9, 0.9, test_hash="new")
+    assert not out["promoted"] and out["decision"] == "refused-different-test-set"
+
+
+def test_concurrent_registrations_leave_the_best_champion(store):
+    figures = [(0.50, 0.5), (0.70, 0.6), (0.60, 0.9), (0.70, 0.5)]
+    results, errors = [], []
+
+    def worker(acc, f1):
+        try:
+            results.append(_candidate(acc, f1))
+        except Exception as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=f) for f in figures]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    champ = registry.current_champion(DATASET)
+    assert champ is not None and champ.status == "READY"
+    assert (float(champ.tags["accuracy"]), float(champ.tags["macro_f1"])) == (0.70, 0.6)
+
+
+def test_manual_promote_and_rollback(store):
+    a = _candidate(0.5, 0.5)
+    b = _candidate(0.6, 0.5)
+    registry.promote(DATASET, a["version"], reason="prefer the smaller model", by="alice")
+    assert str(registry.current_champion(DATASET).version) == a["version"]
+    assert registry.read_history(DATASET)[-1]["by"] == "alice"
+    back = registry.rollback(DATASET, by="bob")
+    assert back["version"] == b["version"] and str(registry.current_champion(DATASET).version) == b["version"]
+    shown = registry.show(DATASET)
+    assert shown["champion"] == b["version"] and len(shown["versions"]) == 2
+    with pytest.raises(registry.RegistryError):
+        registry.promote(DATASET, 99)

@@ -1,0 +1,129 @@
+"""The registered pyfunc model served over REST by `mlflow models serve` (tiny model, real server)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import registry, serving, tracking
+
+LABELS = {"negative": "The text expresses an unfavourable opinion.",
+          "neutral": "The text states facts without an opinion.",
+          "positive": "The text expresses a favourable opinion."}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload) -> tuple[int, dict | str]:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        body = err.read().decode()
+        return err.code, body
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_model_dir, tmp_path_factory):
+    """A 1-step SFT adapter of the tiny model, logged as a pyfunc and registered as champion."""
+    from components.sft import train_sft
+    from components.training_common import SFTConfig
+
+    root = tmp_path_factory.mktemp("serving_root")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("GENCLS_ROOT", str(root))
+    patch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
+    folder = root / "data" / "toy"
+    folder.mkdir(parents=True)
+    for split, n in (("train", 12), ("test", 3)):
+        rows = [{"id": f"{split}-{lab}-{i}", "text": f"{split} {lab} example {i}", "label": lab}
+                for lab in LABELS for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "labels.yaml").write_text(yaml.safe_dump(LABELS, sort_keys=False))
+    config = SFTConfig(model=str(tiny_model_dir), train_size=8, eval_size=0, batch_size=4, max_steps=1,
+                       save_steps=10, logging_steps=1)
+    adapter = train_sft("toy", config, out_dir=root / "checkpoints" / "toy" / "sft")
+    with tracking.start_run("toy", run_name="serve-test", tags={"strategy": "decoding=perplexity"}) as run:
+        info = serving.log_model(run.info.run_id, adapter, folder / "labels.yaml", "decoding=perplexity")
+        decision = registry.register_and_gate(run.info.run_id, "toy", {"accuracy": 0.5, "macro_f1": 0.5}, "h",
+                                              model_uri=info.model_uri)
+    assert decision["promoted"]
+    yield root, info
+    patch.undo()
+
+
+def test_logged_model_names_base_and_holds_no_base_weights(registered):
+    import mlflow
+
+    root, info = registered
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(root / "dl")))
+    conf = yaml.safe_load((local / "MLmodel").read_text())
+    model_config = conf["flavors"]["python_function"]["config"] if "config" in conf["flavors"]["python_function"] \
+        else conf["flavors"]["python_function"].get("model_config", {})
+    assert "base_model" in model_config and "package" in model_config
+    weights = [p for p in local.rglob("*.safetensors")]
+    assert weights and all("adapter" in p.name for p in weights)  # LoRA adapter only, never base weights
+    reqs = (local / "requirements.txt").read_text()
+    assert "torchvision" not in reqs and "mlflow==" in reqs
+    assert info.signature.inputs.input_names() == ["text"]
+
+
+def test_rest_answers_label_and_probs_and_400_on_bad_requests(registered):
+    root, _ = registered
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root), "GENCLS_ROOT": str(root),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/gencls-toy@champion", "--env-manager",
+                             "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 150
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow models serve did not become healthy")
+        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["text"],
+                                                                         "data": [["great film"], ["who wrote it"]]}})
+        assert status == 200, body
+        preds = body["predictions"]
+        assert len(preds) == 2
+        for pred in preds:
+            assert pred["label"] in LABELS
+            assert set(pred["probs"]) == set(LABELS) and abs(sum(pred["probs"].values()) - 1) < 1e-4
+        for bad in ({"dataframe_split": {"columns": ["text"], "data": []}},  # no rows
+                    {"inputs": {"txt": ["hello"]}},  # wrong column
+                    {"dataframe_split": {"columns": ["text"], "data": [[""]]}},  # empty text
+                    {"nothing": 1}):  # not a known request format
+            status, body = _post(f"{base}/invocations", bad)
+            assert 400 <= status < 500, (bad, status, body)
+            assert "message" in body or "error" in body
+        status, body = _post(f"{base}/invocations", b"{not json")
+        assert 400 <= status < 500, (status, body)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)

@@ -1,0 +1,205 @@
+"""SFT: loss mask, adapter-only updates, end-to-end tiny run, resume, configs, data slices."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.training_common import (
+    SFTConfig,
+    load_config,
+    parse_overrides,
+    rebalance,
+    split_train_eval,
+    stratified_sample,
+)
+
+LABELS = {"positive": "The text praises something.", "negative": "The text criticises something."}
+POS = ["great film , loved it", "good movie", "loved the acting", "great plot", "good fun", "loved it"]
+NEG = ["terrible plot and bad acting", "bad movie", "terrible film", "bad plot", "awful acting", "bad fun"]
+
+
+def make_toy_data(root: Path, name: str = "toy", copies: int = 3) -> Path:
+    """data/<name>/{train,test}.jsonl + labels.yaml with two labels (the on-disk dataset layout)."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": f"{t} {i}", "label": lb} for i in range(copies) for lb, ts in (("positive", POS), ("negative", NEG))
+            for t in ts]
+    for i, row in enumerate(rows):
+        row["id"] = f"t{i:04d}"
+    test = [{"id": f"s{i}", "text": t, "label": lb} for i, (t, lb) in enumerate([(POS[0], "positive"), (NEG[0], "negative")])]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    (folder / "labels.yaml").write_text(yaml.safe_dump(LABELS, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    return make_toy_data(tmp_path_factory.mktemp("data"))
+
+
+def tiny_config(model_dir: Path, **changes) -> SFTConfig:
+    base = dict(model=str(model_dir), train_size=16, eval_size=4, batch_size=4, max_steps=2, eval_every_steps=2,
+                eval_batch_size=8, save_steps=2, logging_steps=1, learning_rate=1e-2, uncertain_max_scored=8,
+                max_prompt_tokens=128)
+    base.update(changes)
+    return SFTConfig(**base)
+
+
+def _rows(model_dir, toy_data, n=4, strategy="naive"):
+    from components.models import load_model
+    from components.prompts import Strategy
+    from components.sft import build_sft_rows, load_data, make_builder
+
+    model, tok = load_model(str(model_dir))
+    labels, train, held, pool = load_data("toy", toy_data, n, 0, 0)
+    builder = make_builder(tok, labels, Strategy.parse(strategy), pool, 128, 0)
+    return model, tok, builder, train, build_sft_rows(builder, train)
+
+
+def test_loss_mask_covers_exactly_the_label_and_eos(tiny_model_dir, toy_data, tmp_path):
+    from components.sft import build_trainer
+
+    model, tok, builder, train, rows = _rows(tiny_model_dir, toy_data)
+    trainer = build_trainer(model, tok, rows, tiny_config(tiny_model_dir), tmp_path / "t")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for i, ex in enumerate(train):
+        labels, ids = batch["labels"][i].tolist(), batch["input_ids"][i].tolist()
+        supervised = [t for t in labels if t != -100]
+        # expected: the answer tokens then one <|im_end|>; prompt and padding are -100
+        assert supervised == tok(ex["label"], add_special_tokens=False)["input_ids"] + [im_end]
+        start = labels.index(supervised[0])
+        assert all(t == -100 for t in labels[:start])
+        assert tok.decode(ids[:start]) == rows[i]["prompt"]
+
+
+def test_one_step_changes_only_adapter_and_lowers_loss(tiny_model_dir, toy_data, tmp_path):
+    import torch
+
+    from components.sft import build_trainer
+
+    model, tok, builder, train, rows = _rows(tiny_model_dir, toy_data)
+    config = tiny_config(tiny_model_dir, max_steps=1, warmup_ratio=0.0, lora_dropout=0.0)
+    trainer = build_trainer(model, tok, rows, config, tmp_path / "t")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    peft_model = trainer.model
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    with torch.no_grad():
+        loss_before = peft_model(**batch).loss.item()
+    trainer.train()
+    peft_model.eval()
+    with torch.no_grad():
+        loss_after = peft_model(**batch).loss.item()
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed, "nothing was trained"
+    assert all("lora_" in n for n in changed)  # base weights identical
+    assert any("lora_" in n for n in changed)
+    assert loss_after < loss_before
+
+
+def test_train_sft_end_to_end_writes_checkpoint(tiny_model_dir, toy_data, tmp_path):
+    from components.models import load_model
+    from components.sft import train_sft
+
+    logged = []
+    out = train_sft("toy", tiny_config(tiny_model_dir), out_dir=tmp_path / "sft",
+                    log_fn=lambda m, s: logged.append((s, m)), data_dir=toy_data)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "gencls_config.json",
+                 "metrics.json", "loss_curve.png"):
+        assert (out / name).exists(), name
+    info = json.loads((out / "gencls_config.json").read_text())
+    assert info["base_model"] == str(tiny_model_dir) and info["strategy"] == "naive"
+    assert info["config"]["learning_rate"] == 1e-2 and "trl" in info["libraries"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["truncated_rows"] == 0
+    best = metrics["best"]
+    assert set(best["per_label_f1"]) == set(LABELS) and 0 <= best["macro_f1"] <= 1
+    keys = {k for _, m in logged for k in m}
+    assert {"sft/loss", "sft/eval_macro_f1", "sft/eval_accuracy", "sft/eval_f1_positive"} <= keys
+    model, _ = load_model(None, adapter=out)  # the base model comes from gencls_config.json
+    assert hasattr(model, "peft_config")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption(tiny_model_dir, toy_data, tmp_path):
+    from components.sft import train_sft
+
+    config = tiny_config(tiny_model_dir, max_steps=4, save_steps=2, eval_every_steps=0)
+
+    def crash(metrics, step):
+        if step >= 3:
+            raise Interrupt  # killed after checkpoint-2 was written
+
+    with pytest.raises(Interrupt):
+        train_sft("toy", config, out_dir=tmp_path / "sft", log_fn=crash, data_dir=toy_data)
+    assert (tmp_path / "sft" / "trainer" / "checkpoint-2").is_dir()
+    out = train_sft("toy", config, out_dir=tmp_path / "sft", data_dir=toy_data)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 2 and metrics["global_step"] == 4
+    assert (out / "adapter_model.safetensors").exists()
+    # a different config does not resume from these checkpoints
+    other = train_sft("toy", tiny_config(tiny_model_dir, max_steps=1, save_steps=1, eval_every_steps=0, seed=1),
+                      out_dir=tmp_path / "sft", data_dir=toy_data)
+    assert json.loads((other / "metrics.json").read_text())["resumed_from_step"] == 0
+
+
+def test_uncertain_margin_rule_relabels_a_capped_share(tiny_model_dir, toy_data):
+    from components.prompts import UNCERTAIN
+    from components.sft import build_sft_rows, select_uncertain
+
+    model, tok, builder, train, _ = _rows(tiny_model_dir, toy_data, n=20, strategy="uncertain")
+    config = tiny_config(tiny_model_dir, uncertain_max_share=0.25, uncertain_max_scored=0, uncertain_margin=99.0)
+    ids, stats = select_uncertain(model, tok, builder, train, config)
+    assert len(ids) == 5 and stats["uncertain_share"] == 0.25  # margin < 99 always: the cap binds
+    rows = build_sft_rows(builder, train, ids)
+    assert sum(r["completion"] == UNCERTAIN + "<|im_end|>" for r in rows) == 5
+    none, _ = select_uncertain(model, tok, builder, train, tiny_config(tiny_model_dir, uncertain_margin=-99.0))
+    assert none == set()
+
+
+def test_load_config_layers_and_overrides():
+    params = {"sft": {"learning_rate": 1e-3, "unknown_key": 1}, "profiles": {"quick": {"sft": {"epochs": 3}}}}
+    with pytest.warns(UserWarning, match="unknown_key"):
+        cfg = load_config("sft", "quick", params=params, overrides=parse_overrides(["sft.lora_r=4", "rl.beta=0"]))
+    assert (cfg.learning_rate, cfg.epochs, cfg.lora_r) == (1e-3, 3.0, 4)
+    assert load_config("sft", "full", params={}).train_size == 0  # all data on a GPU
+    rl = load_config("rl", "quick", params={}, overrides={"beta": "0", "rl.num_generations": "2"})
+    assert rl.beta == 0.0 and rl.num_generations == 2
+    with pytest.raises(ValueError, match="valid:"):
+        load_config("sft", "quick", params={}, overrides={"lerning_rate": "1"})
+    with pytest.raises(ValueError, match="choices|expected one of"):
+        load_config("sft", "quick", params={}, overrides={"uncertain_policy": "maybe"})
+    assert load_config("sft", "quick", params={}, overrides={"target_modules": "q_proj,v_proj"}).target_modules == [
+        "q_proj", "v_proj"]
+
+
+def test_stratified_subsample_and_rebalance():
+    examples = [{"id": str(i), "label": "a" if i < 80 else "b", "text": str(i)} for i in range(100)]
+    sample = stratified_sample(examples, 10, seed=0)
+    assert Counter(e["label"] for e in sample) == {"a": 8, "b": 2}
+    assert sample == stratified_sample(examples, 10, seed=0)  # seeded
+    train, held = split_train_eval(examples, 20, 10, seed=0)
+    assert not {e["id"] for e in train} & {e["id"] for e in held} and len(train) == 20
+    counts = Counter(e["label"] for e in rebalance(examples, seed=0))
+    assert counts == {"a": 50, "b": 50}  # balanced instead of 80/20
+
+
+@pytest.mark.slow
+def test_real_smollm2_few_sft_steps(tmp_path):
+    from components.sft import train_sft
+
+    make_toy_data(tmp_path / "data")
+    config = SFTConfig(train_size=8, eval_size=4, batch_size=4, max_steps=2, eval_every_steps=2, save_steps=2,
+                       logging_steps=1, uncertain_max_scored=8)
+    out = train_sft("toy", config, out_dir=tmp_path / "sft", data_dir=tmp_path / "data")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["loss_history"]
+    assert (out / "adapter_model.safetensors").exists()
