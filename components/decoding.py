@@ -21,16 +21,17 @@ import numpy as np
 from components.prompts import UNCERTAIN
 
 INVALID = "invalid"
-END_OF_TURN = "<|im_end|>"
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")  # ChatML, Gemma, Llama 3
 MAX_CANDIDATE_ROWS = 64  # prompt copies x candidates per forward: bounds KV-cache memory
 
 
 def end_token_id(tokenizer: Any) -> int:
-    """Id of the end-of-turn token (`<|im_end|>` when the vocabulary has it, else eos)."""
-    token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        token_id = tokenizer.eos_token_id
-    return int(token_id)
+    """Id of the end-of-turn token (ChatML `<|im_end|>`, Gemma `<end_of_turn>`, ...; else eos)."""
+    for token in END_OF_TURN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            return int(token_id)
+    return int(tokenizer.eos_token_id)
 
 
 def candidate_ids(tokenizer: Any, candidates: Sequence[str]) -> list[list[int]]:

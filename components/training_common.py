@@ -132,8 +132,11 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
     ftype = kinds[key].type if isinstance(kinds[key].type, str) else kinds[key].type.__name__
     if isinstance(value, str) and ftype != "str":
         value = yaml.safe_load(value) if value.strip() else value
-    if ftype == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if ftype == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads "3e-4" (no dot) as a string
+        except ValueError:
+            raise ValueError(f"{cls.__name__}.{key}={value!r}: expected a number") from None
     if ftype == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
     if ftype == "list" and isinstance(value, str):

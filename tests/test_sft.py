@@ -168,7 +168,8 @@ def test_uncertain_margin_rule_relabels_a_capped_share(tiny_model_dir, toy_data)
 def test_load_config_layers_and_overrides():
     params = {"sft": {"learning_rate": 1e-3, "unknown_key": 1}, "profiles": {"quick": {"sft": {"epochs": 3}}}}
     with pytest.warns(UserWarning, match="unknown_key"):
-        cfg = load_config("sft", "quick", params=params, overrides=parse_overrides(["sft.lora_r=4", "rl.beta=0"]))
+        cfg = load_config("sft", "quick", params=params, overrides=parse_overrides(["sft.lora_r=4", "rl.beta=0", "sft.warmup_ratio=1e-1"]))
+    assert cfg.warmup_ratio == 0.1
     assert (cfg.learning_rate, cfg.epochs, cfg.lora_r) == (1e-3, 3.0, 4)
     assert load_config("sft", "full", params={}).train_size == 0  # all data on a GPU
     rl = load_config("rl", "quick", params={}, overrides={"beta": "0", "rl.num_generations": "2"})

@@ -1,0 +1,157 @@
+"""Decoding: shared-prefix label scoring equals brute force; generative parsing; uncertainty."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components import decoding
+from components.decoding import INVALID, predict, score_candidates, score_candidates_naive
+from components.prompts import UNCERTAIN, PromptBuilder, Strategy
+
+LABELS = {"positive": "favourable", "negative": "unfavourable", "neutral": "no opinion"}
+TRAIN = [{"id": f"t{i}", "text": f"great film number {i}", "label": list(LABELS)[i % 3]} for i in range(12)]
+TEST = [{"id": f"e{i}", "text": "what a film " * (1 + 3 * i), "label": list(LABELS)[i % 3]} for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    from components.models import load_model
+
+    return load_model(tiny_model_dir, device="cpu")
+
+
+@pytest.mark.parametrize("spec", ["decoding=perplexity", "numeric,uncertain,decoding=perplexity",
+                                  "icl=random,k=2,definitions,decoding=perplexity"])
+def test_shared_prefix_scores_equal_brute_force(spec, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    builder = PromptBuilder(tokenizer, LABELS, Strategy.parse(spec), TRAIN)
+    prompts = [builder.prompt(ex) for ex in TEST]  # different lengths: exercises left padding
+    # candidates of different token lengths, one a prefix of another ("1" vs "10" style)
+    candidates = builder.space.answers + ["positive positive", "1", "10"]
+    shared = score_candidates(model, tokenizer, prompts, candidates, batch_size=3)
+    naive = score_candidates_naive(model, tokenizer, prompts, candidates)
+    assert shared.shape == (len(TEST), len(candidates))
+    np.testing.assert_allclose(shared, naive, atol=1e-4)
+    assert (shared.argmax(1) == naive.argmax(1)).all()
+    assert np.all(shared < 0)
+
+
+def test_candidate_rows_chunking_matches(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    prompts = [PromptBuilder(tokenizer, LABELS, Strategy()).prompt(ex) for ex in TEST[:4]]
+    full = score_candidates(model, tokenizer, prompts, list(LABELS), batch_size=4)
+    monkeypatch.setattr(decoding, "MAX_CANDIDATE_ROWS", 3)  # one prompt's candidates per forward
+    np.testing.assert_allclose(score_candidates(model, tokenizer, prompts, list(LABELS), batch_size=4), full, atol=1e-5)
+
+
+def test_end_of_turn_separates_prefix_labels(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = decoding.candidate_ids(tokenizer, ["1", "10"])
+    assert ids[0][-1] == ids[1][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids[0] != ids[1][: len(ids[0])]  # "1<|im_end|>" is not a prefix of "10<|im_end|>"
+
+
+def test_predict_perplexity_records(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    builder = PromptBuilder(tokenizer, LABELS, Strategy(decoding="perplexity", numeric=True), TRAIN)
+    records = predict(model, tokenizer, builder, TEST, batch_size=4, progress=False)
+    naive = score_candidates_naive(model, tokenizer, [builder.prompt(ex) for ex in TEST], builder.space.answers)
+    assert [r["id"] for r in records] == [ex["id"] for ex in TEST]
+    for record, row, ex in zip(records, naive, TEST):
+        assert set(record) == {"id", "label", "pred", "raw", "probs", "abstained", "invalid"}
+        assert record["label"] == ex["label"]
+        assert record["pred"] == list(LABELS)[int(np.argmax(row))]  # argmax of brute force
+        assert record["raw"] in {"1", "2", "3"}
+        assert sum(record["probs"].values()) == pytest.approx(1.0)
+        assert not record["invalid"] and not record["abstained"]
+
+
+def test_predict_generative_records(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    builder = PromptBuilder(tokenizer, LABELS, Strategy(), TRAIN)
+    records = predict(model, tokenizer, builder, TEST, batch_size=3, progress=False)
+    for record in records:
+        assert isinstance(record["raw"], str) and "<|im_end|>" not in record["raw"]
+        assert record["invalid"] == (builder.parse(record["raw"]) is None)
+        assert record["pred"] == (INVALID if record["invalid"] else builder.parse(record["raw"]))
+    # greedy is deterministic and independent of batching (left padding is masked)
+    again = predict(model, tokenizer, builder, TEST, batch_size=7, progress=False)
+    assert [r["raw"] for r in again] == [r["raw"] for r in records]
+
+
+def test_generation_budget_grows_with_reasoning(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    direct = decoding.answer_budget(tokenizer, PromptBuilder(tokenizer, LABELS, Strategy()))
+    thinking = decoding.answer_budget(tokenizer, PromptBuilder(tokenizer, LABELS, Strategy(reasoning=True)))
+    assert 2 <= direct <= 12 < thinking
+
+
+def test_generative_uncertain_resolved_by_real_label_scores(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    builder = PromptBuilder(tokenizer, LABELS, Strategy(uncertain=True), TRAIN)
+    answers = iter([["Uncertain", "negative", "maybe", "uncertain."]])
+    monkeypatch.setattr(decoding, "generate_answers", lambda *args, **kwargs: next(answers))
+    records = predict(model, tokenizer, builder, TEST[:4], batch_size=4, progress=False)
+    real = score_candidates_naive(model, tokenizer, [builder.prompt(ex) for ex in TEST[:4]], list(LABELS))
+    assert [r["abstained"] for r in records] == [True, False, False, True]
+    assert [r["invalid"] for r in records] == [False, False, True, False]
+    for i in (0, 3):
+        assert records[i]["pred"] == list(LABELS)[int(np.argmax(real[i]))]
+        assert sum(records[i]["probs"].values()) == pytest.approx(1.0)
+    assert records[1]["pred"] == "negative" and records[1]["probs"] is None
+    assert records[2]["pred"] == INVALID
+
+
+def test_perplexity_uncertain_wins_then_best_real_label():
+    space = PromptBuilder(None, LABELS, Strategy(uncertain=True, decoding="perplexity")).space
+    row = np.array([-3.0, -2.0, -5.0, -0.1])  # positive, negative, neutral, uncertain
+    record = decoding._perplexity_record({"id": "x", "label": "negative"}, row, space, space.answers, None)
+    assert record["abstained"] and record["raw"] == UNCERTAIN and record["pred"] == "negative"
+    assert list(record["probs"]) == list(LABELS) and sum(record["probs"].values()) == pytest.approx(1.0)
+    assert UNCERTAIN not in record["probs"]
+
+
+def test_contextual_calibration_changes_only_probs_shape(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    builder = PromptBuilder(tokenizer, LABELS, Strategy(decoding="perplexity"), TRAIN)
+    records = predict(model, tokenizer, builder, TEST[:3], progress=False, calibrate=True)
+    for record in records:
+        assert sum(record["probs"].values()) == pytest.approx(1.0)
+        assert record["pred"] == max(record["probs"], key=record["probs"].get)
+
+
+@pytest.mark.slow
+def test_real_smollm2_on_trec6(tmp_path):
+    """Real SmolLM2 on 50 trec6 test questions with both decoders."""
+    from components import datasets
+    from components.evaluation import select_examples
+    from components.models import load_model
+
+    data_dir = None
+    try:
+        datasets.load_labels("trec6")
+    except datasets.DataError:
+        data_dir = tmp_path / "data"
+        datasets.build_dataset("trec6", data_dir=data_dir)
+    labels = datasets.load_labels("trec6", data_dir)
+    train = datasets.load_split("trec6", "train", data_dir)
+    test = select_examples(datasets.load_split("trec6", "test", data_dir), 50, seed=0)
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+
+    builder = PromptBuilder(tokenizer, labels, Strategy(decoding="perplexity"), train)
+    records = predict(model, tokenizer, builder, test, batch_size=16, progress=False)
+    assert len(records) == 50
+    for record in records:
+        assert record["pred"] in labels and sum(record["probs"].values()) == pytest.approx(1.0)
+    prompts = [builder.prompt(ex) for ex in test[:8]]
+    shared = score_candidates(model, tokenizer, prompts, builder.space.answers, batch_size=8)
+    naive = score_candidates_naive(model, tokenizer, prompts, builder.space.answers)
+    np.testing.assert_allclose(shared, naive, atol=2e-3)
+    assert (shared.argmax(1) == naive.argmax(1)).all()
+
+    builder = PromptBuilder(tokenizer, labels, Strategy(), train)
+    records = predict(model, tokenizer, builder, test, batch_size=16, progress=False)
+    for record in records:
+        assert isinstance(record["raw"], str)
+        assert record["pred"] == (INVALID if record["invalid"] else builder.parse(record["raw"]))
+        assert record["pred"] in set(labels) | {INVALID}

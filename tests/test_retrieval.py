@@ -1,0 +1,55 @@
+"""Semantic retrieval: nearest neighbours, exclusion, on-disk embedding cache, real MiniLM."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components.retrieval import Retriever, hashed_bow_encode
+
+TRAIN = [
+    {"id": "a", "text": "who wrote hamlet"},
+    {"id": "b", "text": "who painted the mona lisa"},
+    {"id": "c", "text": "how many legs does a spider have"},
+    {"id": "d", "text": "what is the capital of france"},
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENCLS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_nearest_by_cosine_and_exclusion():
+    retriever = Retriever(TRAIN, encode=hashed_bow_encode)
+    assert retriever.nearest("who wrote macbeth", 1) == ["a"]
+    assert retriever.nearest("who wrote macbeth", 2, exclude_ids={"a"})[0] == "b"
+    assert len(retriever.nearest("anything", 10)) == 4 and retriever.nearest("x", 0) == []
+    assert np.allclose(np.linalg.norm(retriever.matrix, axis=1), 1.0)
+
+
+def test_embeddings_cached_on_disk(isolated_cache):
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        return hashed_bow_encode(texts)
+
+    first = Retriever(TRAIN, encode=encode)
+    first.embed(["who wrote macbeth", "how many legs"])  # a test split, batched
+    files = list((isolated_cache / "embeddings").glob("*.npy"))
+    assert len(files) == 2 and calls == [4, 2]
+    second = Retriever(TRAIN, encode=encode)
+    second.embed(["who wrote macbeth", "how many legs"])
+    assert calls == [4, 2]  # both came from the cache
+    assert second.nearest("who wrote macbeth", 1) == ["a"] and calls == [4, 2]  # query memoised by embed
+    changed = Retriever(TRAIN[:3], encode=encode)
+    assert calls == [4, 2, 3] and changed.matrix.shape[0] == 3
+
+
+@pytest.mark.slow
+def test_real_minilm(isolated_cache):
+    retriever = Retriever(TRAIN)
+    assert retriever.matrix.shape == (4, 384)
+    assert retriever.nearest("which author wrote the play macbeth", 1) == ["a"]
+    assert retriever.nearest("what city is the french capital", 1) == ["d"]
