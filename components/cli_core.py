@@ -43,6 +43,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", type=int, default=0, help="seed for the subset and random demos")
     ev.add_argument("--out", type=Path, default=None, help="report folder (default reports/<ds>/eval/<model>-<strategy>)")
     ev.add_argument("--data-dir", type=Path, default=None, help="datasets folder (default <root>/data)")
+    _threads_option(ev)
     ev.set_defaults(func=_guard(cmd_evaluate))
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -53,7 +54,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--n", type=int, default=20, help="number of prompts (default 20)")
     dec.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny, or a model folder")
     dec.add_argument("--batch-size", type=int, default=8, help="prompts per forward, shared-prefix path (default 8)")
+    _threads_option(dec)
     dec.set_defaults(func=_guard(cmd_bench_decoding))
+
+
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is much faster when other jobs share the CPU)")
 
 
 def _guard(handler):
@@ -64,6 +71,10 @@ def _guard(handler):
         from components.models import ModelError
 
         try:
+            if getattr(args, "threads", None):
+                import torch
+
+                torch.set_num_threads(args.threads)
             return handler(args)
         except (ValueError, DataError, ModelError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)

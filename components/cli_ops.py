@@ -122,6 +122,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 except (ProcessLookupError, ValueError):
                     pass
                 pid_file.unlink()
+        subprocess.run([str(Path(sys.executable).parent / "prefect"), "config", "unset", "PREFECT_API_URL", "-y"],
+                       capture_output=True)  # flows go back to a temporary local server
         return 0
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ)
@@ -145,7 +147,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"logs       : {log_p}, {log_m}")
     print(f"Flows started from now on report to Prefect (profile setting PREFECT_API_URL={prefect_url}/api) and "
           f"log to {uri} (what the MLflow UI shows).")
-    print("stop with   : gencls ui --stop   (and `prefect config unset PREFECT_API_URL`)")
+    print("stop with   : gencls ui --stop   (also unsets PREFECT_API_URL)")
     return 0 if ok_p and ok_m else 1
 
 

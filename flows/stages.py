@@ -9,6 +9,7 @@ opens its own MLflow run (tag `stage`), marked FAILED when the stage raises.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from components.config import load_params, set_offline_env
@@ -16,9 +17,15 @@ from components.config import load_params, set_offline_env
 STAGES = ("data", "validate", "render", "sft", "rl", "evaluate", "register")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (dvc/Prefect cancelling) -> KeyboardInterrupt, so the MLflow run is closed as KILLED."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one stage for the dataset and profile named in params.yaml."""
     set_offline_env()
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=STAGES)
