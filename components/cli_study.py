@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-ALL_DATASETS = ("trec6", "movie-sentiment", "tweet-sentiment", "sms-spam", "bbc-news", "r8", "20newsgroups")
+ALL_DATASETS = ("movie-sentiment", "tweet-sentiment", "sms-spam", "trec6", "bbc-news", "r8", "20newsgroups")  # = DATASETS
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:

@@ -231,7 +231,8 @@ def evaluate(
         "truncated": builder.truncated, "seconds": round(seconds, 2),
         "examples_per_s": round(len(records) / seconds, 3) if seconds > 0 else None,
     })
-    out = Path(out_dir) if out_dir else default_out_dir(dataset, str(model_name), strategy.slug(), adapter)
+    out = Path(out_dir) if out_dir else default_out_dir(
+        dataset, str(model_name), strategy.slug() + (",calibrated" if calibrate else ""), adapter)
     write_reports(out, records, metrics, list(labels), [builder.prompt(ex) for ex in test[:3]])
     metrics["out_dir"] = str(out)
     return metrics

@@ -314,6 +314,16 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def files_sha256(*folders: Path) -> str:
+    """sha256 over the train/test/labels files of dataset view folders (content identity)."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for name in ("train.jsonl", "test.jsonl", "labels.yaml"):
+            path = Path(folder) / name
+            digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>") + b"\0")
+    return digest.hexdigest()
+
+
 def settings_fingerprint(data: Any) -> str:
     """Short sha256 of the settings a dataset's cells depend on."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -518,7 +528,10 @@ def single_dim_table(cells: Sequence[dict]) -> list[dict]:
                 rows.append({"dimension": dim, "on_at": where, "train": r["train"], "infer": r["infer"],
                              "accuracy": r.get("accuracy"), "macro_f1": r.get("macro_f1"),
                              "val_accuracy": r.get("val_accuracy"), "invalid_rate": r.get("invalid_rate")})
-    return rows
+    order = list(TRAIN_DIMS.values()) + list(INFER_ONLY_DIMS.values())
+    where_order = ("train", "inference", "both")
+    return sorted(rows, key=lambda r: (order.index(r["dimension"]) if r["dimension"] in order else 99,
+                                       where_order.index(r["on_at"]) if r["on_at"] in where_order else 9))
 
 
 # ----------------------------------------------------------------------------- markdown

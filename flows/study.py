@@ -109,7 +109,8 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
             layer["sft.model"] = model
         layer.update({k: v for k, v in (overrides or {}).items() if k.startswith(f"{kind}.")})
         configs[kind] = asdict_config(load_config(kind, settings["training_profile"], params, layer))
-    fp_data = {"subsample": record, "sft": configs["sft"], "rl": configs["rl"], "eval": settings["eval"],
+    fp_data = {"dataset": dataset, "data_sha256": S.files_sha256(Path(views["test"]) / dataset, Path(views["val"]) / dataset),
+               "subsample": record, "sft": configs["sft"], "rl": configs["rl"], "eval": settings["eval"],
                "icl_k": settings["icl_k"], "reasoning_rl": settings["reasoning_rl"]}
     return {
         "dataset": dataset, "profile": profile, "model": model, "settings": settings, "subsample": record,
@@ -158,7 +159,7 @@ def find_finished(ctx: dict, cell: S.Cell) -> dict | None:
     result = S.read_result(path)
     if result is not None:
         return result
-    run = _finished_run(key)
+    run = _finished_run(key, ctx["dataset"])
     if run is None:
         return None
     result = json.loads(run.data.tags.get("study.result", "{}") or "{}")
@@ -170,13 +171,14 @@ def find_finished(ctx: dict, cell: S.Cell) -> dict | None:
     return result
 
 
-def _finished_run(key: str) -> Any | None:
-    """The FINISHED MLflow run of a cell key, if any."""
+def _finished_run(key: str, dataset: str) -> Any | None:
+    """The FINISHED MLflow run of a cell key of a dataset, if any."""
     c = tracking.client()
     exp = c.get_experiment_by_name(f"gencls-{EXPERIMENT}")
     if exp is None:
         return None
-    runs = c.search_runs([exp.experiment_id], f"tags.`study.cell_key` = '{key}' and attributes.status = 'FINISHED'",
+    runs = c.search_runs([exp.experiment_id], f"tags.`study.cell_key` = '{key}' and tags.dataset = '{dataset}' "
+                         "and attributes.status = 'FINISHED'",
                          max_results=1)
     return runs[0] if runs else None
 
@@ -389,7 +391,7 @@ def _report_cells(ctx: dict, planned: list[tuple[str, S.Cell]]) -> list[dict]:
     return out
 
 
-@flow(name="study", log_prints=True)
+@flow(name="study", log_prints=False)  # training libraries print a lot; it stays on stdout
 def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local", cells: str = "headline",
                model: str | None = None, overrides: dict[str, Any] | None = None, register_model: bool = True,
                torch_threads: int | None = None, only: list[str] | None = None) -> dict:

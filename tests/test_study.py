@@ -191,6 +191,17 @@ def tiny_settings() -> dict:
             "reasoning_rl.max_completion_length": 8}
 
 
+def fast_retriever(monkeypatch, root):
+    """Semantic demos by hashed bag of words instead of loading MiniLM in every evaluation (in-process only)."""
+    from components import retrieval
+
+    fake = root / "minilm"
+    fake.mkdir(exist_ok=True)
+    (fake / "config.json").write_text("{}")
+    monkeypatch.setattr(retrieval, "minilm_path", lambda: fake)
+    monkeypatch.setattr(retrieval, "sentence_transformer_encoder", lambda path, batch_size=64: retrieval.hashed_bow_encode)
+
+
 def _cell_runs(client):
     exp = client.get_experiment_by_name("gencls-study")
     runs = client.search_runs([exp.experiment_id], "tags.`study.kind` = 'cell'", max_results=1000)
@@ -204,6 +215,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(study_har
     from components import registry, tracking
 
     monkeypatch.setattr(components.sft, "require_valid_data", lambda *a, **k: None)  # speed: GX runs in its own tests
+    fast_retriever(monkeypatch, project)
     calls = {"eval": [], "train": 0}
     real_eval, real_sft = F.evaluate_cell, components.sft.train_sft
 
