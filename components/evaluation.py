@@ -208,7 +208,7 @@ def evaluate(
     """
     from components.datasets import load_labels, load_split
     from components.decoding import predict
-    from components.models import DEFAULT_MODEL, load_model, read_adapter_config
+    from components.models import DEFAULT_MODEL, adapter_base_model, load_model
     from components.prompts import PromptBuilder, Strategy
 
     strategy = Strategy.parse(strategy) if isinstance(strategy, str) or strategy is None else strategy
@@ -217,7 +217,7 @@ def evaluate(
     test = select_examples(load_split(dataset, "test", data_dir), limit, seed)
     if model is None and adapter is None:
         model = DEFAULT_MODEL
-    model_name = model or read_adapter_config(adapter).get("base_model") or "adapter-base"
+    model_name = model or adapter_base_model(adapter)
     lm, tokenizer = loaded if loaded is not None else load_model(model, adapter=adapter)
     builder = PromptBuilder(tokenizer, labels, strategy, train, retriever=build_retriever(train, strategy, test),
                             max_prompt_tokens=max_prompt_tokens, seed=seed)

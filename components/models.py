@@ -162,6 +162,9 @@ def _convert_registry_model(name: str, target: Path) -> None:
         (staging / "gencls_source.json").write_text(
             json.dumps({"model": name, "package": spec.package, "version": spec.version, "file": gguf.name}, indent=2)
         )
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        if (target / "config.json").exists():
+            return  # another process converted it meanwhile; keep theirs
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)
@@ -220,7 +223,7 @@ def load_model(
     if name_or_path is None:
         if adapter is None:
             raise ModelError("load_model needs a model name/path or an adapter whose gencls_config.json names its base")
-        name_or_path = _adapter_base(adapter)
+        name_or_path = adapter_base_model(adapter)
     if adapter is not None and not Path(adapter).is_dir():
         raise ModelError(f"adapter {adapter}: no such folder (expected a PEFT adapter saved by `gencls train`)")
     device = pick_device(device)
@@ -250,7 +253,7 @@ def load_model(
     return model, tokenizer
 
 
-def _adapter_base(adapter: str | os.PathLike) -> str:
+def adapter_base_model(adapter: str | os.PathLike) -> str:
     """The base model an adapter was trained on (gencls_config.json, else adapter_config.json)."""
     config = read_adapter_config(adapter)
     for key in ("base_model", "model", "base_model_name_or_path"):

@@ -543,11 +543,11 @@ def write_report(per_dataset: dict, meta: dict, run_id: str) -> dict:
 def study(datasets: list[str], profile: str = "cpu", runner: str = "local", cells: str = "headline",
           model: str | None = None, dask_address: str | None = None, workers: int | None = None,
           overrides: dict[str, Any] | None = None, register_model: bool = True, only: list[str] | None = None,
-          return_state: bool = False) -> Any:
+          torch_threads: int | None = None, return_state: bool = False) -> Any:
     """Run `study_flow` on the task runner named by `runner` (see make_task_runner)."""
     task_runner = make_task_runner(runner, dask_address, workers)
-    threads = None
-    if runner == "dask" and not dask_address:
+    threads = torch_threads
+    if threads is None and runner == "dask" and not dask_address:
         threads = max(1, (os.cpu_count() or 2) // (workers or 2))
     return study_flow.with_options(task_runner=task_runner)(
         datasets, profile, runner, cells, model, overrides, register_model, threads, only, return_state=return_state)

@@ -234,7 +234,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(study_har
     fault = "tinyb|sft[numeric] -> naive"
     monkeypatch.setenv("STUDY_FAULT", fault)
     state = F.study(["tinya", "tinyb"], "cpu", "local", "all", str(tiny_model_dir), overrides=tiny_settings(),
-                    return_state=True)
+                    torch_threads=1, return_state=True)
     assert state.is_failed() and "injected fault" in str(state.message)
     client = tracking.client()
     first = {r.data.tags["study.cell_key"]: r for r in _cell_runs(client)}
@@ -246,7 +246,8 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(study_har
     # re-run without the fault: only the failed cell is measured again, nothing is retrained
     monkeypatch.delenv("STUDY_FAULT")
     calls.update(eval=[], train=0)
-    study = F.study(["tinya", "tinyb"], "cpu", "local", "all", str(tiny_model_dir), overrides=tiny_settings())
+    study = F.study(["tinya", "tinyb"], "cpu", "local", "all", str(tiny_model_dir), overrides=tiny_settings(),
+                    torch_threads=1)
     assert calls["eval"] == [("tinyb", "sft[numeric] -> naive")] and calls["train"] == 0
     runs = _cell_runs(client)
     done = [r for r in runs if r.info.status == "FINISHED"]
