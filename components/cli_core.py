@@ -102,6 +102,7 @@ def cmd_prompt_show(args: argparse.Namespace) -> int:
     """Print the rendered prompt of one example (and the target for a training example)."""
     from components.datasets import load_labels, load_split
     from components.evaluation import build_retriever
+    from components.models import load_tokenizer
     from components.prompts import PromptBuilder, Strategy
 
     strategy = Strategy.parse(args.strategy)
@@ -126,16 +127,6 @@ def cmd_prompt_show(args: argparse.Namespace) -> int:
         sys.stdout.write(builder.target(example))
     sys.stdout.write("\n")
     return 0
-
-
-def load_tokenizer(model: str | None):
-    """Tokenizer of a model (chat template included), without loading weights."""
-    from transformers import AutoTokenizer
-
-    from components.models import DEFAULT_MODEL, resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model or DEFAULT_MODEL))
-    return tokenizer
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

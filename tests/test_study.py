@@ -173,13 +173,18 @@ def study_harness():
 
 @pytest.fixture()
 def project(tmp_path, monkeypatch):
+    import torch
+
     from components import tracking
+
+    threads = torch.get_num_threads()  # the flow sets 1 thread per task (tiny model: no oversubscription)
 
     monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(tmp_path))
     for name in ("tinya", "tinyb"):
         write_dataset(tmp_path / "data", name)
-    return tmp_path
+    yield tmp_path
+    torch.set_num_threads(threads)
 
 
 def tiny_settings() -> dict:
