@@ -177,6 +177,7 @@ class Retriever(Protocol):
 
 
 SYSTEM = "You are a precise text classifier."
+MIN_TEXT_TOKENS = 16  # the text to classify always keeps at least this many tokens
 INSTRUCTION = "Classify the text into exactly one of these categories: {options}."
 DIRECT_HINT = "Reply with the category only."
 REASONING_HINT = (
@@ -271,7 +272,10 @@ class PromptBuilder:
         """Chat messages for `example`, with its text truncated to the token budget."""
         demos = self.demos(example)
         overhead = len(self._encode(self._chat(self.user_message(example, demos, text=""))))
-        text, cut = self.truncate(example["text"], max(self.max_prompt_tokens - overhead, 16))
+        while demos and self.max_prompt_tokens - overhead < MIN_TEXT_TOKENS:
+            demos = demos[:-1]  # the text to classify matters more than the last demonstration
+            overhead = len(self._encode(self._chat(self.user_message(example, demos, text=""))))
+        text, cut = self.truncate(example["text"], max(self.max_prompt_tokens - overhead, MIN_TEXT_TOKENS))
         self.truncated += int(cut)
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.user_message(example, demos, text=text)}]
 

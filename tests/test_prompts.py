@@ -162,6 +162,22 @@ def test_truncation_keeps_instruction_and_options(tokenizer):
     assert prompt.endswith(" ...\nCategory:<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_demos_dropped_before_text_goes_below_minimum(tokenizer):
+    # budget: instruction + 4 demos would not leave MIN_TEXT_TOKENS for the text itself
+    strategy = Strategy(definitions=True, icl="random", k=4)
+    example = {"id": "long", "text": "great film " * 100, "label": "positive"}
+    plain = PromptBuilder(tokenizer, LABELS, Strategy(definitions=True), max_prompt_tokens=10_000)
+    header_tokens = len(tokenizer(plain._chat(plain.user_message(example, [], text="")))["input_ids"])
+    budget = header_tokens + 40
+    builder = PromptBuilder(tokenizer, LABELS, strategy, TRAIN, max_prompt_tokens=budget, demo_tokens=40)
+    prompt = builder.prompt(example)
+    n_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert n_tokens <= budget + 8
+    n_demos = prompt.count("Text:") - 1
+    assert 0 <= n_demos < 4
+    assert "great film great film" in prompt.rsplit("Text:", 1)[1]
+
+
 @pytest.mark.parametrize("icl", ["random", "semantic"])
 def test_no_demo_leakage(icl, tokenizer):
     # data leak: the example and an exact duplicate of its text (other id) are in the pool
