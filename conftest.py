@@ -20,3 +20,12 @@ def tiny_model_dir(tmp_path_factory):
     from components.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), texts=TINY_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server/database for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -100,6 +100,18 @@ def compute_metrics(records: Sequence[dict], labels: Sequence[str] | dict) -> di
     return metrics
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a matplotlib figure (parent folders created); returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(metrics: dict, labels: Sequence[str] | None, path: str | Path, title: str = "") -> Path:
     """Save the confusion matrix of `metrics` as a PNG (rows gold, columns predicted)."""
     import matplotlib
@@ -123,12 +135,7 @@ def plot_confusion(metrics: dict, labels: Sequence[str] | None, path: str | Path
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
                     color="white" if matrix[i, j] > top / 2 else "black", fontsize=8)
     ax.set_title(title or f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def slugify(text: str) -> str:

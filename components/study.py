@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from components.evaluation import save_figure
+
 NAIVE = "naive"
 PERPLEXITY = "decoding=perplexity"
 REASONING = "reasoning"
@@ -671,12 +673,7 @@ def plot_heatmap(grid: dict, path: Path, title: str, metric: str = "accuracy") -
             ax.text(j, i, text, ha="center", va="center", color="white", fontsize=9)
     fig.colorbar(image, ax=ax, label=f"{metric} %")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_headline(study: dict, path: Path) -> Path:
@@ -704,12 +701,7 @@ def plot_headline(study: dict, path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.set_title(f"GenCLS++ study ({study['meta'].get('profile')} profile, {study['meta'].get('model')})")
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def roles_by_cell(planned: Sequence[tuple[str, Cell]]) -> dict[Cell, list[str]]:

@@ -361,9 +361,9 @@ def plot_curves(log_history: list[dict], eval_history: list[dict], keys: Sequenc
         axes[1].legend(fontsize=8)
     axes[1].set_xlabel("step")
     axes[1].set_title("held-out (generative)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from components.evaluation import save_figure
+
+    save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------- callbacks

@@ -26,14 +26,6 @@ def write_tiny_dataset(data_dir, name="tiny", n_train=12, n_test=3, bad=False):
     (folder / "labels.yaml").write_text(yaml.safe_dump(LABELS, sort_keys=False), encoding="utf-8")
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture()
 def project(tmp_path, monkeypatch, tiny_model_dir):
     """A temp project root (data/, checkpoints/, reports/, mlflow/) with a tiny dataset."""

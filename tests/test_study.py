@@ -163,14 +163,6 @@ def test_task_runner_by_flag():
 
 
 # ----------------------------------------------------------------------------- the flow
-@pytest.fixture(scope="session")
-def study_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture()
 def project(tmp_path, monkeypatch):
     import torch
@@ -213,7 +205,7 @@ def _cell_runs(client):
     return runs
 
 
-def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(study_harness, project, tiny_model_dir,
+def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_harness, project, tiny_model_dir,
                                                                        monkeypatch):
     import components.sft
     import flows.study as F
@@ -295,7 +287,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(study_har
     assert {"study.json", "study.md", "plots"} <= artifacts
 
 
-def test_two_cells_on_a_local_dask_cluster(study_harness, project, tiny_model_dir):
+def test_two_cells_on_a_local_dask_cluster(prefect_harness, project, tiny_model_dir):
     from components import tracking
     from flows.study import study
 
