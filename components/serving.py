@@ -185,7 +185,7 @@ def log_model(run_id: str, adapter_dir: str | Path, labels_path: str | Path, str
     extra = ("sentence-transformers",) if parsed.icl == "semantic" else ()
     from components import tracking
 
-    tracking.configure() if not mlflow.get_tracking_uri().startswith("sqlite") else None
+    tracking.configure()  # the fluent API may still point at another store (tests, long-lived workers)
     try:
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             return mlflow.pyfunc.log_model(
