@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 
 from components.evaluation import save_figure
 
+TRAIN_FLOOR = 20  # rare labels keep this many training examples (the strictest validation minimum, r8's)
 NAIVE = "naive"
 PERPLEXITY = "decoding=perplexity"
 REASONING = "reasoning"
@@ -272,11 +273,12 @@ def subsample(train: Sequence[dict], test: Sequence[dict], train_size: int | Non
     val = stratified_sample(train, val_size, seed + 101) if val_size else []
     val_ids = {ex["id"] for ex in val}
     rest = [ex for ex in train if ex["id"] not in val_ids]
-    pool = stratified_sample(rest, train_size or 0, seed)
+    pool = stratified_sample(rest, train_size or 0, seed, min_per_label=TRAIN_FLOOR)
     test_sub = stratified_sample(test, test_size or 0, seed)
     splits = {"train": _ordered(pool, train), "val": _ordered(val, train), "test": _ordered(test_sub, test)}
     record = {"seed": seed, "method": "stratified by label (components.training_common.stratified_sample); "
-                                      "val from the training split first (seed+101), then the training pool",
+                                      "val from the training split first (seed+101), then the training pool "
+                                      f"with at least {TRAIN_FLOOR} examples per label (validation minimum)",
               "source_sizes": {"train": len(train), "test": len(test)},
               "sizes": {name: len(items) for name, items in splits.items()},
               "ids_sha256": {name: ids_hash(items) for name, items in splits.items()}}

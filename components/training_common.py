@@ -218,10 +218,12 @@ def config_help(kind: str) -> str:
 
 
 # ----------------------------------------------------------------------------- data slices
-def stratified_sample(examples: Sequence[dict], n: int, seed: int) -> list[dict]:
+def stratified_sample(examples: Sequence[dict], n: int, seed: int, min_per_label: int = 0) -> list[dict]:
     """A seeded sample of `n` examples keeping label proportions (largest-remainder rounding).
 
-    n <= 0 or n >= len(examples) returns all examples (shuffled with the seed).
+    n <= 0 or n >= len(examples) returns all examples (shuffled with the seed). With
+    `min_per_label`, every label keeps at least that many (or all it has, or n // labels when
+    the floors alone would exceed n), taken from the largest labels' quotas.
     """
     rng = random.Random(seed)
     items = list(examples)
@@ -235,6 +237,13 @@ def stratified_sample(examples: Sequence[dict], n: int, seed: int) -> list[dict]
     counts = {label: int(q) for label, q in quotas.items()}
     for label in sorted(quotas, key=lambda lb: (counts[lb] - quotas[lb], lb))[: n - sum(counts.values())]:
         counts[label] += 1
+    floor = min(min_per_label, n // len(by_label))
+    floors = {label: min(floor, len(group)) for label, group in by_label.items()}
+    for label in by_label:
+        while counts[label] < floors[label]:
+            donor = max(counts, key=lambda lb: (counts[lb] - floors[lb], lb))
+            counts[donor] -= 1
+            counts[label] += 1
     chosen = []
     for label in sorted(by_label):
         group = by_label[label]

@@ -204,3 +204,16 @@ def test_real_smollm2_few_sft_steps(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["loss_history"]
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_stratified_sample_floor_keeps_rare_labels():
+    from collections import Counter
+
+    from components.training_common import stratified_sample
+
+    rows = [{"id": f"a{i}", "label": "common"} for i in range(950)] + [{"id": f"r{i}", "label": "rare"} for i in range(50)]
+    plain = Counter(ex["label"] for ex in stratified_sample(rows, 100, seed=0))
+    floored = Counter(ex["label"] for ex in stratified_sample(rows, 100, seed=0, min_per_label=20))
+    assert plain == {"common": 95, "rare": 5}  # proportional
+    assert floored == {"common": 80, "rare": 20}  # floor taken from the largest label, total kept
+    assert sum(Counter(ex["label"] for ex in stratified_sample(rows, 10, 0, min_per_label=20)).values()) == 10
