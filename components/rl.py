@@ -32,7 +32,7 @@ from components.training_common import (
     LogFn,
     RLConfig,
     asdict_config,
-    device_settings,
+    trainer_settings,
     fingerprint,
     library_versions,
     load_config,
@@ -82,23 +82,14 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_func
     from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(
-        output_dir=str(trainer_dir),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
+        **trainer_settings(config, trainer_dir),
         lr_scheduler_type="constant",
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
-        seed=config.seed,
-        data_seed=config.seed,
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         temperature=config.temperature,
         beta=config.beta,
         reward_weights=weights,
         log_completions=False,
-        **device_settings(config.bf16),
     )
     return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(rows),
                        processing_class=tokenizer, callbacks=list(callbacks))

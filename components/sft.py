@@ -32,7 +32,7 @@ from components.training_common import (
     LogFn,
     SFTConfig,
     asdict_config,
-    device_settings,
+    trainer_settings,
     fingerprint,
     library_versions,
     load_config,
@@ -164,23 +164,14 @@ def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfi
 
     eos = IM_END if IM_END in tokenizer.get_vocab() else None
     args = TRLSFTConfig(
-        output_dir=str(trainer_dir),
+        **trainer_settings(config, trainer_dir),
         num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
         lr_scheduler_type="linear",
         warmup_steps=config.warmup_ratio,
-        logging_steps=config.logging_steps,
-        save_steps=config.save_steps,
-        seed=config.seed,
-        data_seed=config.seed,
         completion_only_loss=True,
         max_length=None,  # truncation happens in the text (PromptBuilder), never in the label
         eos_token=eos,
         dataset_num_proc=None,
-        **device_settings(config.bf16),
     )
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                       peft_config=lora_config(config) if config.lora else None, callbacks=list(callbacks))

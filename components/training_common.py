@@ -505,6 +505,15 @@ def device_settings(bf16: bool) -> dict[str, Any]:
             "eval_strategy": "no", "disable_tqdm": False}
 
 
+def trainer_settings(config: Any, trainer_dir: Path) -> dict[str, Any]:
+    """TrainingArguments fields SFT and GRPO share: output, budget, logging, seeds, device."""
+    return {"output_dir": str(trainer_dir), "max_steps": config.max_steps,
+            "per_device_train_batch_size": config.batch_size, "gradient_accumulation_steps": config.grad_accum,
+            "learning_rate": config.learning_rate, "logging_steps": config.logging_steps,
+            "save_steps": config.save_steps, "seed": config.seed, "data_seed": config.seed,
+            **device_settings(config.bf16)}
+
+
 def printer(log_fn: LogFn | None = None) -> Callable[[str], None]:
     """A message logger (stdout, flushed)."""
     def _log(message: str) -> None:
