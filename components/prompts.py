@@ -196,7 +196,8 @@ class PromptBuilder:
         train_examples: the training split (dicts with id, text, label): the demo pool.
         retriever: needed when strategy.icl == "semantic".
         max_prompt_tokens: budget for the whole prompt; the example text is truncated to fit.
-        demo_tokens: budget for each demonstration's text.
+        demo_tokens: budget for each demonstration's text; demo texts together never take more
+            than half of the tokens the instructions leave, so the text to classify keeps the rest.
         seed: seed for random demos (each example gets a fixed, reproducible draw).
     """
 
@@ -255,13 +256,15 @@ class PromptBuilder:
         lines.append(REASONING_HINT if strategy.reasoning else DIRECT_HINT)
         return "\n".join(lines)
 
-    def user_message(self, example: dict, demos: Sequence[dict] | None = None, text: str | None = None) -> str:
-        """The user turn: header, demos (text + answer), then the text to classify."""
+    def user_message(self, example: dict, demos: Sequence[dict] | None = None, text: str | None = None,
+                     demo_tokens: int | None = None) -> str:
+        """The user turn: header, demos (text + answer, each text cut to `demo_tokens`), then the text to classify."""
         demos = self.demos(example) if demos is None else demos
+        demo_tokens = self.demo_tokens if demo_tokens is None else demo_tokens
         parts = [self.header()]
         if demos:
             shots = [
-                f"Text: {self.truncate(d['text'], self.demo_tokens)[0]}\nCategory: {self.space.answer(d['label'])}"
+                f"Text: {self.truncate(d['text'], demo_tokens)[0]}\nCategory: {self.space.answer(d['label'])}"
                 for d in demos
             ]
             parts.append("Examples:\n\n" + "\n\n".join(shots))
@@ -271,13 +274,18 @@ class PromptBuilder:
     def messages(self, example: dict) -> list[dict[str, str]]:
         """Chat messages for `example`, with its text truncated to the token budget."""
         demos = self.demos(example)
-        overhead = len(self._encode(self._chat(self.user_message(example, demos, text=""))))
+        per_demo = self.demo_tokens
+        if demos:  # demo texts share at most half of what the instructions leave (the text keeps the rest)
+            room = self.max_prompt_tokens - len(self._encode(self._chat(self.user_message(example, [], text=""))))
+            per_demo = min(self.demo_tokens, max(8, room // (2 * len(demos))))
+        overhead = len(self._encode(self._chat(self.user_message(example, demos, text="", demo_tokens=per_demo))))
         while demos and self.max_prompt_tokens - overhead < MIN_TEXT_TOKENS:
             demos = demos[:-1]  # the text to classify matters more than the last demonstration
-            overhead = len(self._encode(self._chat(self.user_message(example, demos, text=""))))
+            overhead = len(self._encode(self._chat(self.user_message(example, demos, text="", demo_tokens=per_demo))))
         text, cut = self.truncate(example["text"], max(self.max_prompt_tokens - overhead, MIN_TEXT_TOKENS))
         self.truncated += int(cut)
-        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.user_message(example, demos, text=text)}]
+        content = self.user_message(example, demos, text=text, demo_tokens=per_demo)
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
 
     def prompt(self, example: dict) -> str:
         """The exact string the model sees, ending with the assistant generation prompt."""

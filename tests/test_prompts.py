@@ -178,6 +178,22 @@ def test_demos_dropped_before_text_goes_below_minimum(tokenizer):
     assert "great film great film" in prompt.rsplit("Text:", 1)[1]
 
 
+def test_long_demos_leave_half_the_room_to_the_text(tokenizer):
+    # long demos and a long text under a tight budget: the demos shrink, the text keeps a fair share
+    pool = [{"id": f"d{i}", "text": "awful movie " * 200, "label": "negative"} for i in range(3)]
+    example = {"id": "long", "text": "great film " * 200, "label": "positive"}
+    plain = PromptBuilder(tokenizer, LABELS, Strategy(), max_prompt_tokens=10_000)
+    header_tokens = len(tokenizer(plain._chat(plain.user_message(example, [], text="")))["input_ids"])
+    budget = header_tokens + 120
+    builder = PromptBuilder(tokenizer, LABELS, Strategy(icl="random", k=2), pool, max_prompt_tokens=budget)
+    content = builder.messages(example)[-1]["content"]
+    n_tokens = len(tokenizer(builder.prompt(example), add_special_tokens=False)["input_ids"])
+    assert n_tokens <= budget + 8
+    assert content.count("awful movie") >= 2 * 2  # both demos kept, shortened
+    text_tokens = len(tokenizer(content.rsplit("Text:", 1)[1], add_special_tokens=False)["input_ids"])
+    assert text_tokens >= 120 // 3  # demo texts take at most half; their "Text:/Category:" lines come on top
+
+
 @pytest.mark.parametrize("icl", ["random", "semantic"])
 def test_no_demo_leakage(icl, tokenizer):
     # data leak: the example and an exact duplicate of its text (other id) are in the pool

@@ -89,7 +89,7 @@ def test_select_best_uses_validation_gains_not_test():
     assert best["infer"] == "icl=semantic,k=2,definitions,decoding=perplexity"
     assert best["gains"]["numeric"] == pytest.approx(-0.05)
     default = S.select_best([], k=2)
-    assert default["source"] == "default" and default["train"] == "definitions"
+    assert default["source"] == "default" and default["train"] == S.canonical(S.DEFAULT_BEST[0], 2)
 
 
 def test_subsample_records_exactly_what_it_took():
