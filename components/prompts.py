@@ -186,6 +186,17 @@ REASONING_HINT = (
 UNCERTAIN_HINT = "If you cannot tell, reply {uncertain}."
 
 
+def instruction_tokens(tokenizer: Any, labels: dict[str, str], strategy: Strategy | None = None) -> int:
+    """Tokens of a rendered prompt with no demos and an empty text (what the instructions cost).
+
+    Example:
+        >>> instruction_tokens(tokenizer, {"spam": "", "ham": ""})  # doctest: +SKIP
+        52
+    """
+    builder = PromptBuilder(tokenizer, labels, (strategy or Strategy()).replace(icl="none"), max_prompt_tokens=10**6)
+    return len(builder._encode(builder._chat(builder.user_message({"id": "", "text": ""}, [], text=""))))
+
+
 class PromptBuilder:
     """Renders prompts (chat template, generation prompt added) and targets for examples.
 

@@ -67,6 +67,7 @@ STUDY_PROFILES: dict[str, dict[str, Any]] = {
         "test_size": 200,  # stratified, seeded test subsample (None = the full test split)
         "icl_k": 2,  # demonstrations per prompt (k=4 doubles prompt length and CPU training time)
         "seed": 0,
+        "text_room": 64,  # prompt budgets rise to instructions + 64 tokens where 128 is too few (20newsgroups)
         # SFT: the pool minus 40 held-out prompts (model selection), at most 200 (20newsgroups' pool is 400:
         # 20 labels x TRAIN_FLOOR); lr 5e-4 because 25 steps at 2e-4 leave LoRA under-trained; no dropout (-15% time)
         "sft": {"train_size": 200, "eval_size": 40, "epochs": 1.0, "eval_every_steps": 1000, "save_steps": 25,

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
@@ -100,6 +101,7 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     splits, record = S.subsample(train, test, settings["train_size"], settings["val_size"], settings["test_size"],
                                  settings["seed"])
     labels_yaml = (dataset_dir(dataset) / "labels.yaml").read_bytes()
+    _fit_prompt_budgets(settings, model, yaml.safe_load(labels_yaml))
     views = S.write_views(study_root() / dataset / "data", dataset, splits, labels_yaml)
     params = load_params()
     configs = {}
@@ -120,6 +122,24 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
         "env": {"GENCLS_ROOT": str(project_root()), "MLFLOW_TRACKING_URI": tracking.tracking_uri()},
         "torch_threads": torch_threads,
     }
+
+
+def _fit_prompt_budgets(settings: dict, model: str, labels: dict) -> None:
+    """Raise every prompt budget to the instructions' length + settings["text_room"] (in place; 0 = off).
+
+    Long label lists (20newsgroups' 20 names cost ~180 tokens) would otherwise leave the text to
+    classify only the 16-token minimum and no room for demonstrations.
+    """
+    room = int(settings.get("text_room") or 0)
+    if not room:
+        return
+    from components.models import load_tokenizer
+    from components.prompts import instruction_tokens
+
+    need = instruction_tokens(load_tokenizer(model), labels) + room
+    for part in ("sft", "rl", "eval"):
+        if "max_prompt_tokens" in settings.get(part, {}):
+            settings[part]["max_prompt_tokens"] = max(int(settings[part]["max_prompt_tokens"]), need)
 
 
 def _profile_settings(profile: str, overrides: dict | None) -> dict:

@@ -149,6 +149,27 @@ def test_cli_registers_study_command():
     assert cli_study.parse_settings(args.overrides) == {"test_size": 50, "sft.max_steps": "3"}
 
 
+def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
+    from components.models import load_tokenizer
+    from components.prompts import instruction_tokens
+    from flows.study import _fit_prompt_budgets
+
+    short = {"spam": "unwanted", "ham": "wanted"}
+    long = {f"comp.sys.group{i}.hardware.misc": f"posts about hardware {i}" for i in range(20)}
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert instruction_tokens(tokenizer, long) > instruction_tokens(tokenizer, short) + 100
+    for labels in (short, long):
+        settings = {"text_room": 64, "sft": {"max_prompt_tokens": 128}, "rl": {"max_prompt_tokens": 128},
+                    "eval": {"max_prompt_tokens": 128, "batch_size": 4}}
+        _fit_prompt_budgets(settings, str(tiny_model_dir), labels)
+        want = max(128, instruction_tokens(tokenizer, labels) + 64)
+        assert [settings[p]["max_prompt_tokens"] for p in ("sft", "rl", "eval")] == [want] * 3
+        assert (want > 128) == (labels is long)
+    off = {"sft": {"max_prompt_tokens": 128}, "rl": {}, "eval": {"max_prompt_tokens": 128}}
+    _fit_prompt_budgets(off, str(tiny_model_dir), long)  # no text_room (gpu profile): budgets untouched
+    assert off["sft"]["max_prompt_tokens"] == 128 and off["eval"]["max_prompt_tokens"] == 128
+
+
 def test_task_runner_by_flag():
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
