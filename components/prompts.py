@@ -9,6 +9,7 @@ the model sees (label names, or numbers 1..K) and parses answers back strictly; 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import re
 from dataclasses import dataclass, field
@@ -193,8 +194,7 @@ def instruction_tokens(tokenizer: Any, labels: dict[str, str], strategy: Strateg
         >>> instruction_tokens(tokenizer, {"spam": "", "ham": ""})  # doctest: +SKIP
         52
     """
-    builder = PromptBuilder(tokenizer, labels, (strategy or Strategy()).replace(icl="none"), max_prompt_tokens=10**6)
-    return len(builder._encode(builder._chat(builder.user_message({"id": "", "text": ""}, [], text=""))))
+    return PromptBuilder(tokenizer, labels, (strategy or Strategy()).replace(icl="none")).instruction_tokens
 
 
 class PromptBuilder:
@@ -287,16 +287,25 @@ class PromptBuilder:
         demos = self.demos(example)
         per_demo = self.demo_tokens
         if demos:  # demo texts share at most half of what the instructions leave (the text keeps the rest)
-            room = self.max_prompt_tokens - len(self._encode(self._chat(self.user_message(example, [], text=""))))
+            room = self.max_prompt_tokens - self.instruction_tokens
             per_demo = min(self.demo_tokens, max(8, room // (2 * len(demos))))
-        overhead = len(self._encode(self._chat(self.user_message(example, demos, text="", demo_tokens=per_demo))))
+        overhead = self._overhead(demos, per_demo)
         while demos and self.max_prompt_tokens - overhead < MIN_TEXT_TOKENS:
             demos = demos[:-1]  # the text to classify matters more than the last demonstration
-            overhead = len(self._encode(self._chat(self.user_message(example, demos, text="", demo_tokens=per_demo))))
+            overhead = self._overhead(demos, per_demo)
         text, cut = self.truncate(example["text"], max(self.max_prompt_tokens - overhead, MIN_TEXT_TOKENS))
         self.truncated += int(cut)
         content = self.user_message(example, demos, text=text, demo_tokens=per_demo)
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
+
+    @functools.cached_property
+    def instruction_tokens(self) -> int:
+        """Tokens of this builder's prompt with no demos and an empty text (the same for every example)."""
+        return self._overhead([], self.demo_tokens)
+
+    def _overhead(self, demos: Sequence[dict], demo_tokens: int) -> int:
+        """Tokens of the rendered prompt with these demos and an empty text to classify."""
+        return len(self._encode(self._chat(self.user_message({"text": ""}, demos, text="", demo_tokens=demo_tokens))))
 
     def prompt(self, example: dict) -> str:
         """The exact string the model sees, ending with the assistant generation prompt."""

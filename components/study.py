@@ -358,9 +358,12 @@ def select_best(results: Sequence[dict], k: int, metric: str = "val_accuracy") -
     base = val.get((naive, naive))
     rule = ("dimension on if its matched train=inference cell beats naive SFT on the validation slice "
             "(better of icl=random/semantic); perplexity decoding on if it beats generative on the naive adapter")
-    if base is None:
+    def prior(reason: str) -> dict:
         return {"train": canonical(DEFAULT_BEST[0], k), "infer": canonical(DEFAULT_BEST[1], k), "source": "default",
-                "gains": {}, "base": None, "rule": f"no validation results: DEFAULT_BEST prior {DEFAULT_BEST_WHY}"}
+                "gains": {}, "base": base, "rule": f"{reason}: DEFAULT_BEST prior {DEFAULT_BEST_WHY}"}
+
+    if base is None:
+        return prior("no validation results")
     gains: dict[str, float] = {}
     for spec, title in TRAIN_DIMS.items():
         dim = canonical(spec, k)
@@ -370,8 +373,7 @@ def select_best(results: Sequence[dict], k: int, metric: str = "val_accuracy") -
         if val.get((naive, canonical(spec))) is not None:
             gains[title] = val[(naive, canonical(spec))] - base
     if not gains:
-        return {"train": canonical(DEFAULT_BEST[0], k), "infer": canonical(DEFAULT_BEST[1], k), "source": "default",
-                "gains": {}, "base": base, "rule": f"no single-dimension validation results: DEFAULT_BEST prior {DEFAULT_BEST_WHY}"}
+        return prior("no single-dimension validation results")
     chosen = [t for t in TRAIN_DIMS.values() if not t.startswith("icl=") and gains.get(t, 0) > 0]
     icl = max((t for t in TRAIN_DIMS.values() if t.startswith("icl=") and gains.get(t, 0) > 0),
               key=lambda t: gains[t], default=None)
