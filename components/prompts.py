@@ -179,6 +179,11 @@ class Retriever(Protocol):
 
 SYSTEM = "You are a precise text classifier."
 MIN_TEXT_TOKENS = 16  # the text to classify always keeps at least this many tokens
+MIN_DEMO_TOKENS = 8  # a demonstration whose text would get fewer tokens is dropped
+# Version of the prompt layout; study cells and checkpoints keyed on it are re-measured when it changes.
+# 2: demos get the room the text does not need (at most half), Text:/Category: lines counted;
+#    1: demo texts took half of the room whatever the text's length, their scaffolding uncounted.
+PROMPT_FORMAT = 2
 INSTRUCTION = "Classify the text into exactly one of these categories: {options}."
 DIRECT_HINT = "Reply with the category only."
 REASONING_HINT = (
@@ -207,8 +212,9 @@ class PromptBuilder:
         train_examples: the training split (dicts with id, text, label): the demo pool.
         retriever: needed when strategy.icl == "semantic".
         max_prompt_tokens: budget for the whole prompt; the example text is truncated to fit.
-        demo_tokens: budget for each demonstration's text; demo texts together never take more
-            than half of the tokens the instructions leave, so the text to classify keeps the rest.
+        demo_tokens: budget for each demonstration's text. Demos (with their Text:/Category: lines)
+            share the room the text to classify does not need; the text keeps its length up to half
+            of the tokens the instructions leave.
         seed: seed for random demos (each example gets a fixed, reproducible draw).
     """
 
@@ -284,11 +290,7 @@ class PromptBuilder:
 
     def messages(self, example: dict) -> list[dict[str, str]]:
         """Chat messages for `example`, with its text truncated to the token budget."""
-        demos = self.demos(example)
-        per_demo = self.demo_tokens
-        if demos:  # demo texts share at most half of what the instructions leave (the text keeps the rest)
-            room = self.max_prompt_tokens - self.instruction_tokens
-            per_demo = min(self.demo_tokens, max(8, room // (2 * len(demos))))
+        demos, per_demo = self._fit_demos(self.demos(example), len(self._encode(example["text"])))
         overhead = self._overhead(demos, per_demo)
         while demos and self.max_prompt_tokens - overhead < MIN_TEXT_TOKENS:
             demos = demos[:-1]  # the text to classify matters more than the last demonstration
@@ -297,6 +299,23 @@ class PromptBuilder:
         self.truncated += int(cut)
         content = self.user_message(example, demos, text=text, demo_tokens=per_demo)
         return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
+
+    def _fit_demos(self, demos: list[dict], text_tokens: int) -> tuple[list[dict], int]:
+        """Demos and their per-text token cut: they get the room the text to classify does not need.
+
+        The room is what the instructions leave; the text keeps its length up to half of it, the
+        demos (their "Text:/Category:" lines counted) share the rest. A demo is dropped (last
+        first) while each would get fewer than MIN_DEMO_TOKENS.
+        """
+        room = self.max_prompt_tokens - self.instruction_tokens
+        demo_room = room - min(text_tokens, room // 2)
+        while demos:
+            scaffold = self._overhead([{**d, "text": ""} for d in demos], 0) - self.instruction_tokens
+            per_demo = min(self.demo_tokens, (demo_room - scaffold) // len(demos))
+            if per_demo >= MIN_DEMO_TOKENS:
+                return demos, per_demo
+            demos = demos[:-1]
+        return [], self.demo_tokens
 
     @functools.cached_property
     def instruction_tokens(self) -> int:

@@ -58,9 +58,11 @@ RESULT_FILE = "result.json"
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "abstention_rate", "answered_accuracy", "ece")
 
 # Profiles: what each study profile subsamples and which training profile/overrides it uses.
-# cpu: headline (tfidf, zero-shot x2, naive SFT, best SFT + RL) < 15 min per dataset on 2 cores
-#      with SmolLM2-135M. Measured through SFTTrainer: ~115 tok/s LoRA training (no dropout), so
-#      every SFT sees <= 200 prompts of <= 128 tokens (~4 min); GRPO ~15 s per step of 8 completions.
+# cpu: headline (tfidf, zero-shot, naive SFT, best SFT + RL) < 15 min per dataset on 2 cores with
+#      SmolLM2-135M. Every cost is proportional to prompt tokens (LoRA training ~100 tokens/s through
+#      SFTTrainer without dropout, evaluation ~2,700 prompt tokens/s, GRPO ~15 s per step of 8
+#      completions at 128 tokens), so SFT gets a token budget: as many naive prompts of the pool as
+#      fit in `sft_tokens` (at most sft.train_size): 200 short questions, ~95 news articles.
 # gpu: every training set capped at 8,000, full test set, the `full` training profile.
 STUDY_PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -71,12 +73,13 @@ STUDY_PROFILES: dict[str, dict[str, Any]] = {
         "icl_k": 2,  # demonstrations per prompt (k=4 doubles prompt length and CPU training time)
         "seed": 0,
         "text_room": 64,  # prompt budgets rise to instructions + 64 tokens where 128 is too few (20newsgroups)
-        # SFT: the pool minus 40 held-out prompts (model selection), at most 200 (20newsgroups' pool is 400:
-        # 20 labels x TRAIN_FLOOR); lr 5e-4 because 25 steps at 2e-4 leave LoRA under-trained; no dropout (-15% time)
+        "sft_tokens": 12_000,  # SFT prompts: as many as fit in this many naive-prompt tokens (0 = sft.train_size)
+        # SFT: the pool minus 40 held-out prompts (model selection), at most 200 and at most sft_tokens' worth;
+        # lr 5e-4 because 25 steps at 2e-4 leave LoRA under-trained; no dropout (-15% time)
         "sft": {"train_size": 200, "eval_size": 40, "epochs": 1.0, "eval_every_steps": 1000, "save_steps": 25,
                 "max_prompt_tokens": 128, "uncertain_max_scored": 200, "learning_rate": 5e-4, "lora_dropout": 0.0},
-        "rl": {"train_size": 0, "eval_size": 40, "max_steps": 10, "batch_size": 8, "eval_every": 10,
-               "save_steps": 5, "max_prompt_tokens": 128, "learning_rate": 5e-5},
+        "rl": {"train_size": 0, "eval_size": 40, "max_steps": 8, "batch_size": 8, "eval_every": 8,
+               "save_steps": 4, "max_prompt_tokens": 128, "learning_rate": 5e-5},
         "reasoning_rl": {"max_completion_length": 64},  # room for <think>...</think> then the answer
         "eval": {"batch_size": 16, "max_prompt_tokens": 128},
     },
@@ -202,12 +205,14 @@ def phase1_cells(selection: str, profile: str, model: str, k: int) -> list[tuple
     """Cells that do not depend on the best combination, as (role, cell); a cell may appear under several roles."""
     if selection not in CELL_SETS:
         raise ValueError(f"cells {selection!r}: expected one of {', '.join(CELL_SETS)}")
-    out: list[tuple[str, Cell]] = [("naive_sft", Cell("trained", NAIVE, NAIVE, False, profile, model))]
+    naive = Cell("trained", NAIVE, NAIVE, False, profile, model)
+    out: list[tuple[str, Cell]] = [("naive_sft", naive)]
     if selection in ("headline", "all"):
         out += [("tfidf", Cell("tfidf", "-", "-", False, profile, model)),
-                ("zeroshot", Cell("zeroshot", "-", NAIVE, False, profile, model)),
-                ("zeroshot_perplexity", Cell("zeroshot", "-", PERPLEXITY, False, profile, model))]
+                ("zeroshot", Cell("zeroshot", "-", NAIVE, False, profile, model))]
     if selection in ("ablation", "all"):
+        out += [("baseline", naive),  # the validation reference of the best-combination choice
+                ("zeroshot_perplexity", Cell("zeroshot", "-", PERPLEXITY, False, profile, model))]
         out += single_dim_cells(profile, model, k) + interplay_cells(profile, model, k)
     return out
 
@@ -232,7 +237,7 @@ def keep_roles(cells: list[tuple[str, Cell]], only: Sequence[str] | None) -> lis
 
 def needs_validation(roles: Sequence[str]) -> bool:
     """Whether a cell is also measured on the validation slice (it feeds the best-combination choice)."""
-    return any(role == "naive_sft" or (role.startswith("dim:") and role.endswith((":both", f"{PERPLEXITY}:inference")))
+    return any(role == "baseline" or (role.startswith("dim:") and role.endswith((":both", f"{PERPLEXITY}:inference")))
                for role in roles)
 
 
@@ -569,7 +574,8 @@ def render_markdown(study: dict) -> str:
              f"{meta.get('cells_run', 0)} run now).",
              f"- Subsampling ({meta.get('profile')} profile): {json.dumps(meta.get('subsampling'))}; exact sizes and "
              f"id hashes per dataset below.",
-             f"- Training: SFT `{json.dumps(meta.get('sft_config_summary'))}`; RL `{json.dumps(meta.get('rl_config_summary'))}`.",
+             f"- Training: SFT `{json.dumps(meta.get('sft_config_summary'))}` (first dataset's; SFT prompts per "
+             f"dataset below); RL `{json.dumps(meta.get('rl_config_summary'))}`.",
              "- Accuracy and macro-F1 are on the (subsampled) test split; the best combination is chosen on a "
              "validation slice of the training split, never on test.", ""]
     lines += ["## Headline (accuracy % / macro-F1 %)", ""]
@@ -603,6 +609,15 @@ def render_markdown(study: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sft_budget_text(budget: dict | None) -> str:
+    if not budget:
+        return ""
+    if not budget.get("sft_tokens"):
+        return f"SFT prompts: at most {budget['train_size']}. "
+    return (f"SFT prompts: {budget['train_size']} (as many naive prompts as fit in {budget['sft_tokens']} tokens; "
+            f"mean {budget['mean_naive_prompt_tokens']} tokens each). ")
+
+
 def _verdict(value: bool | None) -> str:
     return "not measured" if value is None else ("met" if value else "NOT met")
 
@@ -613,6 +628,7 @@ def _dataset_section(name: str, info: dict) -> list[str]:
     lines = [f"## {name}", "",
              f"Subsample: sizes {sub.get('sizes')} from {sub.get('source_sizes')}, seed {sub.get('seed')}; "
              f"ids sha256 {({k: v[:12] for k, v in (sub.get('ids_sha256') or {}).items()})}. "
+             f"{_sft_budget_text(sub.get('sft_budget'))}"
              f"Compute spent on these cells (training + evaluation, summed, model loading excluded, "
              f"including earlier invocations): {info.get('seconds') or 0:.0f} s.", "",
              f"Best combination ({best.get('source')}): train `{best.get('train')}`, inference `{best.get('infer')}`. "

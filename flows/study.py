@@ -42,6 +42,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from components import study as S
 from components import tracking
 from components.config import checkpoints_dir, data_dir, load_params, project_root, reports_dir, set_offline_env
+from components.prompts import PROMPT_FORMAT
 
 EXPERIMENT = "study"  # tracking.experiment_id("study") -> MLflow experiment "gencls-study"
 TRAIN_DONE = ".study_train.json"
@@ -101,7 +102,9 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     splits, record = S.subsample(train, test, settings["train_size"], settings["val_size"], settings["test_size"],
                                  settings["seed"])
     labels_yaml = (dataset_dir(dataset) / "labels.yaml").read_bytes()
-    _fit_prompt_budgets(settings, model, yaml.safe_load(labels_yaml))
+    labels = yaml.safe_load(labels_yaml)
+    _fit_prompt_budgets(settings, model, labels)
+    record["sft_budget"] = _fit_sft_size(settings, model, labels, splits["train"], overrides)
     views = S.write_views(study_root() / dataset / "data", dataset, splits, labels_yaml)
     params = load_params()
     configs = {}
@@ -113,7 +116,7 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
         configs[kind] = asdict_config(load_config(kind, settings["training_profile"], params, layer))
     fp_data = {"dataset": dataset, "data_sha256": S.files_sha256(Path(views["test"]) / dataset, Path(views["val"]) / dataset),
                "subsample": record, "sft": configs["sft"], "rl": configs["rl"], "eval": settings["eval"],
-               "icl_k": settings["icl_k"], "reasoning_rl": settings["reasoning_rl"]}
+               "icl_k": settings["icl_k"], "reasoning_rl": settings["reasoning_rl"], "prompt_format": PROMPT_FORMAT}
     return {
         "dataset": dataset, "profile": profile, "model": model, "settings": settings, "subsample": record,
         "configs": configs, "fingerprint": S.settings_fingerprint(fp_data), "k": settings["icl_k"],
@@ -140,6 +143,30 @@ def _fit_prompt_budgets(settings: dict, model: str, labels: dict) -> None:
     for part in ("sft", "rl", "eval"):
         if "max_prompt_tokens" in settings.get(part, {}):
             settings[part]["max_prompt_tokens"] = max(int(settings[part]["max_prompt_tokens"]), need)
+
+
+def _fit_sft_size(settings: dict, model: str, labels: dict, pool: list[dict], overrides: dict | None = None) -> dict:
+    """Cap SFT prompts at settings["sft_tokens"] tokens of naive prompts (in place; 0 = off); returns the record.
+
+    Training time is proportional to tokens: 200 trec6 questions (~67 tokens each) cost what ~100
+    bbc-news articles cut at 128 tokens cost. Naive and GenCLS++ SFT get the same number of prompts.
+    """
+    budget = int(settings.get("sft_tokens") or 0)
+    cap = int(settings["sft"]["train_size"] or len(pool))
+    if "sft.train_size" in (overrides or {}):  # the user's explicit size wins
+        return {"sft_tokens": 0, "train_size": int(overrides["sft.train_size"])}
+    if not budget:
+        return {"sft_tokens": 0, "train_size": cap}
+    from components.models import load_tokenizer
+    from components.prompts import PromptBuilder, Strategy
+
+    builder = PromptBuilder(load_tokenizer(model), labels, Strategy(),
+                            max_prompt_tokens=int(settings["sft"]["max_prompt_tokens"]))
+    lengths = [len(builder.tokenizer(builder.prompt(ex), add_special_tokens=False)["input_ids"]) for ex in pool]
+    mean = sum(lengths) / max(len(lengths), 1)
+    size = max(1, min(cap, int(budget // max(mean, 1.0))))
+    settings["sft"]["train_size"] = size
+    return {"sft_tokens": budget, "mean_naive_prompt_tokens": round(mean, 1), "train_size": size}
 
 
 def _profile_settings(profile: str, overrides: dict | None) -> dict:
@@ -317,7 +344,7 @@ def cell_group_task(ctx: dict, cells: list[tuple[S.Cell, list[str]]]) -> list[di
     results, todo = [], []
     for cell, roles in cells:
         done = find_finished(ctx, cell)
-        if done is not None:
+        if done is not None and (done.get("val_accuracy") is not None or not S.needs_validation(roles)):
             results.append({**done, "reused": True})
         else:
             todo.append((cell, roles))
