@@ -152,11 +152,11 @@ def _fit_sft_size(settings: dict, model: str, labels: dict, pool: list[dict], ov
     bbc-news articles cut at 128 tokens cost. Naive and GenCLS++ SFT get the same number of prompts.
     """
     budget = int(settings.get("sft_tokens") or 0)
-    cap = int(settings["sft"]["train_size"] or len(pool))
     if "sft.train_size" in (overrides or {}):  # the user's explicit size wins
         return {"sft_tokens": 0, "train_size": int(overrides["sft.train_size"])}
     if not budget:
-        return {"sft_tokens": 0, "train_size": cap}
+        return {"sft_tokens": 0, "train_size": int(settings["sft"]["train_size"] or 0)}  # 0 = the whole pool
+    cap = int(settings["sft"]["train_size"] or len(pool))
     from components.models import load_tokenizer
     from components.prompts import PromptBuilder, Strategy
 

@@ -133,8 +133,11 @@ def test_aggregate_markdown_and_plots(tmp_path):
     grid = study["datasets"]["ds1"]["grid"]
     assert grid["axis"] == ["naive", "numeric"] and grid["accuracy"] == [[0.6, 0.3], [None, None]]
     text = S.render_markdown(study)
-    assert "| ds1 | 80.0 / 70.0 | 20.0 / 10.0 | - / - | 60.0 / 50.0 | 70.0 / 60.0 | +10.0 |" in text
+    # no dataset has a zero-shot perplexity cell: its column is left out; ds2 has no tfidf: "-"
+    assert "| ds1 | 80.0 / 70.0 | 20.0 / 10.0 | 60.0 / 50.0 | 70.0 / 60.0 | +10.0 |" in text
+    assert "| ds2 | - / - | - / - | 50.0 / 40.0 | 55.0 / 45.0 | +5.0 |" in text and "zero-shot (perplexity)" not in text
     assert "+7.50" in text and "NOT met" in text and "cpu_count" not in text
+    assert "median gain +7.5 points, range +5.0 to +10.0, GenCLS++ ahead on 2 of 2 datasets" in text
     assert S.plot_heatmap(grid, tmp_path / "h.png", "t").stat().st_size > 0
     assert S.plot_headline(study, tmp_path / "b.png").stat().st_size > 0
     assert S.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
