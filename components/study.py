@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -621,9 +622,7 @@ def _gain_spread(gains: dict[str, float]) -> str:
     if not gains:
         return "no dataset has both numbers"
     pts = sorted(100 * g for g in gains.values())
-    mid = len(pts) // 2
-    median = pts[mid] if len(pts) % 2 else (pts[mid - 1] + pts[mid]) / 2
-    return (f"median gain {median:+.1f} points, range {pts[0]:+.1f} to {pts[-1]:+.1f}, "
+    return (f"median gain {statistics.median(pts):+.1f} points, range {pts[0]:+.1f} to {pts[-1]:+.1f}, "
             f"GenCLS++ ahead on {sum(p > 0 for p in pts)} of {len(pts)} datasets")
 
 

@@ -94,6 +94,7 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
         The context every task needs (paths, configs, settings fingerprint, env).
     """
     from components.datasets import dataset_dir, load_split
+    from components.models import load_tokenizer
     from components.training_common import asdict_config, load_config
 
     settings = _profile_settings(profile, overrides)
@@ -103,8 +104,9 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
                                  settings["seed"])
     labels_yaml = (dataset_dir(dataset) / "labels.yaml").read_bytes()
     labels = yaml.safe_load(labels_yaml)
-    _fit_prompt_budgets(settings, model, labels)
-    record["sft_budget"] = _fit_sft_size(settings, model, labels, splits["train"], overrides)
+    tokenizer = load_tokenizer(model)
+    _fit_prompt_budgets(settings, tokenizer, labels)
+    record["sft_budget"] = _fit_sft_size(settings, tokenizer, labels, splits["train"], overrides)
     views = S.write_views(study_root() / dataset / "data", dataset, splits, labels_yaml)
     params = load_params()
     configs = {}
@@ -127,7 +129,7 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     }
 
 
-def _fit_prompt_budgets(settings: dict, model: str, labels: dict) -> None:
+def _fit_prompt_budgets(settings: dict, tokenizer: Any, labels: dict) -> None:
     """Raise every prompt budget to the instructions' length + settings["text_room"] (in place; 0 = off).
 
     Long label lists (20newsgroups' 20 names cost ~180 tokens) would otherwise leave the text to
@@ -136,16 +138,15 @@ def _fit_prompt_budgets(settings: dict, model: str, labels: dict) -> None:
     room = int(settings.get("text_room") or 0)
     if not room:
         return
-    from components.models import load_tokenizer
     from components.prompts import instruction_tokens
 
-    need = instruction_tokens(load_tokenizer(model), labels) + room
+    need = instruction_tokens(tokenizer, labels) + room
     for part in ("sft", "rl", "eval"):
         if "max_prompt_tokens" in settings.get(part, {}):
             settings[part]["max_prompt_tokens"] = max(int(settings[part]["max_prompt_tokens"]), need)
 
 
-def _fit_sft_size(settings: dict, model: str, labels: dict, pool: list[dict], overrides: dict | None = None) -> dict:
+def _fit_sft_size(settings: dict, tokenizer: Any, labels: dict, pool: list[dict], overrides: dict | None = None) -> dict:
     """Cap SFT prompts at settings["sft_tokens"] tokens of naive prompts (in place; 0 = off); returns the record.
 
     Training time is proportional to tokens: 200 trec6 questions (~67 tokens each) cost what ~100
@@ -157,10 +158,9 @@ def _fit_sft_size(settings: dict, model: str, labels: dict, pool: list[dict], ov
     if not budget:
         return {"sft_tokens": 0, "train_size": int(settings["sft"]["train_size"] or 0)}  # 0 = the whole pool
     cap = int(settings["sft"]["train_size"] or len(pool))
-    from components.models import load_tokenizer
     from components.prompts import PromptBuilder, Strategy
 
-    builder = PromptBuilder(load_tokenizer(model), labels, Strategy(),
+    builder = PromptBuilder(tokenizer, labels, Strategy(),
                             max_prompt_tokens=int(settings["sft"]["max_prompt_tokens"]))
     lengths = [len(builder.tokenizer(builder.prompt(ex), add_special_tokens=False)["input_ids"]) for ex in pool]
     mean = sum(lengths) / max(len(lengths), 1)

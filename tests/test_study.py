@@ -168,25 +168,27 @@ def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
     for labels in (short, long):
         settings = {"text_room": 64, "sft": {"max_prompt_tokens": 128}, "rl": {"max_prompt_tokens": 128},
                     "eval": {"max_prompt_tokens": 128, "batch_size": 4}}
-        _fit_prompt_budgets(settings, str(tiny_model_dir), labels)
+        _fit_prompt_budgets(settings, tokenizer, labels)
         want = max(128, instruction_tokens(tokenizer, labels) + 64)
         assert [settings[p]["max_prompt_tokens"] for p in ("sft", "rl", "eval")] == [want] * 3
         assert (want > 128) == (labels is long)
     off = {"sft": {"max_prompt_tokens": 128}, "rl": {}, "eval": {"max_prompt_tokens": 128}}
-    _fit_prompt_budgets(off, str(tiny_model_dir), long)  # no text_room (gpu profile): budgets untouched
+    _fit_prompt_budgets(off, tokenizer, long)  # no text_room (gpu profile): budgets untouched
     assert off["sft"]["max_prompt_tokens"] == 128 and off["eval"]["max_prompt_tokens"] == 128
 
 
 def test_sft_prompts_fit_a_token_budget(tiny_model_dir):
+    from components.models import load_tokenizer
     from flows.study import _fit_sft_size
 
     labels = {"spam": "unwanted", "ham": "wanted"}
     short = [{"id": str(i), "text": "win cash", "label": "spam"} for i in range(60)]
     long = [{"id": str(i), "text": "a long message about nothing " * 30, "label": "ham"} for i in range(60)]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
 
     def fit(pool, budget, overrides=None):
         settings = {"sft_tokens": budget, "sft": {"train_size": 50, "max_prompt_tokens": 96}}
-        record = _fit_sft_size(settings, str(tiny_model_dir), labels, pool, overrides)
+        record = _fit_sft_size(settings, tokenizer, labels, pool, overrides)
         assert record["train_size"] == settings["sft"]["train_size"] or overrides
         return record
 
