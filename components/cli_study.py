@@ -22,8 +22,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", nargs="+", default=["trec6"], metavar="NAME",
                         help=f"datasets to study (built under data/); 'all' = {' '.join(ALL_DATASETS)}")
     parser.add_argument("--profile", default="cpu", choices=["cpu", "gpu"],
-                        help="cpu: subsampled, headline < 15 min/dataset on 2 cores; gpu: training capped at 8,000, "
-                             "full test set")
+                        help="cpu: subsampled, headline < 15 min/dataset on 2 cores; gpu: training pool capped at "
+                             "8,000, test at 2,000, SFT by a 400k-token budget (one H100/H200)")
     parser.add_argument("--runner", default="local", choices=["local", "dask"],
                         help="Prefect task runner: local threads (1 worker) or Dask")
     parser.add_argument("--dask-address", default=None, metavar="ADDR",

@@ -43,7 +43,9 @@ def sentence_transformer_encoder(model_path: str | Path, batch_size: int = 64) -
         if "model" not in state:
             from sentence_transformers import SentenceTransformer
 
-            state["model"] = SentenceTransformer(str(model_path), device="cpu", local_files_only=True)
+            from components.models import pick_device
+
+            state["model"] = SentenceTransformer(str(model_path), device=pick_device(), local_files_only=True)
         return np.asarray(state["model"].encode(texts, batch_size=batch_size, show_progress_bar=False,
                                                 convert_to_numpy=True, normalize_embeddings=True))
 

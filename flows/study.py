@@ -446,7 +446,7 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
 
     Args:
         datasets: dataset names (each built under data/).
-        profile: "cpu" (subsampled, 2 cores) or "gpu" (training capped at 8,000, full test).
+        profile: "cpu" (subsampled, 2 cores) or "gpu" (pool capped at 8,000, test at 2,000; one GPU).
         runner: recorded only; the task runner is set by `study()` / `with_options`.
         cells: "headline", "ablation" or "all".
         model: base model (default smollm2-135m).
