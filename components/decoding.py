@@ -8,7 +8,11 @@ Usage:
   at the end-of-turn token, parsed strictly by `builder.parse`; anything else is invalid.
 * perplexity: the log-likelihood of every candidate answer (its tokens + `<|im_end|>`, so
   "1" and "10", or a label and its prefix, are told apart) after the prompt. The prompt
-  runs once; its KV cache is repeated for the K candidates, which run as one batch.
+  runs once; all K candidates then run as one packed row over its KV cache, shared
+  candidate prefixes once (`CandidateTrie`).
+* shared prefix: the tokens every prompt of a `predict` call starts with (system message,
+  instructions, label list: ~190 of 250 tokens on 20newsgroups) run once; each batch
+  continues from their KV cache, so only the rest of each prompt is computed.
 * `uncertain` (when the strategy offers it) is resolved to the most likely real label by
   scoring the real labels only, and the record is marked `abstained`.
 """
@@ -22,7 +26,7 @@ from components.prompts import UNCERTAIN
 
 INVALID = "invalid"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")  # ChatML, Gemma, Llama 3
-MAX_CANDIDATE_ROWS = 64  # prompt copies x candidates per forward: bounds KV-cache memory
+MIN_SHARED_PREFIX = 16  # a common prefix shorter than this is not worth a separate pass
 
 
 def end_token_id(tokenizer: Any) -> int:
@@ -47,6 +51,67 @@ def _encode_prompts(tokenizer: Any, prompts: Sequence[str], device: Any):
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
+class SharedPrefix:
+    """The token ids all prompts of a batch job start with, and their KV cache (batch 1).
+
+    Args:
+        model: causal LM.
+        ids: the common prefix's token ids.
+    """
+
+    def __init__(self, model: Any, ids: Sequence[int]):
+        import torch
+
+        self.ids = list(ids)
+        device = _model_device(model)
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True, logits_to_keep=1)
+        kv = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        self.layers = [(layer.keys, layer.values) for layer in kv.layers]
+
+    def cache(self, batch: int):
+        """A fresh DynamicCache holding the prefix for `batch` rows (generation appends to it)."""
+        from transformers import DynamicCache
+
+        return DynamicCache([(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous())
+                             for k, v in self.layers])
+
+
+def shared_prefix_length(token_lists: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> int:
+    """Length of the longest common token prefix, leaving every prompt at least one token; 0 if < minimum.
+
+    Example:
+        >>> shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]], minimum=2)
+        3
+    """
+    if not token_lists:
+        return 0
+    first, limit = token_lists[0], min(len(t) for t in token_lists) - 1
+    n = 0
+    while n < limit and all(t[n] == first[n] for t in token_lists):
+        n += 1
+    return n if n >= minimum else 0
+
+
+def _encode_after_prefix(tokenizer: Any, prompts: Sequence[str], prefix: SharedPrefix, device: Any):
+    """[prefix | left padding | rest of prompt] ids, the full attention mask and the rest's positions."""
+    import torch
+
+    n = len(prefix.ids)
+    rests = []
+    for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]:
+        if ids[:n] != prefix.ids or len(ids) <= n:
+            raise ValueError("prompt does not start with the shared prefix it was batched with")
+        rests.append(ids[n:])
+    width = max(len(r) for r in rests)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rest_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rests], device=device)
+    rest_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+    mask = torch.cat([torch.ones((len(rests), n), dtype=rest_mask.dtype, device=device), rest_mask], dim=1)
+    positions = n + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+    return rest_ids, mask, positions
+
+
 def _model_device(model: Any):
     return next(model.parameters()).device
 
@@ -59,10 +124,57 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
+class CandidateTrie:
+    """The candidates' token prefixes as one tree, fed to the model as a single packed row per prompt.
+
+    Every candidate `c` (its tokens + end-of-turn) needs the model's prediction after each of
+    its proper prefixes. Candidates that share a prefix ("comp.sys." on 20newsgroups) share
+    those positions: 20newsgroups' 20 candidates need 77 positions instead of 20 x 10 padded
+    ones. Each position attends to the prompt and to its own ancestors only (a 4D mask).
+
+    Args:
+        cand: token ids of each candidate (from `candidate_ids`).
+    """
+
+    def __init__(self, cand: Sequence[Sequence[int]]):
+        index: dict[tuple, int] = {}
+        for ids in cand:
+            for t in range(1, len(ids)):
+                index.setdefault(tuple(ids[:t]), len(index))
+        self.nodes = list(index)  # prefixes, parents before children
+        self.tokens = [node[-1] for node in self.nodes]
+        self.depth = [len(node) for node in self.nodes]
+        self.ancestors = [[index[node[:d]] for d in range(1, len(node) + 1)] for node in self.nodes]
+        # (candidate, node whose logits predict the token, that token) for every token after the first
+        self.targets = [(j, index[tuple(ids[:t])], ids[t]) for j, ids in enumerate(cand) for t in range(1, len(ids))]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+def _attend_mask(model: Any, prompt_mask: Any, trie: CandidateTrie) -> Any:
+    """4D mask [b, 1, Q, K + Q]: each trie position sees the prompt's real tokens and its ancestors."""
+    import torch
+
+    b, q = prompt_mask.shape[0], len(trie)
+    tree = torch.zeros((q, q), dtype=torch.bool, device=prompt_mask.device)
+    for i, chain in enumerate(trie.ancestors):
+        tree[i, chain] = True
+    mask = torch.cat([prompt_mask.bool()[:, None, None, :].expand(b, 1, q, -1), tree.expand(b, 1, q, q)], dim=-1)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", "sdpa") == "eager":  # eager attention adds a float mask
+        return torch.zeros(mask.shape, dtype=base.dtype, device=mask.device).masked_fill(~mask, torch.finfo(base.dtype).min)
+    return mask
+
+
 def score_candidates(
-    model: Any, tokenizer: Any, prompts: Sequence[str], candidates: Sequence[str], batch_size: int = 16
+    model: Any, tokenizer: Any, prompts: Sequence[str], candidates: Sequence[str], batch_size: int = 16,
+    prefix: SharedPrefix | None = None,
 ) -> np.ndarray:
     """Log-likelihood of each candidate answer after each prompt, sharing the prompt's KV cache.
+
+    The prompts run once; then every prompt's candidate tokens run as one packed row over its
+    cache (`CandidateTrie`: shared candidate prefixes computed once).
 
     Args:
         model: causal LM.
@@ -70,61 +182,51 @@ def score_candidates(
         prompts: n templated prompts (ending with the assistant generation prompt).
         candidates: K answer strings.
         batch_size: prompts per forward pass.
+        prefix: KV cache of the tokens every prompt starts with (only the rest is computed).
 
     Returns:
         float array [n, K] of summed log-probabilities (answer tokens + end-of-turn).
     """
     import torch
-    from transformers import DynamicCache
 
     device = _model_device(model)
     cand = candidate_ids(tokenizer, candidates)
-    k, length = len(cand), max(len(c) for c in cand)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    cand_ids = torch.full((k, length), pad, dtype=torch.long, device=device)
-    cand_mask = torch.zeros((k, length), dtype=torch.long, device=device)
-    for i, ids in enumerate(cand):
-        cand_ids[i, : len(ids)] = torch.tensor(ids, device=device)
-        cand_mask[i, : len(ids)] = 1
-    first = cand_ids[:, 0]
-    out = np.zeros((len(prompts), k), dtype=np.float64)
-    group = max(1, MAX_CANDIDATE_ROWS // k)  # prompts whose candidates run together
+    trie = CandidateTrie(cand)
+    first = torch.tensor([ids[0] for ids in cand], device=device)
+    node_ids = torch.tensor(trie.tokens, dtype=torch.long, device=device)
+    depth = torch.tensor(trie.depth, dtype=torch.long, device=device)
+    tgt_cand = torch.tensor([t[0] for t in trie.targets], dtype=torch.long, device=device)
+    tgt_node = torch.tensor([t[1] for t in trie.targets], dtype=torch.long, device=device)
+    tgt_tok = torch.tensor([t[2] for t in trie.targets], dtype=torch.long, device=device)
+    out = np.zeros((len(prompts), len(cand)), dtype=np.float64)
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
-            input_ids, mask = _encode_prompts(tokenizer, prompts[start : start + batch_size], device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            chunk = prompts[start : start + batch_size]
+            if prefix is None:
+                input_ids, mask = _encode_prompts(tokenizer, chunk, device)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                cached = {}
+            else:
+                input_ids, mask, positions = _encode_after_prefix(tokenizer, chunk, prefix, device)
+                cached = {_cache_kwarg(model): prefix.cache(len(chunk))}
             result = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           logits_to_keep=1)  # only the last position's logits are needed
+                           logits_to_keep=1, **cached)  # only the last position's logits are needed
             last_logp = torch.log_softmax(result.logits[:, -1].float(), dim=-1)  # [b, V]
-            kv = result.cache if getattr(result, "cache", None) is not None else result.past_key_values
-            layers = [(layer.keys, layer.values) for layer in kv.layers]
-            lengths = mask.sum(-1)
-            for g in range(0, input_ids.shape[0], group):
-                rows = slice(g, g + group)
-                b = lengths[rows].shape[0]
-                offset = int(mask.shape[1] - lengths[rows].max())  # drop columns that are padding for all
-                cache = DynamicCache(
-                    [(key[rows, :, offset:].repeat_interleave(k, 0), val[rows, :, offset:].repeat_interleave(k, 0))
-                     for key, val in layers]
-                )
-                full_mask = torch.cat(
-                    [mask[rows, offset:].repeat_interleave(k, 0), cand_mask.repeat(b, 1)], dim=1
-                )
-                cand_pos = lengths[rows].repeat_interleave(k).unsqueeze(1) + torch.arange(length, device=device)
-                scores = last_logp[rows].gather(1, first.unsqueeze(0).expand(b, k))  # first token
-                if length > 1:
-                    logits = model(
-                        input_ids=cand_ids[:, :-1].repeat(b, 1),
-                        attention_mask=full_mask[:, :-1],
-                        position_ids=cand_pos[:, :-1],
-                        use_cache=True,
-                        **{_cache_kwarg(model): cache},
-                    ).logits.float()
-                    logp = torch.log_softmax(logits, dim=-1)
-                    targets = cand_ids[:, 1:].repeat(b, 1)
-                    tok = logp.gather(2, targets.unsqueeze(-1)).squeeze(-1) * cand_mask[:, 1:].repeat(b, 1)
-                    scores = scores + tok.sum(-1).view(b, k)
-                out[start + g : start + g + b] = scores.double().cpu().numpy()
+            b = input_ids.shape[0]
+            scores = last_logp[:, first]  # first candidate tokens [b, K]
+            if len(trie):
+                kv = result.cache if getattr(result, "cache", None) is not None else result.past_key_values
+                logits = model(
+                    input_ids=node_ids.expand(b, -1),
+                    attention_mask=_attend_mask(model, mask, trie),
+                    position_ids=mask.sum(-1, keepdim=True) + depth - 1,
+                    use_cache=True,
+                    **{_cache_kwarg(model): kv},
+                ).logits
+                tok = torch.log_softmax(logits[:, tgt_node].float(), dim=-1)  # [b, T, V]
+                tok = tok.gather(2, tgt_tok.expand(b, -1).unsqueeze(-1)).squeeze(-1)  # [b, T]
+                scores = scores.index_add(1, tgt_cand, tok)
+            out[start : start + b] = scores.double().cpu().numpy()
     return out
 
 
@@ -160,7 +262,8 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 16
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 16,
+    prefix: SharedPrefix | None = None,
 ) -> list[str]:
     """Greedy completions of templated prompts: new tokens only, cut at the end of turn.
 
@@ -170,6 +273,7 @@ def generate_answers(
         prompts: templated prompts.
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per generate call.
+        prefix: KV cache of the tokens every prompt starts with (generation continues from it).
 
     Returns:
         One decoded completion per prompt (special tokens removed).
@@ -183,10 +287,18 @@ def generate_answers(
     texts: list[str] = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
-            input_ids, mask = _encode_prompts(tokenizer, prompts[start : start + batch_size], device)
+            chunk = prompts[start : start + batch_size]
+            cached = {}
+            if prefix is None:
+                input_ids, mask = _encode_prompts(tokenizer, chunk, device)
+            else:
+                rest_ids, mask, _ = _encode_after_prefix(tokenizer, chunk, prefix, device)
+                input_ids = torch.cat([torch.tensor([prefix.ids], device=device).expand(len(chunk), -1), rest_ids], 1)
+                cached = {_cache_kwarg(model): prefix.cache(len(chunk))}
             generated = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
+                **cached,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
@@ -223,6 +335,7 @@ def predict(
     progress: bool = True,
     max_new_tokens: int | None = None,
     calibrate: bool = False,
+    share_prefix: bool = True,
 ) -> list[dict]:
     """Classify examples with the builder's strategy.
 
@@ -236,6 +349,7 @@ def predict(
         max_new_tokens: generation budget (default: `answer_budget`).
         calibrate: perplexity only: divide label probabilities by those given to a
             content-free input ("N/A"), i.e. contextual calibration (Zhao et al. 2021).
+        share_prefix: run the tokens all prompts start with once (same results, less compute).
 
     Returns:
         One record per example: {id, label, pred, raw, probs, abstained, invalid}; `pred` is
@@ -249,20 +363,27 @@ def predict(
     prior = _content_free_prior(model, tokenizer, builder, real) if perplexity and calibrate else None
     budget = max_new_tokens or answer_budget(tokenizer, builder)
     records: list[dict] = []
+    all_prompts = [builder.prompt(ex) for ex in examples]
+    prefix = None
+    if share_prefix and len(all_prompts) > 1:
+        ids = tokenizer(all_prompts, add_special_tokens=False)["input_ids"]
+        n = shared_prefix_length(ids)
+        prefix = SharedPrefix(model, ids[0][:n]) if n else None
     bar = _progress(len(examples), progress, "perplexity" if perplexity else "generative")
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        prompts = [builder.prompt(ex) for ex in chunk]
+        prompts = all_prompts[start : start + batch_size]
         if perplexity:
-            scores = score_candidates(model, tokenizer, prompts, answers, batch_size)
+            scores = score_candidates(model, tokenizer, prompts, answers, batch_size, prefix=prefix)
             records += [_perplexity_record(ex, row, space, answers, prior) for ex, row in zip(chunk, scores)]
         else:
-            texts = generate_answers(model, tokenizer, prompts, budget, batch_size)
+            texts = generate_answers(model, tokenizer, prompts, budget, batch_size, prefix=prefix)
             parsed = [builder.parse(t) for t in texts]
             unsure = [i for i, p in enumerate(parsed) if p == UNCERTAIN]
             resolved = {}
             if unsure:
-                real_scores = score_candidates(model, tokenizer, [prompts[i] for i in unsure], real, batch_size)
+                real_scores = score_candidates(model, tokenizer, [prompts[i] for i in unsure], real, batch_size,
+                                               prefix=prefix)
                 resolved = dict(zip(unsure, real_scores))
             for i, (ex, text, label) in enumerate(zip(chunk, texts, parsed)):
                 records.append(_generative_record(ex, text, label, space, resolved.get(i)))

@@ -133,7 +133,9 @@ def _fit_prompt_budgets(settings: dict, tokenizer: Any, labels: dict) -> None:
     """Raise every prompt budget to the instructions' length + settings["text_room"] (in place; 0 = off).
 
     Long label lists (20newsgroups' 20 names cost ~180 tokens) would otherwise leave the text to
-    classify only the 16-token minimum and no room for demonstrations.
+    classify only the 16-token minimum and no room for demonstrations. GRPO's cost is proportional
+    to its prompts' tokens, so where its budget rises its steps shrink in proportion (at least 2):
+    every dataset's RL gets about the same number of prompt tokens.
     """
     room = int(settings.get("text_room") or 0)
     if not room:
@@ -141,9 +143,17 @@ def _fit_prompt_budgets(settings: dict, tokenizer: Any, labels: dict) -> None:
     from components.prompts import instruction_tokens
 
     need = instruction_tokens(tokenizer, labels) + room
+    rl = settings.get("rl", {})
+    before = int(rl.get("max_prompt_tokens") or 0)
     for part in ("sft", "rl", "eval"):
         if "max_prompt_tokens" in settings.get(part, {}):
             settings[part]["max_prompt_tokens"] = max(int(settings[part]["max_prompt_tokens"]), need)
+    if before and rl.get("max_steps") and rl["max_prompt_tokens"] > before:
+        steps = max(2, round(int(rl["max_steps"]) * before / rl["max_prompt_tokens"]))
+        for key in ("eval_every", "save_steps"):
+            if key in rl:
+                rl[key] = min(int(rl[key]), steps)
+        rl["max_steps"] = steps
 
 
 def _fit_sft_size(settings: dict, tokenizer: Any, labels: dict, pool: list[dict], overrides: dict | None = None) -> dict:

@@ -36,12 +36,39 @@ def test_shared_prefix_scores_equal_brute_force(spec, model_and_tokenizer):
     assert np.all(shared < 0)
 
 
-def test_candidate_rows_chunking_matches(model_and_tokenizer, monkeypatch):
+def test_candidate_trie_shares_prefixes_and_batches_agree(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    prompts = [PromptBuilder(tokenizer, LABELS, Strategy()).prompt(ex) for ex in TEST[:4]]
-    full = score_candidates(model, tokenizer, prompts, list(LABELS), batch_size=4)
-    monkeypatch.setattr(decoding, "MAX_CANDIDATE_ROWS", 3)  # one prompt's candidates per forward
-    np.testing.assert_allclose(score_candidates(model, tokenizer, prompts, list(LABELS), batch_size=4), full, atol=1e-5)
+    trie = decoding.CandidateTrie([[5, 6, 7, 9], [5, 6, 8, 9], [4, 9]])
+    assert len(trie) == 5  # (5), (5,6), (5,6,7), (5,6,8), (4) instead of 3 + 3 + 1 padded to 3 x 3
+    assert trie.ancestors[trie.nodes.index((5, 6, 8))] == [trie.nodes.index((5,)), trie.nodes.index((5, 6)),
+                                                           trie.nodes.index((5, 6, 8))]
+    prompts = [PromptBuilder(tokenizer, LABELS, Strategy()).prompt(ex) for ex in TEST[:5]]
+    candidates = ["comp.sys.mac", "comp.sys.ibm", "comp.graphics", "rec.autos"]  # shared prefixes
+    whole = score_candidates(model, tokenizer, prompts, candidates, batch_size=5)
+    np.testing.assert_allclose(score_candidates(model, tokenizer, prompts, candidates, batch_size=2), whole, atol=1e-5)
+    np.testing.assert_allclose(whole, score_candidates_naive(model, tokenizer, prompts, candidates), atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["decoding=perplexity", "icl=random,k=2,definitions", "uncertain"])
+def test_shared_prompt_prefix_gives_the_same_predictions(spec, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    builder = PromptBuilder(tokenizer, LABELS, Strategy.parse(spec), TRAIN)
+    ids = tokenizer([builder.prompt(ex) for ex in TEST], add_special_tokens=False)["input_ids"]
+    n = decoding.shared_prefix_length(ids)
+    assert n >= decoding.MIN_SHARED_PREFIX and all(i[:n] == ids[0][:n] for i in ids)  # instructions + labels
+    shared = predict(model, tokenizer, builder, TEST, batch_size=3, progress=False)
+    plain = predict(model, tokenizer, builder, TEST, batch_size=3, progress=False, share_prefix=False)
+    assert [r["pred"] for r in shared] == [r["pred"] for r in plain]
+    assert [r["raw"] for r in shared] == [r["raw"] for r in plain]
+    for a, b in zip(shared, plain):
+        if b["probs"] is not None:
+            np.testing.assert_allclose([a["probs"][k] for k in LABELS], [b["probs"][k] for k in LABELS], atol=1e-5)
+    prefix = decoding.SharedPrefix(model, ids[0][:n])
+    prompts = [builder.prompt(ex) for ex in TEST]
+    np.testing.assert_allclose(score_candidates(model, tokenizer, prompts, list(LABELS), 4, prefix=prefix),
+                               score_candidates_naive(model, tokenizer, prompts, list(LABELS)), atol=1e-4)
+    with pytest.raises(ValueError, match="shared prefix"):
+        score_candidates(model, tokenizer, ["unrelated prompt"], list(LABELS), prefix=prefix)
 
 
 def test_end_of_turn_separates_prefix_labels(model_and_tokenizer):

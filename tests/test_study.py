@@ -166,14 +166,18 @@ def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     assert instruction_tokens(tokenizer, long) > instruction_tokens(tokenizer, short) + 100
     for labels in (short, long):
-        settings = {"text_room": 64, "sft": {"max_prompt_tokens": 128}, "rl": {"max_prompt_tokens": 128},
+        settings = {"text_room": 64, "sft": {"max_prompt_tokens": 128},
+                    "rl": {"max_prompt_tokens": 128, "max_steps": 8, "eval_every": 8, "save_steps": 4},
                     "eval": {"max_prompt_tokens": 128, "batch_size": 4}}
         _fit_prompt_budgets(settings, tokenizer, labels)
         want = max(128, instruction_tokens(tokenizer, labels) + 64)
         assert [settings[p]["max_prompt_tokens"] for p in ("sft", "rl", "eval")] == [want] * 3
         assert (want > 128) == (labels is long)
+        steps = max(2, round(8 * 128 / want))  # GRPO steps shrink with its prompt budget: same RL tokens
+        assert settings["rl"]["max_steps"] == settings["rl"]["eval_every"] == steps
+        assert settings["rl"]["save_steps"] == min(4, steps) and (steps < 8) == (labels is long)
     off = {"sft": {"max_prompt_tokens": 128}, "rl": {}, "eval": {"max_prompt_tokens": 128}}
-    _fit_prompt_budgets(off, tokenizer, long)  # no text_room (gpu profile): budgets untouched
+    _fit_prompt_budgets(off, tokenizer, long)  # no text_room: budgets untouched
     assert off["sft"]["max_prompt_tokens"] == 128 and off["eval"]["max_prompt_tokens"] == 128
 
 
@@ -196,7 +200,7 @@ def test_sft_prompts_fit_a_token_budget(tiny_model_dir):
     assert 60 < few["mean_naive_prompt_tokens"] <= 96 + 8  # long texts cut at the prompt budget (+ cut mark)
     assert few["train_size"] == int(2000 // few["mean_naive_prompt_tokens"]) < many["train_size"]
     assert fit(short, 10**6)["train_size"] == 50  # never above sft.train_size
-    assert fit(long, 0)["train_size"] == 50  # 0 = off (gpu profile)
+    assert fit(long, 0)["train_size"] == 50  # 0 = off
     assert fit(long, 2000, {"sft.train_size": 7})["train_size"] == 7  # an explicit size wins
 
 
