@@ -54,6 +54,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dec.add_argument("--n", type=int, default=20, help="number of prompts (default 20)")
     dec.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny, or a model folder")
     dec.add_argument("--batch-size", type=int, default=8, help="prompts per forward, shared-prefix path (default 8)")
+    dec.add_argument("--dataset", default=None,
+                     help="instead: predict on this dataset's first --n test examples with the prompts' shared "
+                          "prefix run once vs run for every prompt")
+    dec.add_argument("--strategy", default="icl=semantic,k=2,decoding=perplexity",
+                     help="inference strategy for --dataset (default: the study's GenCLS++ prior)")
     _threads_option(dec)
     dec.set_defaults(func=_guard(cmd_bench_decoding))
 
@@ -168,6 +173,13 @@ def print_summary(metrics: dict) -> None:
 def cmd_bench_decoding(args: argparse.Namespace) -> int:
     """Shared-prefix vs naive perplexity decoding on the same inputs."""
     bench = _load_benchmark()
+    if args.dataset:
+        if args.n < 2 or args.prompt_tokens < 16:
+            raise ValueError("bench decoding --dataset: need --n >= 2 and --prompt-tokens >= 16")
+        result = bench.run_prefix_benchmark(model=args.model, dataset=args.dataset, n=args.n, strategy=args.strategy,
+                                            prompt_tokens=args.prompt_tokens, batch_size=args.batch_size)
+        print(bench.format_prefix_report(result))
+        return 0
     if args.labels < 2 or args.prompt_tokens < 16 or args.n < 1:
         raise ValueError("bench decoding: need --labels >= 2, --prompt-tokens >= 16, --n >= 1")
     result = bench.run_benchmark(model=args.model, labels=args.labels, prompt_tokens=args.prompt_tokens, n=args.n,

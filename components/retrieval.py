@@ -97,8 +97,8 @@ class Retriever:
         self.cache = cache
         self.ids = [ex["id"] for ex in train_examples]
         self.texts = [ex["text"] for ex in train_examples]
+        self._queries: dict[str, np.ndarray] = {}  # before embed(): pool texts are queries too (SFT/RL prompts)
         self.matrix = self.embed(self.texts)
-        self._queries: dict[str, np.ndarray] = {}
 
     def cache_path(self, texts: Sequence[str]) -> Path:
         """Where the embeddings of `texts` are cached."""
@@ -125,8 +125,7 @@ class Retriever:
                 tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
                 np.save(tmp, matrix)
                 os.replace(tmp, path)
-        if hasattr(self, "_queries"):
-            self._queries.update(zip(texts, matrix))
+        self._queries.update(zip(texts, matrix))
         return matrix
 
     def query_vector(self, text: str) -> np.ndarray:

@@ -61,12 +61,15 @@ METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "abstention_rate", "answe
 # Profiles: what each study profile subsamples and which training profile/overrides it uses.
 # cpu: headline (tfidf, zero-shot, naive SFT, best SFT + RL) < 15 min per dataset on 2 cores with
 #      SmolLM2-135M. Every cost is proportional to prompt tokens (LoRA training ~100 tokens/s through
-#      SFTTrainer without dropout, evaluation ~2,700 prompt tokens/s, GRPO ~15 s per step of 8
-#      completions at 128 tokens), so SFT gets a token budget: as many naive prompts of the pool as
+#      SFTTrainer without dropout, evaluation ~2,700 prompt tokens/s of what the prompts do not share,
+#      GRPO ~15 s per step of 8 completions at 128 tokens), so SFT gets a token budget: as many naive prompts of the pool as
 #      fit in `sft_tokens` (at most sft.train_size): 200 short questions, ~95 news articles.
-# gpu: headline over all seven < 10 min on one H100/H200: training pool capped at 8,000, test at 2,000
-#      (stratified), SFT 1 epoch over a 400k-token budget of naive prompts (batch 32, bf16 autocast),
-#      GRPO 24 steps of 8 prompts x 8 completions.
+# gpu: headline over all seven < 10 min on one H100/H200 (goal). Measured on one H100 (2026-11-26, batch 32,
+#      GRPO 24 steps, before the shared-prefix decoding and the retriever fix): SFT ran 3.4 optimizer steps/s
+#      whatever the prompt length (launch-bound: ~110 prompts/s), GenCLS++ SFT spent ~50 s more re-embedding
+#      its prompts one at a time, GRPO 24 steps took 57 s with no learning signal (grad norm ~5e-5 at 98%
+#      held-out accuracy); ~4 min per dataset. Hence batch 128 (lr 5e-4: ~40 steps, as the cpu profile
+#      found for few steps) and 12 GRPO steps: expected ~1.5 min per dataset, not yet re-measured.
 STUDY_PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {
         "training_profile": "quick",
@@ -95,10 +98,11 @@ STUDY_PROFILES: dict[str, dict[str, Any]] = {
         "seed": 0,
         "text_room": 64,
         "sft_tokens": 400_000,  # 1 epoch over ~6,000 trec6 questions or ~1,500 newsgroup posts
-        "sft": {"train_size": 8000, "eval_size": 200, "epochs": 1.0, "batch_size": 32, "eval_every_steps": 100_000,
-                "save_steps": 100, "max_prompt_tokens": 256, "lora_dropout": 0.0, "uncertain_max_scored": 1000},
-        "rl": {"train_size": 0, "eval_size": 200, "max_steps": 24, "num_generations": 8, "batch_size": 64,
-               "eval_every": 24, "save_steps": 12, "max_prompt_tokens": 256},
+        "sft": {"train_size": 8000, "eval_size": 200, "epochs": 1.0, "batch_size": 128, "learning_rate": 5e-4,
+                "eval_every_steps": 100_000, "save_steps": 20, "max_prompt_tokens": 256, "lora_dropout": 0.0,
+                "uncertain_max_scored": 1000},
+        "rl": {"train_size": 0, "eval_size": 200, "max_steps": 12, "num_generations": 8, "batch_size": 64,
+               "eval_every": 12, "save_steps": 6, "max_prompt_tokens": 256},
         "reasoning_rl": {"max_completion_length": 96},
         "eval": {"batch_size": 128, "max_prompt_tokens": 256},
     },

@@ -134,3 +134,15 @@ def test_bench_decoding_tiny(capsys):
     assert main(["bench", "decoding", "--model", "tiny", "--n", "2", "--labels", "4", "--prompt-tokens", "48"]) == 0
     out = capsys.readouterr().out
     assert "speed-up" in out and "identical predictions: yes" in out
+
+
+def test_bench_decoding_shared_prompt_prefix_tiny(tiny_dataset, monkeypatch, capsys):
+    from components.cli import main
+
+    monkeypatch.setenv("GENCLS_ROOT", str(tiny_dataset))  # data_dir() = <root>/data
+    assert main(["bench", "decoding", "--model", "tiny", "--dataset", "tiny-sent", "--n", "3", "--prompt-tokens", "96",
+                 "--strategy", "icl=random,k=2,decoding=perplexity", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    shared = int(out.split("tokens on average, ")[1].split(" shared")[0])
+    assert shared >= 16  # system message + instructions + label list
+    assert "speed-up" in out and "identical predictions: yes" in out
