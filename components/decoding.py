@@ -27,6 +27,7 @@ from components.prompts import UNCERTAIN
 INVALID = "invalid"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")  # ChatML, Gemma, Llama 3
 MIN_SHARED_PREFIX = 16  # a common prefix shorter than this is not worth a separate pass
+MAX_SCORED_ELEMENTS = 1 << 25  # float32 logits scored at once (128 MB): rows x trie positions x vocabulary
 
 
 def end_token_id(tokenizer: Any) -> int:
@@ -167,6 +168,19 @@ def _attend_mask(model: Any, prompt_mask: Any, trie: CandidateTrie) -> Any:
     return mask
 
 
+def _target_logp(logits: Any, nodes: Any, tokens: Any) -> Any:
+    """log p(tokens[t] | position nodes[t]) for every row: [b, T], in float32, rows in chunks of bounded memory."""
+    import torch
+
+    b, q, v = logits.shape
+    step = max(1, MAX_SCORED_ELEMENTS // max(q * v, 1))
+    out = []
+    for r in range(0, b, step):
+        chunk = logits[r : r + step].float()  # [c, Q, V]
+        out.append(chunk[:, nodes, tokens] - torch.logsumexp(chunk, dim=-1)[:, nodes])
+    return torch.cat(out)
+
+
 def score_candidates(
     model: Any, tokenizer: Any, prompts: Sequence[str], candidates: Sequence[str], batch_size: int = 16,
     prefix: SharedPrefix | None = None,
@@ -223,9 +237,7 @@ def score_candidates(
                     use_cache=True,
                     **{_cache_kwarg(model): kv},
                 ).logits
-                tok = torch.log_softmax(logits[:, tgt_node].float(), dim=-1)  # [b, T, V]
-                tok = tok.gather(2, tgt_tok.expand(b, -1).unsqueeze(-1)).squeeze(-1)  # [b, T]
-                scores = scores.index_add(1, tgt_cand, tok)
+                scores = scores.index_add(1, tgt_cand, _target_logp(logits, tgt_node, tgt_tok))
             out[start : start + b] = scores.double().cpu().numpy()
     return out
 

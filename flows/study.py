@@ -105,7 +105,7 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     labels_yaml = (dataset_dir(dataset) / "labels.yaml").read_bytes()
     labels = yaml.safe_load(labels_yaml)
     tokenizer = load_tokenizer(model)
-    _fit_prompt_budgets(settings, tokenizer, labels)
+    _fit_prompt_budgets(settings, tokenizer, labels, overrides)
     record["sft_budget"] = _fit_sft_size(settings, tokenizer, labels, splits["train"], overrides)
     views = S.write_views(study_root() / dataset / "data", dataset, splits, labels_yaml)
     params = load_params()
@@ -129,13 +129,13 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     }
 
 
-def _fit_prompt_budgets(settings: dict, tokenizer: Any, labels: dict) -> None:
+def _fit_prompt_budgets(settings: dict, tokenizer: Any, labels: dict, overrides: dict | None = None) -> None:
     """Raise every prompt budget to the instructions' length + settings["text_room"] (in place; 0 = off).
 
     Long label lists (20newsgroups' 20 names cost ~180 tokens) would otherwise leave the text to
     classify only the 16-token minimum and no room for demonstrations. GRPO's cost is proportional
     to its prompts' tokens, so where its budget rises its steps shrink in proportion (at least 2):
-    every dataset's RL gets about the same number of prompt tokens.
+    every dataset's RL gets about the same number of prompt tokens. Explicit `rl.*` overrides win.
     """
     room = int(settings.get("text_room") or 0)
     if not room:
@@ -148,10 +148,13 @@ def _fit_prompt_budgets(settings: dict, tokenizer: Any, labels: dict) -> None:
     for part in ("sft", "rl", "eval"):
         if "max_prompt_tokens" in settings.get(part, {}):
             settings[part]["max_prompt_tokens"] = max(int(settings[part]["max_prompt_tokens"]), need)
+    explicit = {k for k in (overrides or {}) if k.startswith("rl.")}
+    if explicit & {"rl.max_steps", "rl.max_prompt_tokens"}:
+        return
     if before and rl.get("max_steps") and rl["max_prompt_tokens"] > before:
         steps = max(2, round(int(rl["max_steps"]) * before / rl["max_prompt_tokens"]))
         for key in ("eval_every", "save_steps"):
-            if key in rl:
+            if key in rl and f"rl.{key}" not in explicit:
                 rl[key] = min(int(rl[key]), steps)
         rl["max_steps"] = steps
 

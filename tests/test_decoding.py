@@ -36,7 +36,7 @@ def test_shared_prefix_scores_equal_brute_force(spec, model_and_tokenizer):
     assert np.all(shared < 0)
 
 
-def test_candidate_trie_shares_prefixes_and_batches_agree(model_and_tokenizer):
+def test_candidate_trie_shares_prefixes_and_batches_agree(model_and_tokenizer, monkeypatch):
     model, tokenizer = model_and_tokenizer
     trie = decoding.CandidateTrie([[5, 6, 7, 9], [5, 6, 8, 9], [4, 9]])
     assert len(trie) == 5  # (5), (5,6), (5,6,7), (5,6,8), (4) instead of 3 + 3 + 1 padded to 3 x 3
@@ -46,6 +46,8 @@ def test_candidate_trie_shares_prefixes_and_batches_agree(model_and_tokenizer):
     candidates = ["comp.sys.mac", "comp.sys.ibm", "comp.graphics", "rec.autos"]  # shared prefixes
     whole = score_candidates(model, tokenizer, prompts, candidates, batch_size=5)
     np.testing.assert_allclose(score_candidates(model, tokenizer, prompts, candidates, batch_size=2), whole, atol=1e-5)
+    monkeypatch.setattr(decoding, "MAX_SCORED_ELEMENTS", 1)  # score the rows one at a time
+    np.testing.assert_allclose(score_candidates(model, tokenizer, prompts, candidates, batch_size=5), whole, atol=1e-5)
     np.testing.assert_allclose(whole, score_candidates_naive(model, tokenizer, prompts, candidates), atol=1e-4)
 
 

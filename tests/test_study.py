@@ -176,6 +176,9 @@ def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
         steps = max(2, round(8 * 128 / want))  # GRPO steps shrink with its prompt budget: same RL tokens
         assert settings["rl"]["max_steps"] == settings["rl"]["eval_every"] == steps
         assert settings["rl"]["save_steps"] == min(4, steps) and (steps < 8) == (labels is long)
+    mine = {"text_room": 64, "rl": {"max_prompt_tokens": 128, "max_steps": 8, "eval_every": 8}}
+    _fit_prompt_budgets(mine, tokenizer, long, {"rl.max_steps": "20"})  # the user's steps: nothing scaled
+    assert mine["rl"]["max_steps"] == 8 and mine["rl"]["eval_every"] == 8
     off = {"sft": {"max_prompt_tokens": 128}, "rl": {}, "eval": {"max_prompt_tokens": 128}}
     _fit_prompt_budgets(off, tokenizer, long)  # no text_room: budgets untouched
     assert off["sft"]["max_prompt_tokens"] == 128 and off["eval"]["max_prompt_tokens"] == 128
