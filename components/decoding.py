@@ -67,8 +67,7 @@ class SharedPrefix:
         device = _model_device(model)
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True, logits_to_keep=1)
-        kv = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        self.layers = [(layer.keys, layer.values) for layer in kv.layers]
+        self.layers = [(layer.keys, layer.values) for layer in _output_cache(out).layers]
 
     def cache(self, batch: int):
         """A fresh DynamicCache holding the prefix for `batch` rows (generation appends to it)."""
@@ -121,8 +120,17 @@ def _cache_kwarg(model: Any) -> str:
     """Name of the forward argument taking a KV cache (`cache` since transformers 5.2x)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(type(_base_model(model)).forward).parameters else "past_key_values"
+
+
+def _base_model(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (the model itself when unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _output_cache(output: Any) -> Any:
+    """The KV cache of a forward pass (`cache` since transformers 5.2x, else `past_key_values`)."""
+    return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
 
 
 class CandidateTrie:
@@ -152,17 +160,23 @@ class CandidateTrie:
     def __len__(self) -> int:
         return len(self.nodes)
 
+    def tree_mask(self, device: Any) -> Any:
+        """[Q, Q] bool: position i may attend to position j (j is i or one of its ancestors)."""
+        import torch
 
-def _attend_mask(model: Any, prompt_mask: Any, trie: CandidateTrie) -> Any:
-    """4D mask [b, 1, Q, K + Q]: each trie position sees the prompt's real tokens and its ancestors."""
+        tree = torch.zeros((len(self), len(self)), dtype=torch.bool, device=device)
+        for i, chain in enumerate(self.ancestors):
+            tree[i, chain] = True
+        return tree
+
+
+def _attend_mask(model: Any, prompt_mask: Any, tree: Any) -> Any:
+    """4D mask [b, 1, Q, K + Q]: each trie position sees the prompt's real tokens and its ancestors (`tree`)."""
     import torch
 
-    b, q = prompt_mask.shape[0], len(trie)
-    tree = torch.zeros((q, q), dtype=torch.bool, device=prompt_mask.device)
-    for i, chain in enumerate(trie.ancestors):
-        tree[i, chain] = True
+    b, q = prompt_mask.shape[0], tree.shape[0]
     mask = torch.cat([prompt_mask.bool()[:, None, None, :].expand(b, 1, q, -1), tree.expand(b, 1, q, q)], dim=-1)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     if getattr(base.config, "_attn_implementation", "sdpa") == "eager":  # eager attention adds a float mask
         return torch.zeros(mask.shape, dtype=base.dtype, device=mask.device).masked_fill(~mask, torch.finfo(base.dtype).min)
     return mask
@@ -209,6 +223,7 @@ def score_candidates(
     first = torch.tensor([ids[0] for ids in cand], device=device)
     node_ids = torch.tensor(trie.tokens, dtype=torch.long, device=device)
     depth = torch.tensor(trie.depth, dtype=torch.long, device=device)
+    tree = trie.tree_mask(device)
     tgt_cand = torch.tensor([t[0] for t in trie.targets], dtype=torch.long, device=device)
     tgt_node = torch.tensor([t[1] for t in trie.targets], dtype=torch.long, device=device)
     tgt_tok = torch.tensor([t[2] for t in trie.targets], dtype=torch.long, device=device)
@@ -229,13 +244,12 @@ def score_candidates(
             b = input_ids.shape[0]
             scores = last_logp[:, first]  # first candidate tokens [b, K]
             if len(trie):
-                kv = result.cache if getattr(result, "cache", None) is not None else result.past_key_values
                 logits = model(
                     input_ids=node_ids.expand(b, -1),
-                    attention_mask=_attend_mask(model, mask, trie),
+                    attention_mask=_attend_mask(model, mask, tree),
                     position_ids=mask.sum(-1, keepdim=True) + depth - 1,
                     use_cache=True,
-                    **{_cache_kwarg(model): kv},
+                    **{_cache_kwarg(model): _output_cache(result)},
                 ).logits
                 scores = scores.index_add(1, tgt_cand, _target_logp(logits, tgt_node, tgt_tok))
             out[start : start + b] = scores.double().cpu().numpy()
