@@ -93,6 +93,15 @@ def shared_prefix_length(token_lists: Sequence[Sequence[int]], minimum: int = MI
     return n if n >= minimum else 0
 
 
+def find_shared_prefix(model: Any, tokenizer: Any, prompts: Sequence[str]) -> SharedPrefix | None:
+    """The KV cache of the tokens all `prompts` start with (None for one prompt or a short common prefix)."""
+    if len(prompts) < 2:
+        return None
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    n = shared_prefix_length(ids)
+    return SharedPrefix(model, ids[0][:n]) if n else None
+
+
 def _encode_after_prefix(tokenizer: Any, prompts: Sequence[str], prefix: SharedPrefix, device: Any):
     """[prefix | left padding | rest of prompt] ids, the full attention mask and the rest's positions."""
     import torch
@@ -390,11 +399,7 @@ def predict(
     budget = max_new_tokens or answer_budget(tokenizer, builder)
     records: list[dict] = []
     all_prompts = [builder.prompt(ex) for ex in examples]
-    prefix = None
-    if share_prefix and len(all_prompts) > 1:
-        ids = tokenizer(all_prompts, add_special_tokens=False)["input_ids"]
-        n = shared_prefix_length(ids)
-        prefix = SharedPrefix(model, ids[0][:n]) if n else None
+    prefix = find_shared_prefix(model, tokenizer, all_prompts) if share_prefix else None
     bar = _progress(len(examples), progress, "perplexity" if perplexity else "generative")
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]

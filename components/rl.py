@@ -14,6 +14,13 @@ reasoning mode a weighted format reward for `<think>...</think>` then the answer
 of prompt groups with zero reward variance (no learning signal) is logged as
 `rl/zero_variance_groups` (and TRL's own `frac_reward_zero_std`).
 
+Prompt focus (`focus: informative`, the default): a group whose completions all get the same
+reward has zero advantage and teaches nothing, and after SFT most prompts are such groups (the
+policy is sure and right). Before training, the SFT policy scores the label candidates of a
+random draw of prompts (4x what the steps use); p = its probability of sampling the gold answer
+and the chance a group of G gets no contrast is p^G + (1-p)^G. The prompts with the lowest chance
+are kept (like DAPO's dynamic sampling, decided once up front). `focus: all` is a random draw.
+
 The held-out slice is decoded at step 0 (the SFT policy), every eval_every steps and at the
 end; the kept adapter is the best by macro-F1, so RL never hands back a policy that is worse
 on held-out data than the one it started from.
@@ -21,9 +28,12 @@ on held-out data than the one it started from.
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from components.training_common import (
     CONFIG_FILE,
@@ -45,7 +55,7 @@ from components.training_common import (
     write_json,
 )
 
-__all__ = ["RLConfig", "load_config", "train_rl", "load_policy"]
+__all__ = ["RLConfig", "load_config", "train_rl", "load_policy", "focus_examples", "no_signal_chance"]
 
 
 def load_policy(sft_dir: Path) -> tuple[Any, Any, dict]:
@@ -73,6 +83,72 @@ def load_policy(sft_dir: Path) -> tuple[Any, Any, dict]:
     tokenizer.padding_side = "left"
     model.train()
     return model, tokenizer, sft_info
+
+
+def prompts_per_run(config: RLConfig) -> int:
+    """Distinct prompts GRPO draws over the run: steps x completions per step / group size."""
+    return max(1, config.max_steps * config.batch_size * config.grad_accum // max(config.num_generations, 1))
+
+
+def no_signal_chance(gold_logp: np.ndarray, num_generations: int, temperature: float = 1.0) -> np.ndarray:
+    """Chance that a group of `num_generations` samples is all gold or all not gold (zero advantage).
+
+    p(gold) is taken as exp(logp / temperature) of the gold answer's tokens (exact at temperature 1
+    for a sampled answer; the rest of the mass is other labels or invalid text).
+
+    Example:
+        >>> no_signal_chance(np.log([1.0, 0.5]), 4).round(3).tolist()
+        [1.0, 0.125]
+    """
+    p = np.clip(np.exp(np.asarray(gold_logp, dtype=np.float64) / max(temperature, 1e-6)), 0.0, 1.0)
+    return p**num_generations + (1.0 - p) ** num_generations
+
+
+def pick_informative(chances: np.ndarray, keep: int) -> list[int]:
+    """Indices of the `keep` lowest no-signal chances, in their original order (stable on ties).
+
+    Example:
+        >>> pick_informative(np.array([0.9, 0.1, 0.5, 0.1]), 2)
+        [1, 3]
+    """
+    chosen = np.argsort(np.asarray(chances), kind="stable")[:keep]
+    return sorted(int(i) for i in chosen)
+
+
+def focus_examples(model: Any, tokenizer: Any, builder: Any, examples: list[dict], config: RLConfig,
+                   log: Any = print) -> tuple[list[dict], dict[str, float]]:
+    """The RL examples `config.focus` keeps, and what the selection measured (`focus_*` stats).
+
+    'informative': a seeded random draw of `focus_candidates` examples (0 = 4x `prompts_per_run`)
+    is scored by the policy (`score_candidates`, shared prompt prefix); the `prompts_per_run` with
+    the lowest `no_signal_chance` are kept. Nothing is scored when the pool is no larger than the
+    run needs.
+    """
+    from components.decoding import find_shared_prefix, score_candidates
+
+    need = prompts_per_run(config)
+    if config.focus == "all" or len(examples) <= need:
+        return examples, {}
+    started = time.time()
+    n = min(len(examples), config.focus_candidates or 4 * need)
+    candidates = random.Random(config.seed).sample(examples, n)
+    prompts = [builder.prompt(ex) for ex in candidates]
+    answers = builder.space.answers
+    gold = [answers.index(builder.space.answer(ex["label"])) for ex in candidates]
+    was_training = model.training
+    model.eval()
+    scores = score_candidates(model, tokenizer, prompts, answers, config.eval_batch_size,
+                              prefix=find_shared_prefix(model, tokenizer, prompts))
+    model.train(was_training)
+    chances = no_signal_chance(scores[np.arange(n), gold], config.num_generations, config.temperature)
+    kept = pick_informative(chances, need)
+    stats = {"focus_scored": float(n), "focus_kept": float(len(kept)),
+             "focus_policy_accuracy": float((scores.argmax(axis=1) == np.array(gold)).mean()),
+             "focus_no_signal_scored": float(chances.mean()), "focus_no_signal_kept": float(chances[kept].mean()),
+             "focus_seconds": round(time.time() - started, 1)}
+    log(f"RL focus: kept {len(kept)} of {n} scored prompts; expected share of groups with no learning signal "
+        f"{stats['focus_no_signal_scored']:.2f} -> {stats['focus_no_signal_kept']:.2f} ({stats['focus_seconds']} s)")
+    return [candidates[i] for i in kept], stats
 
 
 def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_funcs: list, weights: list[float],
@@ -128,9 +204,13 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     strategy = Strategy.parse(config.train_strategy or sft_info.get("train_strategy") or "naive")
     labels, train, held, pool = load_data(dataset, data_dir, config.train_size, config.eval_size, config.seed)
     builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
+    train, focus_stats = focus_examples(model, tokenizer, builder, train, config, log)
+    builder.truncated = 0
     rows = [{"prompt": builder.prompt(ex), "label": ex["label"]} for ex in train]
     log(f"RL {dataset}: {len(rows)} prompts ({builder.truncated} truncated), {len(held)} held out, "
         f"strategy {strategy.slug()}, from {sft_dir}")
+    if log_fn and focus_stats:
+        log_fn({f"rl/{k}": v for k, v in focus_stats.items()}, 0)
     funcs, weights = build_rewards(builder, config.uncertain_reward, config.invalid_penalty, config.wrong_reward,
                                    config.format_reward, num_generations=config.num_generations)
 
@@ -157,7 +237,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
         "global_step": int(trainer.state.global_step),
         "resumed_from_step": evaluator.resumed_from if evaluator else (int(resume.rsplit("-", 1)[-1]) if resume else 0),
         "eval_history": history, "best": evaluator.best if evaluator else None,
-        "seconds": round(time.time() - started, 1), "truncated_rows": builder.truncated,
+        "seconds": round(time.time() - started, 1), "truncated_rows": builder.truncated, **focus_stats,
         "train_history": [{k: h[k] for k in ["step", *reward_keys] if k in h}
                           for h in trainer.state.log_history if "reward" in h],
     }

@@ -112,14 +112,15 @@ def select_uncertain(model: Any, tokenizer: Any, builder: Any, examples: list[di
     """
     import numpy as np
 
-    from components.decoding import score_candidates
+    from components.decoding import find_shared_prefix, score_candidates
 
     start = time.time()
     scored = examples[: config.uncertain_max_scored] if config.uncertain_max_scored > 0 else list(examples)
     space = builder.space
     real = [space.answer(label) for label in space.labels]
     prompts = [builder.prompt(ex) for ex in scored]
-    scores = np.asarray(score_candidates(model, tokenizer, prompts, real, batch_size))
+    scores = np.asarray(score_candidates(model, tokenizer, prompts, real, batch_size,
+                                         prefix=find_shared_prefix(model, tokenizer, prompts)))
     gold = np.array([space.labels.index(ex["label"]) for ex in scored])
     gold_scores = scores[np.arange(len(scored)), gold]
     others = scores.copy()

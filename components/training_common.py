@@ -105,6 +105,11 @@ class RLConfig:
     logging_steps: int = _f(1, "log rewards every N steps")
     seed: int = _f(0, "seed for subsampling, sampling and data order")
     bf16: bool = _f(False, "bf16 autocast with fp32 master weights (only used on CUDA)")
+    focus: str = _f("informative", "RL prompts: 'informative' = those whose groups are least likely to get one "
+                    "reward for every completion under the SFT policy (no learning signal); 'all' = a random draw",
+                    choices=("informative", "all"))
+    focus_candidates: int = _f(0, "informative focus scores this many random prompts (0 = 4x the prompts the "
+                               "steps use)")
 
 
 CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rl": RLConfig}

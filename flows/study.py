@@ -569,7 +569,7 @@ def _study_run(study_key: str) -> str | None:
 
 def _config_summary(config: dict) -> dict:
     keys = ("model", "lora", "lora_r", "learning_rate", "epochs", "max_steps", "batch_size", "train_size", "eval_size",
-            "max_prompt_tokens", "num_generations", "beta")
+            "max_prompt_tokens", "num_generations", "beta", "focus")
     return {k: config[k] for k in keys if k in config}
 
 

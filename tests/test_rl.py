@@ -75,3 +75,49 @@ def test_grpo_resumes_after_interruption(sft_run, tmp_path):
     out = train_rl("toy", config, sft_dir=sft_dir, out_dir=tmp_path / "rl", data_dir=data)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 1 and metrics["global_step"] == 3
+
+
+def test_no_signal_chance_and_pick():
+    import numpy as np
+
+    from components.rl import no_signal_chance, pick_informative, prompts_per_run
+
+    chances = no_signal_chance(np.log([1.0, 1e-9, 0.5, 0.9]), 4)
+    assert chances[0] == pytest.approx(1.0) and chances[1] == pytest.approx(1.0)  # sure right / sure wrong
+    assert chances[2] == pytest.approx(2 * 0.5**4)  # the most informative a prompt can be
+    assert chances[3] == pytest.approx(0.9**4 + 0.1**4)
+    assert pick_informative(chances, 2) == [2, 3]
+    # temperature flattens: at T=2 a gold answer with p=0.25 is sampled with p=0.5
+    assert no_signal_chance(np.log([0.25]), 4, temperature=2.0)[0] == pytest.approx(2 * 0.5**4)
+    assert prompts_per_run(rl_config(max_steps=3, batch_size=8, num_generations=4, grad_accum=2)) == 12
+
+
+def test_focus_keeps_the_prompts_with_learning_signal(sft_run):
+    import numpy as np
+
+    from components.decoding import find_shared_prefix, score_candidates
+    from components.rl import focus_examples, load_policy, no_signal_chance
+    from components.sft import load_data, make_builder
+    from components.prompts import Strategy
+
+    data, sft_dir = sft_run
+    model, tokenizer, _ = load_policy(sft_dir)
+    labels, train, _, pool = load_data("toy", data, 0, 0, 0)
+    builder = make_builder(tokenizer, labels, Strategy.parse("naive"), pool, 64, 0)
+    config = rl_config(max_steps=2, batch_size=4, num_generations=2, focus_candidates=len(train))
+    kept, stats = focus_examples(model, tokenizer, builder, train, config, log=lambda m: None)
+    assert model.training  # handed back in train mode
+    assert len(kept) == 4 and stats["focus_scored"] == len(train)
+    # independent check: the kept examples are exactly the 4 lowest no-signal chances of the whole pool
+    answers = builder.space.answers
+    prompts = [builder.prompt(ex) for ex in train]
+    scores = score_candidates(model, tokenizer, prompts, answers, config.eval_batch_size,
+                              prefix=find_shared_prefix(model, tokenizer, prompts))
+    gold = [answers.index(builder.space.answer(ex["label"])) for ex in train]
+    chance = dict(zip([ex["id"] for ex in train], no_signal_chance(scores[np.arange(len(train)), gold], 2)))
+    assert {ex["id"] for ex in kept} == set(sorted(chance, key=chance.get)[:4])
+    assert stats["focus_no_signal_kept"] <= stats["focus_no_signal_scored"]
+    assert stats["focus_no_signal_kept"] == pytest.approx(np.mean([chance[ex["id"]] for ex in kept]), abs=1e-4)
+    # focus=all, or a pool no larger than the run needs: the examples as given, nothing scored
+    assert focus_examples(model, tokenizer, builder, train, rl_config(focus="all"))[0] == train
+    assert focus_examples(model, tokenizer, builder, train[:4], config) == (train[:4], {})
