@@ -265,6 +265,17 @@ def score_candidates(
     return out
 
 
+def score_gold(model: Any, tokenizer: Any, builder: Any, examples: Sequence[dict], answers: Sequence[str],
+               batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """`score_candidates` of `answers` after each example's prompt (shared prefix run once), and
+    the index of each example's gold answer among `answers`: ([n, K] summed log-probs, [n] ints)."""
+    prompts = [builder.prompt(ex) for ex in examples]
+    scores = score_candidates(model, tokenizer, prompts, answers, batch_size,
+                              prefix=find_shared_prefix(model, tokenizer, prompts))
+    gold = np.array([list(answers).index(builder.space.answer(ex["label"])) for ex in examples], dtype=int)
+    return scores, gold
+
+
 def score_candidates_naive(
     model: Any, tokenizer: Any, prompts: Sequence[str], candidates: Sequence[str]
 ) -> np.ndarray:

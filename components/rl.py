@@ -17,9 +17,11 @@ of prompt groups with zero reward variance (no learning signal) is logged as
 Prompt focus (`focus: informative`, the default): a group whose completions all get the same
 reward has zero advantage and teaches nothing, and after SFT most prompts are such groups (the
 policy is sure and right). Before training, the SFT policy scores the label candidates of a
-random draw of prompts (4x what the steps use); p = its probability of sampling the gold answer
-and the chance a group of G gets no contrast is p^G + (1-p)^G. The prompts with the lowest chance
-are kept (like DAPO's dynamic sampling, decided once up front). `focus: all` is a random draw.
+random draw of prompts (4x what the steps use); with P(r) the policy's probability of an answer
+whose reward is r (gold, `uncertain`, a wrong label; the rest of the mass is invalid text), the
+chance a group of G gets no contrast is the sum of P(r)^G. The prompts with the lowest chance are
+kept (like DAPO's dynamic sampling, decided once up front) and saved in focus.json for a resume.
+`focus: all` is a random draw. max_completion_length is raised to fit the longest answer.
 
 The held-out slice is decoded at step 0 (the SFT policy), every eval_every steps and at the
 end; the kept adapter is the best by macro-F1, so RL never hands back a policy that is worse
@@ -27,6 +29,7 @@ on held-out data than the one it started from.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -54,6 +57,8 @@ from components.training_common import (
     save_final,
     write_json,
 )
+
+FOCUS_FILE = "focus.json"  # the prompts the focus kept (reused when a run resumes)
 
 __all__ = ["RLConfig", "load_config", "train_rl", "load_policy", "focus_examples", "no_signal_chance"]
 
@@ -86,22 +91,35 @@ def load_policy(sft_dir: Path) -> tuple[Any, Any, dict]:
 
 
 def prompts_per_run(config: RLConfig) -> int:
-    """Distinct prompts GRPO draws over the run: steps x completions per step / group size."""
+    """Distinct prompts GRPO draws over the run (one process, one iteration per generation):
+    steps x completions per step / group size, as TRL's RepeatSampler draws them."""
     return max(1, config.max_steps * config.batch_size * config.grad_accum // max(config.num_generations, 1))
 
 
-def no_signal_chance(gold_logp: np.ndarray, num_generations: int, temperature: float = 1.0) -> np.ndarray:
-    """Chance that a group of `num_generations` samples is all gold or all not gold (zero advantage).
+def no_signal_chance(probs: np.ndarray, rewards: np.ndarray, invalid_reward: float, num_generations: int) -> np.ndarray:
+    """Chance that a group of `num_generations` sampled answers all get the same reward (zero advantage).
 
-    p(gold) is taken as exp(logp / temperature) of the gold answer's tokens (exact at temperature 1
-    for a sampled answer; the rest of the mass is other labels or invalid text).
+    Args:
+        probs: [n, K] probability of sampling each candidate answer (rows sum to <= 1; the rest is
+            text outside the label set).
+        rewards: [n, K] reward of each candidate answer for that row's gold label.
+        invalid_reward: reward of text outside the label set.
+        num_generations: group size G.
+
+    Returns:
+        [n]: sum over distinct rewards r of P(reward = r)^G.
 
     Example:
-        >>> no_signal_chance(np.log([1.0, 0.5]), 4).round(3).tolist()
-        [1.0, 0.125]
+        >>> no_signal_chance(np.array([[0.5, 0.5], [1.0, 0.0]]), np.array([[1.0, 0.0], [1.0, 0.0]]), -0.5, 2)
+        array([0.5, 1. ])
     """
-    p = np.clip(np.exp(np.asarray(gold_logp, dtype=np.float64) / max(temperature, 1e-6)), 0.0, 1.0)
-    return p**num_generations + (1.0 - p) ** num_generations
+    out = np.zeros(len(probs))
+    for i, (row, reward_row) in enumerate(zip(np.asarray(probs, dtype=np.float64), np.asarray(rewards))):
+        mass: dict[float, float] = {float(invalid_reward): max(0.0, 1.0 - float(row.sum()))}
+        for p, r in zip(row, reward_row):
+            mass[float(r)] = mass.get(float(r), 0.0) + float(p)
+        out[i] = sum(m**num_generations for m in mass.values())
+    return out
 
 
 def pick_informative(chances: np.ndarray, keep: int) -> list[int]:
@@ -119,36 +137,67 @@ def focus_examples(model: Any, tokenizer: Any, builder: Any, examples: list[dict
                    log: Any = print) -> tuple[list[dict], dict[str, float]]:
     """The RL examples `config.focus` keeps, and what the selection measured (`focus_*` stats).
 
-    'informative': a seeded random draw of `focus_candidates` examples (0 = 4x `prompts_per_run`)
-    is scored by the policy (`score_candidates`, shared prompt prefix); the `prompts_per_run` with
-    the lowest `no_signal_chance` are kept. Nothing is scored when the pool is no larger than the
-    run needs.
+    'informative': a seeded random draw of max(`focus_candidates` or 4x, 1x) `prompts_per_run`
+    examples is scored by the policy (`score_gold`: each answer's probability at temperature 1,
+    the rest of the mass = invalid text); the `prompts_per_run` with the lowest
+    `no_signal_chance` under the label reward are kept. Nothing is scored when the pool is no
+    larger than the run needs, or for reasoning strategies (the policy thinks before answering,
+    so a bare answer's probability says little).
     """
-    from components.decoding import find_shared_prefix, score_candidates
+    from components.decoding import score_gold
+    from components.rewards import make_label_reward
 
     need = prompts_per_run(config)
-    if config.focus == "all" or len(examples) <= need:
+    if config.focus == "all" or len(examples) <= need or builder.strategy.reasoning:
         return examples, {}
     started = time.time()
-    n = min(len(examples), config.focus_candidates or 4 * need)
+    n = min(len(examples), max(need, config.focus_candidates or 4 * need))
     candidates = random.Random(config.seed).sample(examples, n)
-    prompts = [builder.prompt(ex) for ex in candidates]
     answers = builder.space.answers
-    gold = [answers.index(builder.space.answer(ex["label"])) for ex in candidates]
     was_training = model.training
     model.eval()
-    scores = score_candidates(model, tokenizer, prompts, answers, config.eval_batch_size,
-                              prefix=find_shared_prefix(model, tokenizer, prompts))
-    model.train(was_training)
-    chances = no_signal_chance(scores[np.arange(n), gold], config.num_generations, config.temperature)
+    try:
+        scores, gold = score_gold(model, tokenizer, builder, candidates, answers, config.eval_batch_size)
+    finally:
+        model.train(was_training)
+    reward = make_label_reward(builder, config.uncertain_reward, config.invalid_penalty, config.wrong_reward)
+    rewards = np.array([reward(answers, label=[ex["label"]] * len(answers)) for ex in candidates])
+    chances = no_signal_chance(np.exp(scores), rewards, config.invalid_penalty, config.num_generations)
     kept = pick_informative(chances, need)
     stats = {"focus_scored": float(n), "focus_kept": float(len(kept)),
-             "focus_policy_accuracy": float((scores.argmax(axis=1) == np.array(gold)).mean()),
+             "focus_policy_accuracy": float((scores.argmax(axis=1) == gold).mean()),
              "focus_no_signal_scored": float(chances.mean()), "focus_no_signal_kept": float(chances[kept].mean()),
              "focus_seconds": round(time.time() - started, 1)}
     log(f"RL focus: kept {len(kept)} of {n} scored prompts; expected share of groups with no learning signal "
         f"{stats['focus_no_signal_scored']:.2f} -> {stats['focus_no_signal_kept']:.2f} ({stats['focus_seconds']} s)")
     return [candidates[i] for i in kept], stats
+
+def cached_focus(model: Any, tokenizer: Any, builder: Any, examples: list[dict], config: RLConfig, path: Path,
+                 key_data: dict, log: Any = print) -> tuple[list[dict], dict[str, float]]:
+    """`focus_examples`, remembered in `path` so a resumed run trains on the same prompts without
+    scoring again (the key: config, pool ids and `key_data`, e.g. the SFT adapter)."""
+    key = fingerprint({"config": asdict_config(config), "pool": [ex["id"] for ex in examples], **key_data})
+    saved = read_json(path, {})
+    if saved.get("key") == key:
+        by_id = {ex["id"]: ex for ex in examples}
+        log(f"RL focus: the {len(saved['ids'])} prompts chosen before ({path})")
+        return [by_id[i] for i in saved["ids"]], saved["stats"]
+    kept, stats = focus_examples(model, tokenizer, builder, examples, config, log)
+    write_json(path, {"key": key, "ids": [ex["id"] for ex in kept], "stats": stats})
+    return kept, stats
+
+
+def fit_completion_budget(config: RLConfig, tokenizer: Any, builder: Any, log: Any = print) -> RLConfig:
+    """The config with max_completion_length raised to the longest answer (+ end of turn) when a
+    direct-answer budget is too short to write it (20newsgroups' comp.sys.ibm.pc.hardware is 10 tokens)."""
+    from components.decoding import candidate_ids
+
+    longest = max(len(ids) for ids in candidate_ids(tokenizer, builder.space.answers))
+    if builder.strategy.reasoning or config.max_completion_length >= longest:
+        return config
+    log(f"RL: max_completion_length {config.max_completion_length} cannot hold the longest answer "
+        f"({longest} tokens with the end of turn); raised to {longest}")
+    return dataclasses.replace(config, max_completion_length=longest)
 
 
 def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_funcs: list, weights: list[float],
@@ -204,7 +253,9 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     strategy = Strategy.parse(config.train_strategy or sft_info.get("train_strategy") or "naive")
     labels, train, held, pool = load_data(dataset, data_dir, config.train_size, config.eval_size, config.seed)
     builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
-    train, focus_stats = focus_examples(model, tokenizer, builder, train, config, log)
+    config = fit_completion_budget(config, tokenizer, builder, log)
+    train, focus_stats = cached_focus(model, tokenizer, builder, train, config, out_dir / FOCUS_FILE,
+                                      {"sft": str(sft_dir), "sft_config": sft_info}, log)
     builder.truncated = 0
     rows = [{"prompt": builder.prompt(ex), "label": ex["label"]} for ex in train]
     log(f"RL {dataset}: {len(rows)} prompts ({builder.truncated} truncated), {len(held)} held out, "

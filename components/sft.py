@@ -112,16 +112,13 @@ def select_uncertain(model: Any, tokenizer: Any, builder: Any, examples: list[di
     """
     import numpy as np
 
-    from components.decoding import find_shared_prefix, score_candidates
+    from components.decoding import score_gold
 
     start = time.time()
     scored = examples[: config.uncertain_max_scored] if config.uncertain_max_scored > 0 else list(examples)
     space = builder.space
     real = [space.answer(label) for label in space.labels]
-    prompts = [builder.prompt(ex) for ex in scored]
-    scores = np.asarray(score_candidates(model, tokenizer, prompts, real, batch_size,
-                                         prefix=find_shared_prefix(model, tokenizer, prompts)))
-    gold = np.array([space.labels.index(ex["label"]) for ex in scored])
+    scores, gold = score_gold(model, tokenizer, builder, scored, real, batch_size)
     gold_scores = scores[np.arange(len(scored)), gold]
     others = scores.copy()
     others[np.arange(len(scored)), gold] = -np.inf

@@ -70,6 +70,8 @@ METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "abstention_rate", "answe
 #      its prompts one at a time, GRPO 24 steps took 57 s with no learning signal (grad norm ~5e-5 at 98%
 #      held-out accuracy); ~4 min per dataset. Hence batch 128 (lr 5e-4: ~40 steps, as the cpu profile
 #      found for few steps) and 12 GRPO steps: expected ~1.5 min per dataset, not yet re-measured.
+# Both: GRPO trains on the prompts most likely to carry a learning signal (rl.focus=informative, scored by
+#      the SFT policy; components.rl.focus_examples).
 STUDY_PROFILES: dict[str, dict[str, Any]] = {
     "cpu": {
         "training_profile": "quick",

@@ -75,49 +75,98 @@ def test_grpo_resumes_after_interruption(sft_run, tmp_path):
     out = train_rl("toy", config, sft_dir=sft_dir, out_dir=tmp_path / "rl", data_dir=data)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 1 and metrics["global_step"] == 3
+    assert metrics["focus_kept"] == 6  # the resumed run trains on the prompts the first one chose (focus.json)
 
 
-def test_no_signal_chance_and_pick():
+
+def test_no_signal_chance_counts_reward_classes():
     import numpy as np
 
     from components.rl import no_signal_chance, pick_informative, prompts_per_run
 
-    chances = no_signal_chance(np.log([1.0, 1e-9, 0.5, 0.9]), 4)
-    assert chances[0] == pytest.approx(1.0) and chances[1] == pytest.approx(1.0)  # sure right / sure wrong
-    assert chances[2] == pytest.approx(2 * 0.5**4)  # the most informative a prompt can be
-    assert chances[3] == pytest.approx(0.9**4 + 0.1**4)
+    # answers: gold (1), uncertain (0.5), two wrong labels (0); the rest of the mass is invalid text (-0.5)
+    rewards = np.array([[1.0, 0.5, 0.0, 0.0]] * 4)
+    probs = np.array([[1.0, 0, 0, 0],  # sure and right: every group all 1
+                      [0, 0, 0.5, 0.5],  # sure it is one of the wrong labels: every group all 0
+                      [0.5, 0, 0.25, 0.25],  # right half the time
+                      [0.1, 0.45, 0.45, 0.0]])  # the wrong classes are not one class
+    chances = no_signal_chance(probs, rewards, -0.5, 4)
+    assert chances[:2] == pytest.approx([1.0, 1.0])
+    assert chances[2] == pytest.approx(2 * 0.5**4)
+    assert chances[3] == pytest.approx(0.1**4 + 0.45**4 + 0.45**4)  # not 0.1**4 + 0.9**4
+    # mass the answers leave is invalid text, its own reward class
+    assert no_signal_chance(np.array([[0.5, 0.0]]), np.array([[1.0, 0.0]]), -0.5, 2)[0] == pytest.approx(0.5)
     assert pick_informative(chances, 2) == [2, 3]
-    # temperature flattens: at T=2 a gold answer with p=0.25 is sampled with p=0.5
-    assert no_signal_chance(np.log([0.25]), 4, temperature=2.0)[0] == pytest.approx(2 * 0.5**4)
-    assert prompts_per_run(rl_config(max_steps=3, batch_size=8, num_generations=4, grad_accum=2)) == 12
+    # the trainer's own count of prompts per generation round
+    from trl import GRPOConfig
+
+    config = rl_config(max_steps=3, batch_size=8, num_generations=4, grad_accum=2)
+    args = GRPOConfig(output_dir="unused", per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                      num_generations=4, max_steps=3, use_cpu=True, report_to=[])
+    assert prompts_per_run(config) == 3 * args.generation_batch_size // args.num_generations == 12
 
 
-def test_focus_keeps_the_prompts_with_learning_signal(sft_run):
+def test_focus_keeps_the_prompts_with_learning_signal(sft_run, monkeypatch):
     import numpy as np
 
-    from components.decoding import find_shared_prefix, score_candidates
-    from components.rl import focus_examples, load_policy, no_signal_chance
-    from components.sft import load_data, make_builder
+    import components.decoding as decoding
     from components.prompts import Strategy
+    from components.rl import focus_examples, load_policy
+    from components.sft import load_data, make_builder
 
     data, sft_dir = sft_run
     model, tokenizer, _ = load_policy(sft_dir)
     labels, train, _, pool = load_data("toy", data, 0, 0, 0)
-    builder = make_builder(tokenizer, labels, Strategy.parse("naive"), pool, 64, 0)
-    config = rl_config(max_steps=2, batch_size=4, num_generations=2, focus_candidates=len(train))
+    builder = make_builder(tokenizer, labels, Strategy.parse("numeric,uncertain"), pool, 64, 0)
+    # a policy whose gold-answer probability is known per example: 0.6 for ids ending in 1 or 4 (most
+    # informative), 0.9 for 7, ~0 for 9 (sure and wrong: no signal), else 1.0 (sure and right: no signal)
+    p_gold = {ex["id"]: {"1": 0.6, "4": 0.6, "7": 0.9, "9": 1e-9}.get(ex["id"][-1], 1.0) for ex in train}
+    seen = []
+
+    def fake_scores(model, tokenizer, builder, examples, answers, batch_size=16):
+        seen.append(list(answers))
+        gold = np.array([answers.index(builder.space.answer(ex["label"])) for ex in examples])
+        probs = np.full((len(examples), len(answers)), 1e-12)
+        for i, ex in enumerate(examples):
+            probs[i, gold[i]] = p_gold[ex["id"]]
+            probs[i, (gold[i] + 1) % 2] = 1.0 - p_gold[ex["id"]]  # the other real label
+        return np.log(np.maximum(probs, 1e-300)), gold
+
+    monkeypatch.setattr(decoding, "score_gold", fake_scores)
+    informative = {i for i, p in p_gold.items() if p == 0.6}
+    likely = {i for i, p in p_gold.items() if p == 0.9}
+    config = rl_config(max_steps=len(informative) + len(likely), batch_size=4, num_generations=4,
+                       focus_candidates=len(train))
     kept, stats = focus_examples(model, tokenizer, builder, train, config, log=lambda m: None)
     assert model.training  # handed back in train mode
-    assert len(kept) == 4 and stats["focus_scored"] == len(train)
-    # independent check: the kept examples are exactly the 4 lowest no-signal chances of the whole pool
-    answers = builder.space.answers
-    prompts = [builder.prompt(ex) for ex in train]
-    scores = score_candidates(model, tokenizer, prompts, answers, config.eval_batch_size,
-                              prefix=find_shared_prefix(model, tokenizer, prompts))
-    gold = [answers.index(builder.space.answer(ex["label"])) for ex in train]
-    chance = dict(zip([ex["id"] for ex in train], no_signal_chance(scores[np.arange(len(train)), gold], 2)))
-    assert {ex["id"] for ex in kept} == set(sorted(chance, key=chance.get)[:4])
-    assert stats["focus_no_signal_kept"] <= stats["focus_no_signal_scored"]
-    assert stats["focus_no_signal_kept"] == pytest.approx(np.mean([chance[ex["id"]] for ex in kept]), abs=1e-4)
-    # focus=all, or a pool no larger than the run needs: the examples as given, nothing scored
+    assert seen[0] == ["1", "2", "uncertain"]  # numeric answers and `uncertain` scored, as the policy writes them
+    assert {ex["id"] for ex in kept} == informative | likely
+    assert stats["focus_kept"] == len(kept) and stats["focus_scored"] == len(train)
+    wrong = sum(p < 0.5 for p in p_gold.values())
+    assert wrong and stats["focus_policy_accuracy"] == pytest.approx(1 - wrong / len(train))
+    expected = (len(informative) * (0.6**4 + 0.4**4) + len(likely) * (0.9**4 + 0.1**4)) / len(kept)
+    assert stats["focus_no_signal_kept"] == pytest.approx(expected, abs=1e-6)
+    # focus=all, a pool no larger than the run needs, or a reasoning strategy: the examples as given
     assert focus_examples(model, tokenizer, builder, train, rl_config(focus="all"))[0] == train
     assert focus_examples(model, tokenizer, builder, train[:4], config) == (train[:4], {})
+    thinking = make_builder(tokenizer, labels, Strategy.parse("reasoning"), pool, 64, 0)
+    assert focus_examples(model, tokenizer, thinking, train, config) == (train, {})
+    # focus_candidates below what the run needs still gives the run its prompts
+    assert len(focus_examples(model, tokenizer, builder, train, rl_config(focus_candidates=1))[0]) == 4
+
+
+def test_rl_run_records_focus_and_a_completion_budget_that_fits_the_labels(sft_run, tmp_path):
+    from components.rl import FOCUS_FILE, train_rl
+
+    data, sft_dir = sft_run
+    logged = []
+    config = rl_config(max_steps=1, eval_size=0, max_completion_length=1)  # 2 prompts of 8; labels need 3 tokens
+    out = train_rl("toy", config, sft_dir=sft_dir, out_dir=tmp_path / "rl", data_dir=data,
+                   log_fn=lambda m, s: logged.append(m))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["focus_kept"] == 2 and metrics["focus_scored"] == 8
+    assert any("rl/focus_no_signal_kept" in m for m in logged)
+    info = json.loads((out / "gencls_config.json").read_text())
+    assert info["config"]["max_completion_length"] > 1  # raised to the longest answer + end of turn
+    chosen = json.loads((out / FOCUS_FILE).read_text())["ids"]
+    assert len(chosen) == 2
