@@ -103,7 +103,7 @@ class RLConfig:
     wrong_reward: float = _f(0.0, "reward for a wrong but valid label")
     format_reward: float = _f(0.2, "weight of the <think>...</think> format reward (reasoning strategies only)")
     logging_steps: int = _f(1, "log rewards every N steps")
-    seed: int = _f(0, "seed for subsampling, sampling and data order")
+    seed: int = _f(0, "seed for subsampling, the focus's draw of prompts, sampling and data order")
     bf16: bool = _f(False, "bf16 autocast with fp32 master weights (only used on CUDA)")
     focus: str = _f("informative", "RL prompts: 'informative' = those whose groups are least likely to get one "
                     "reward for every completion under the SFT policy (no learning signal); 'all' = a random draw",
