@@ -45,6 +45,7 @@ from components.training_common import (
     LogFn,
     RLConfig,
     asdict_config,
+    eval_mode,
     trainer_settings,
     fingerprint,
     library_versions,
@@ -154,12 +155,8 @@ def focus_examples(model: Any, tokenizer: Any, builder: Any, examples: list[dict
     n = min(len(examples), max(need, config.focus_candidates or 4 * need))
     candidates = random.Random(config.seed).sample(examples, n)
     answers = builder.space.answers
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         scores, gold = score_gold(model, tokenizer, builder, candidates, answers, config.eval_batch_size)
-    finally:
-        model.train(was_training)
     reward = make_label_reward(builder, config.uncertain_reward, config.invalid_penalty, config.wrong_reward)
     rewards = np.array([reward(answers, label=[ex["label"]] * len(answers)) for ex in candidates])
     chances = no_signal_chance(np.exp(scores), rewards, config.invalid_penalty, config.num_generations)
@@ -171,6 +168,7 @@ def focus_examples(model: Any, tokenizer: Any, builder: Any, examples: list[dict
     log(f"RL focus: kept {len(kept)} of {n} scored prompts; expected share of groups with no learning signal "
         f"{stats['focus_no_signal_scored']:.2f} -> {stats['focus_no_signal_kept']:.2f} ({stats['focus_seconds']} s)")
     return [candidates[i] for i in kept], stats
+
 
 def cached_focus(model: Any, tokenizer: Any, builder: Any, examples: list[dict], config: RLConfig, path: Path,
                  key_data: dict, log: Any = print) -> tuple[list[dict], dict[str, float]]:

@@ -32,6 +32,7 @@ from components.training_common import (
     LogFn,
     SFTConfig,
     asdict_config,
+    eval_mode,
     trainer_settings,
     fingerprint,
     library_versions,
@@ -211,9 +212,8 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
     stats: dict[str, float] = {}
     uncertain_ids: set[str] = set()
     if strategy.uncertain and config.uncertain_policy == "margin":
-        model.eval()
-        uncertain_ids, stats = select_uncertain(model, tokenizer, builder, train, config)
-        model.train()
+        with eval_mode(model):
+            uncertain_ids, stats = select_uncertain(model, tokenizer, builder, train, config)
         log(f"uncertain targets: {len(uncertain_ids)} of {len(train)} (margin rule; {stats})")
     builder.truncated = 0
     rows = build_sft_rows(builder, train, uncertain_ids)

@@ -15,6 +15,7 @@ stages); unknown override keys are an error that lists the valid ones.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,7 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 LogFn = Callable[[dict[str, float], int], None]
 CONFIG_FILE = "gencls_config.json"
@@ -455,13 +456,10 @@ class GenerativeEval:
         from components.decoding import predict
         from components.evaluation import compute_metrics
 
-        was_training = model.training
-        model.eval()
         start = time.time()
-        records = predict(model, self.tokenizer, self.builder, self.examples, batch_size=self.batch_size,
-                          progress=False)
-        if was_training:
-            model.train()
+        with eval_mode(model):
+            records = predict(model, self.tokenizer, self.builder, self.examples, batch_size=self.batch_size,
+                              progress=False)
         metrics = compute_metrics(records, self.labels)
         entry = {"step": step, "accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
                  "invalid_rate": float(metrics.get("invalid_rate", 0.0)), "seconds": round(time.time() - start, 1),
@@ -517,6 +515,17 @@ def trainer_settings(config: Any, trainer_dir: Path) -> dict[str, Any]:
             "learning_rate": config.learning_rate, "logging_steps": config.logging_steps,
             "save_steps": config.save_steps, "seed": config.seed, "data_seed": config.seed,
             **device_settings(config.bf16)}
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """The model in eval mode inside the block; its train/eval mode is restored after, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def printer(log_fn: LogFn | None = None) -> Callable[[str], None]:
