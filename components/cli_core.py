@@ -62,6 +62,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _threads_option(dec)
     dec.set_defaults(func=_guard(cmd_bench_decoding))
 
+    tr = bench_sub.add_parser("train", help="SFT paths and the GRPO step vs a raw LoRA forward+backward")
+    tr.add_argument("--dataset", default="trec6", help="dataset whose training prompts are used (default trec6)")
+    tr.add_argument("--strategy", default="naive", help="training strategy spec (default naive)")
+    tr.add_argument("--model", default="smollm2-135m", help="base model (default smollm2-135m)")
+    tr.add_argument("--n", type=int, default=64, help="training examples timed per SFT path (default 64)")
+    tr.add_argument("--batch-size", type=int, default=8, help="examples per SFT step (default 8)")
+    tr.add_argument("--engines", nargs="+", default=["trl", "answer-only", "shared-prefix"],
+                    choices=["trl", "answer-only", "shared-prefix"], help="SFT paths to time (default all three)")
+    tr.add_argument("--grpo-steps", type=int, default=3, help="GRPO steps timed per engine after a warm-up (0: skip)")
+    tr.add_argument("--generations", type=int, nargs="+", default=[4, 8], help="GRPO group sizes (default 4 8)")
+    tr.add_argument("--sft-dir", type=Path, default=None,
+                    help="SFT adapter the GRPO policy starts from (default checkpoints/<dataset>/sft when it exists)")
+    _threads_option(tr)
+    tr.set_defaults(func=_guard(cmd_bench_train))
+
 
 def _threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
@@ -188,16 +203,27 @@ def cmd_bench_decoding(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """Training paths vs a raw LoRA forward+backward on the dataset's prompts."""
+    from benchmarks import bench_train
+    from components import config as project_config
+
+    _check_dataset(args.dataset, None)
+    if args.n < 2 * args.batch_size or args.batch_size < 1:
+        raise ValueError("bench train: need --batch-size >= 1 and --n >= 2 x --batch-size (the first step warms up)")
+    sft_dir = args.sft_dir or project_config.checkpoints_dir() / args.dataset / "sft"
+    if args.sft_dir and not (sft_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(f"--sft-dir {sft_dir}: no SFT adapter there")
+    result = bench_train.run_benchmark(
+        dataset=args.dataset, strategy=args.strategy, model=args.model, n=args.n, batch_size=args.batch_size,
+        engines=tuple(args.engines), grpo_steps=args.grpo_steps, generations=tuple(args.generations),
+        sft_dir=sft_dir if (sft_dir / "adapter_config.json").exists() else None)
+    print(bench_train.format_report(result))
+    return 0
+
+
 def _load_benchmark():
-    """benchmarks/bench_decoding.py of the repository checkout (not part of the wheel)."""
-    import importlib.util
+    """benchmarks.bench_decoding (an importable module of the repository checkout)."""
+    from benchmarks import bench_decoding
 
-    from components.config import REPO_ROOT
-
-    path = REPO_ROOT / "benchmarks" / "bench_decoding.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: the benchmark lives in the repository checkout; run from a clone")
-    spec = importlib.util.spec_from_file_location("gencls_bench_decoding", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_decoding

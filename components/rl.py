@@ -200,7 +200,8 @@ def fit_completion_budget(config: RLConfig, tokenizer: Any, builder: Any, log: A
 
 def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_funcs: list, weights: list[float],
                        config: RLConfig, trainer_dir: Path, callbacks: list = ()):
-    """A GRPOTrainer over prompt rows (`prompt`, `label`)."""
+    """A GRPOTrainer over prompt rows (`prompt`, `label`); `config.engine='group-shared'` (default) runs each
+    prompt once for its group (`components.engine`), 'trl' is TRL's own trainer."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -214,8 +215,13 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_func
         reward_weights=weights,
         log_completions=False,
     )
-    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(rows),
-                       processing_class=tokenizer, callbacks=list(callbacks))
+    trainer_class = GRPOTrainer
+    if config.engine == "group-shared":
+        from components.engine import make_grpo_trainer_class
+
+        trainer_class = make_grpo_trainer_class()
+    return trainer_class(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=list(callbacks))
 
 
 def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path | None = None,

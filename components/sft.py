@@ -156,12 +156,18 @@ def lora_config(config: Any):
 
 def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfig, trainer_dir: Path,
                   callbacks: list = ()):
-    """An SFTTrainer on prompt/completion rows with completion-only loss."""
+    """An SFTTrainer on prompt/completion rows with completion-only loss.
+
+    `config.engine` picks the step: 'shared-prefix' (default) and 'answer-only' use
+    `components.engine` (exact; logits at answer positions only, the first also runs the batch's
+    common prompt prefix once); 'trl' is TRL's own SFTTrainer loss.
+    """
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
     eos = IM_END if IM_END in tokenizer.get_vocab() else None
+    fast = config.engine != "trl"
     args = TRLSFTConfig(
         **trainer_settings(config, trainer_dir),
         num_train_epochs=config.epochs,
@@ -171,9 +177,20 @@ def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfi
         max_length=None,  # truncation happens in the text (PromptBuilder), never in the label
         eos_token=eos,
         dataset_num_proc=None,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
     )
-    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      peft_config=lora_config(config) if config.lora else None, callbacks=list(callbacks))
+    kwargs: dict[str, Any] = {}
+    trainer_class = SFTTrainer
+    if fast:
+        from components.engine import SharedPrefixCollator, make_sft_trainer_class
+
+        trainer_class = make_sft_trainer_class()
+        trainer_class.token_metrics = config.token_metrics
+        kwargs["data_collator"] = SharedPrefixCollator(pad_id=tokenizer.pad_token_id,
+                                                       share=config.engine == "shared-prefix")
+    return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=lora_config(config) if config.lora else None, callbacks=list(callbacks),
+                         **kwargs)
 
 
 def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path | None = None,

@@ -78,6 +78,12 @@ class SFTConfig:
     logging_steps: int = _f(5, "log loss every N steps")
     seed: int = _f(0, "seed for subsampling, LoRA init and data order")
     bf16: bool = _f(False, "bf16 autocast with fp32 master weights (only used on CUDA)")
+    engine: str = _f("shared-prefix", "SFT step: 'shared-prefix' = the batch's common prompt prefix runs once and "
+                     "logits are taken at answer positions only; 'answer-only' = answer logits without the shared "
+                     "prefix; 'trl' = TRL's own loss (logits, entropy and token accuracy for every position)",
+                     choices=("shared-prefix", "answer-only", "trl"))
+    token_metrics: bool = _f(False, "log the answer tokens' entropy and top-1 accuracy every step (a full-vocab pass)")
+    group_by_length: bool = _f(True, "batches of similar prompt length (less padding; transformers' length sampler)")
 
 
 @dataclass
@@ -109,6 +115,9 @@ class RLConfig:
     focus: str = _f("informative", "RL prompts: 'informative' = those whose groups are least likely to get one "
                     "reward for every completion under the SFT policy (no learning signal); 'all' = a random draw",
                     choices=("informative", "all"))
+    engine: str = _f("group-shared", "GRPO passes: 'group-shared' = each prompt's forward runs once for its G "
+                     "completions (generation, policy and reference log-probs); 'trl' = one copy per completion",
+                     choices=("group-shared", "trl"))
     focus_candidates: int = _f(0, "informative focus scores this many random prompts (0 = 4x the prompts the "
                                "steps use)")
 

@@ -68,8 +68,12 @@ def test_loss_mask_covers_exactly_the_label_and_eos(tiny_model_dir, toy_data, tm
     trainer = build_trainer(model, tok, rows, tiny_config(tiny_model_dir), tmp_path / "t")
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    prefix = batch["prefix_ids"][0].tolist()  # the batch's shared prompt prefix, run once
+    assert len(prefix) > 0
     for i, ex in enumerate(train):
-        labels, ids = batch["labels"][i].tolist(), batch["input_ids"][i].tolist()
+        keep = batch["attention_mask"][i].bool()
+        labels = [-100] * len(prefix) + batch["labels"][i][keep].tolist()
+        ids = prefix + batch["input_ids"][i][keep].tolist()
         supervised = [t for t in labels if t != -100]
         # expected: the answer tokens then one <|im_end|>; prompt and padding are -100
         assert supervised == tok(ex["label"], add_special_tokens=False)["input_ids"] + [im_end]
@@ -81,6 +85,7 @@ def test_loss_mask_covers_exactly_the_label_and_eos(tiny_model_dir, toy_data, tm
 def test_one_step_changes_only_adapter_and_lowers_loss(tiny_model_dir, toy_data, tmp_path):
     import torch
 
+    from components.engine import answer_loss
     from components.sft import build_trainer
 
     model, tok, builder, train, rows = _rows(tiny_model_dir, toy_data)
@@ -90,11 +95,11 @@ def test_one_step_changes_only_adapter_and_lowers_loss(tiny_model_dir, toy_data,
     peft_model = trainer.model
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     with torch.no_grad():
-        loss_before = peft_model(**batch).loss.item()
+        loss_before = answer_loss(peft_model, batch)[0].item()
     trainer.train()
     peft_model.eval()
     with torch.no_grad():
-        loss_after = peft_model(**batch).loss.item()
+        loss_after = answer_loss(peft_model, batch)[0].item()
     changed = {n for n, p in peft_model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed, "nothing was trained"
     assert all("lora_" in n for n in changed)  # base weights identical

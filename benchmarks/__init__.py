@@ -1,0 +1,1 @@
+"""Speed benchmarks (`gencls bench decoding|train`): each prints ratios measured in one run."""
