@@ -124,13 +124,13 @@ class RLConfig:
 
 CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rl": RLConfig}
 
-# Built-in profiles. quick: trec6 on SmolLM2, 2 CPU cores, SFT+RL+eval < 15 min. Measured
-# through SFTTrainer on an idle 2-core machine: ~5.8 s per step of 8 trec6 prompts (~100 tok/s),
-# so 600 examples = 75 steps ~ 8 min; GRPO ~26 s per step of 16 completions, ~13 s per 8:
-# 16 steps of 8 completions ~ 3.5 min.
+# Built-in profiles. quick: trec6 on SmolLM2, 2 CPU cores, `make run` <= 10 min. Measured with the
+# shared-prefix engine (`gencls bench train`, idle 2-core machine): ~1.9 s per SFT step of 8 trec6
+# prompts (TRL's own loss: ~4.7 s), so 1,000 examples = 125 steps ~ 4 min; a group-shared GRPO
+# step of 8 completions ~4 s (TRL's: ~9.5 s): 16 steps ~ 1 min.
 # full: a GPU, all training data, more RL steps.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "quick": {"sft": {"train_size": 600},
+    "quick": {"sft": {"train_size": 1000},
               "rl": {"max_steps": 16, "batch_size": 8, "eval_every": 8, "eval_size": 60}},
     "full": {
         "sft": {"train_size": 0, "eval_size": 500, "epochs": 2.0, "batch_size": 32, "eval_every_steps": 200,
