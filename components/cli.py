@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from components.config import set_offline_env
+from components.threads import apply_thread_policy
 
 # Modules that contribute subcommands; each exposes `add_commands(subparsers)`.
 # Every subcommand sets `func(args) -> int | None` via set_defaults.
@@ -40,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gencls` console script."""
     set_offline_env()
     args = build_parser().parse_args(argv)
+    try:
+        apply_thread_policy(threads=getattr(args, "threads", None))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -1,9 +1,11 @@
-"""`gencls prompt show`, `gencls evaluate` and `gencls bench decoding`.
+"""`gencls prompt show`, `gencls evaluate` and `gencls bench decoding|train|serve`.
 
 Usage:
     gencls prompt show --dataset trec6 --strategy icl=semantic,k=4,definitions,numeric --index 0
     gencls evaluate --dataset trec6 --model smollm2-135m --strategy decoding=perplexity --limit 200
     gencls bench decoding --labels 6 --prompt-tokens 128 --n 20 --model smollm2-135m
+    gencls bench train --dataset trec6        # SFT paths and the GRPO step vs a raw LoRA forward+backward
+    gencls bench serve --dataset trec6        # `gencls serve` latency over HTTP
 """
 from __future__ import annotations
 
@@ -77,10 +79,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _threads_option(tr)
     tr.set_defaults(func=_guard(cmd_bench_train))
 
+    sv = bench_sub.add_parser("serve", help="latency of `gencls serve` over HTTP: one text and a batch")
+    sv.add_argument("--dataset", default="trec6", help="dataset whose registered model is served (default trec6)")
+    sv.add_argument("--alias", default="champion", help="registry alias (default champion)")
+    sv.add_argument("--batch", type=int, default=100, help="texts in the batch request (default 100)")
+    sv.add_argument("--repeats", type=int, default=5, help="single-text requests timed (default 5)")
+    sv.add_argument("--workers", type=int, default=1, help="uvicorn workers of the server (default 1)")
+    sv.set_defaults(func=_guard(cmd_bench_serve))
+
 
 def _threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is much faster when other jobs share the CPU)")
+                        help="torch CPU threads (default: GENCLS_THREADS, else every core this process may use; "
+                             "1 is much faster when other jobs share the CPU)")
 
 
 def _guard(handler):
@@ -91,10 +102,6 @@ def _guard(handler):
         from components.models import ModelError
 
         try:
-            if getattr(args, "threads", None):
-                import torch
-
-                torch.set_num_threads(args.threads)
             return handler(args)
         except (ValueError, DataError, ModelError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -219,6 +226,18 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         engines=tuple(args.engines), grpo_steps=args.grpo_steps, generations=tuple(args.generations),
         sft_dir=sft_dir if (sft_dir / "adapter_config.json").exists() else None)
     print(bench_train.format_report(result))
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    """Start `gencls serve`, time one text and a batch over HTTP, stop it."""
+    from benchmarks import bench_serve
+
+    _check_dataset(args.dataset, None)
+    if args.batch < 1 or args.repeats < 1 or args.workers < 1:
+        raise ValueError("bench serve: need --batch, --repeats and --workers >= 1")
+    print(bench_serve.format_report(bench_serve.run_benchmark(args.dataset, args.alias, args.batch, args.repeats,
+                                                              args.workers)))
     return 0
 
 

@@ -67,6 +67,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--dataset", required=True)
     serve.add_argument("--alias", default="champion")
     serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="uvicorn workers (default 1); each takes cores // workers torch threads")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -217,10 +219,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_command(dataset: str, port: int, alias: str = "champion") -> list[str]:
+def serve_command(dataset: str, port: int, alias: str = "champion", workers: int = 1) -> list[str]:
     """The `mlflow models serve` command line for a dataset's aliased model."""
     return [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/gencls-{dataset}@{alias}",
-            "--env-manager", "local", "-h", HOST, "-p", str(port)]
+            "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", str(workers)]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -230,5 +232,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = tracking.configure()
     bin_dir = str(Path(sys.executable).parent)  # the scoring server execs `uvicorn` from PATH
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    print(f"serving models:/gencls-{args.dataset}@{args.alias} on http://{HOST}:{args.port}/invocations")
-    return subprocess.call(serve_command(args.dataset, args.port, args.alias))
+    from components.serving import SERVE_WORKERS_ENV
+    from components.threads import apply_thread_policy
+
+    workers = max(1, int(getattr(args, "workers", 1) or 1))
+    os.environ[SERVE_WORKERS_ENV] = str(workers)
+    threads = apply_thread_policy(workers=workers)  # exported to the server: no worker takes every core
+    print(f"serving models:/gencls-{args.dataset}@{args.alias} on http://{HOST}:{args.port}/invocations "
+          f"({workers} worker(s) x {threads} torch thread(s))")
+    return subprocess.call(serve_command(args.dataset, args.port, args.alias, workers))

@@ -182,28 +182,80 @@ def _expand_cache(cache: Any, index: Any) -> Any:
                          for layer in cache.layers])
 
 
+def split_common_prefix(prompt_ids: Any, prompt_mask: Any, min_prefix: int = MIN_SHARED_PREFIX) -> tuple[Any, Any, Any]:
+    """Left-padded prompts -> (common prefix [1, n], left-padded rests [R, W], their mask).
+
+    n is the longest token prefix all rows' real tokens share, keeping at least one token in
+    every rest (0 for a single row or a prefix shorter than `min_prefix`).
+
+    Example:
+        >>> import torch
+        >>> ids = torch.tensor([[0, 5, 6, 7], [5, 6, 8, 9]])
+        >>> [t.tolist() for t in split_common_prefix(ids, (ids > 0).long(), min_prefix=2)]
+        [[[5, 6]], [[0, 7], [8, 9]], [[0, 1], [1, 1]]]
+    """
+    import torch
+
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+    n = shared_prefix_length(rows, min_prefix) if len(rows) > 1 else 0
+    rests = [row[n:] for row in rows]
+    width = max(len(r) for r in rests)
+    pad = int(prompt_ids[0, 0]) if not prompt_mask[0, 0] else 0
+    device = prompt_ids.device
+    rest_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rests], dtype=prompt_ids.dtype, device=device)
+    rest_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], dtype=prompt_mask.dtype,
+                             device=device)
+    return torch.tensor([rows[0][:n]], dtype=prompt_ids.dtype, device=device), rest_ids, rest_mask
+
+
+def prompt_pass(model: Any, prefix_ids: Any, rest_ids: Any, rest_mask: Any) -> tuple[Any, Any, Any]:
+    """Run [common prefix once | each row's rest] -> (cache, last position's logits [R, 1, V] or None, mask).
+
+    The prefix runs as a batch of one and its cache is broadcast to the rows; every token sits
+    at its true position (its index among the row's real tokens). `mask` covers the cache.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    rows, n = rest_ids.shape[0], prefix_ids.shape[1]
+    kwargs: dict[str, Any] = {}
+    if n:
+        cache, _ = prefix_cache(model, prefix_ids, rows)
+        kwargs[_cache_kwarg(model)] = cache
+    ones = torch.ones((rows, n), dtype=rest_mask.dtype, device=rest_mask.device)
+    mask = torch.cat([ones, rest_mask], dim=1)
+    if rest_ids.shape[1] == 0:
+        return kwargs.get(_cache_kwarg(model), DynamicCache()), None, mask
+    positions = n + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=rest_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **kwargs)
+    return _output_cache(out), out.logits[:, -1:], mask
+
+
 def group_shared_logps(model: Any, input_ids: Any, attention_mask: Any, logits_to_keep: int,
                        temperature: float = 1.0, compute_entropy: bool = False) -> tuple[Any, Any]:
     """Per-token log-probs (and entropies) of the last `logits_to_keep` tokens of each row.
 
-    The same numbers as one forward over [prompt | completion] per row (positions 0..T-1 like
-    TRL's unshared pass), with each unique prompt run once: its last position predicts the first
-    completion token, its cache is expanded to its rows, and the completions run on top.
+    The same numbers as one forward over [prompt | completion] per row (TRL's unshared pass;
+    RoPE attention depends on relative positions only, so dropping the left padding changes
+    nothing but rounding): the prompts' common prefix runs once, each unique prompt's rest once,
+    its last position predicts the first completion token, its cache is expanded to its G rows,
+    and only the completions run per row.
     """
     import torch
 
     width = input_ids.shape[1] - logits_to_keep
     prompt_ids, prompt_mask = input_ids[:, :width], attention_mask[:, :width]
     firsts, group = prompt_groups(prompt_ids, prompt_mask)
-    head = model(input_ids=prompt_ids[firsts], attention_mask=prompt_mask[firsts], use_cache=True, logits_to_keep=1)
-    cache = _expand_cache(_output_cache(head), group)
-    first = head.logits[:, -1:][group]
+    cache, last, mask = prompt_pass(model, *split_common_prefix(prompt_ids[firsts], prompt_mask[firsts]))
+    logits = last[group]
     if logits_to_keep > 1:
-        tail = model(input_ids=input_ids[:, width:-1], attention_mask=attention_mask[:, :-1], use_cache=True,
-                     **{_cache_kwarg(model): cache})
-        logits = torch.cat([first, tail.logits], dim=1)
-    else:
-        logits = first
+        lengths = mask.sum(-1, keepdim=True)[group]
+        tail_mask = torch.cat([mask[group], attention_mask[:, width:-1]], dim=1)
+        positions = lengths + torch.arange(logits_to_keep - 1, device=input_ids.device)
+        tail = model(input_ids=input_ids[:, width:-1], attention_mask=tail_mask, position_ids=positions,
+                     use_cache=True, **{_cache_kwarg(model): _expand_cache(cache, group)})
+        logits = torch.cat([logits, tail.logits], dim=1)
     logp = (logits.float() / temperature).log_softmax(-1)
     token_logps = logp.gather(-1, input_ids[:, width:].unsqueeze(-1)).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1) if compute_entropy else None
@@ -211,24 +263,27 @@ def group_shared_logps(model: Any, input_ids: Any, attention_mask: Any, logits_t
 
 
 def shared_generate(model: Any, padded_ids: Any, attention_mask: Any, generation_config: Any) -> Any:
-    """`model.generate` on rows that repeat prompts, each unique prompt's prefill run once.
+    """`model.generate` on left-padded rows that repeat prompts, sharing the prompt work.
 
-    All prompt tokens but the last are prefilled per unique prompt (positions from the attention
-    mask, as `generate` computes them), the cache is expanded to the rows, and `generate`
-    continues from it. Returns generate's output ([prompt | completion] ids).
+    All prompt tokens but each row's last are prefilled once per unique prompt (their common
+    prefix once for all), at their true positions as `generate` numbers them; the cache is
+    expanded to the rows and `generate` continues from it.
+
+    Returns:
+        (generate's output: [prompt as fed | completion] ids, the width of the prompt as fed);
+        the completions are `output[:, width:]`.
     """
     import torch
 
     firsts, group = prompt_groups(padded_ids, attention_mask)
-    if len(firsts) == len(group) or padded_ids.shape[1] < 2:
-        return model.generate(input_ids=padded_ids, attention_mask=attention_mask, generation_config=generation_config)
-    ids, mask = padded_ids[firsts, :-1], attention_mask[firsts, :-1]
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    prefix, rest_ids, rest_mask = split_common_prefix(padded_ids[firsts], attention_mask[firsts])
     with torch.no_grad():
-        head = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = _expand_cache(_output_cache(head), group)
-    return model.generate(input_ids=padded_ids, attention_mask=attention_mask, generation_config=generation_config,
-                          **{_cache_kwarg(model): cache})
+        cache, _, _ = prompt_pass(model, prefix, rest_ids[:, :-1], rest_mask[:, :-1])
+    rows = len(group)
+    input_ids = torch.cat([prefix.expand(rows, -1), rest_ids[group]], dim=1)
+    mask = torch.cat([torch.ones_like(prefix).expand(rows, -1), rest_mask[group]], dim=1)
+    return model.generate(input_ids=input_ids, attention_mask=mask, generation_config=generation_config,
+                          **{_cache_kwarg(model): _expand_cache(cache, group)}), input_ids.shape[1]
 
 
 def make_grpo_trainer_class():
@@ -278,8 +333,8 @@ def make_grpo_trainer_class():
                 as unwrapped,
                 torch.no_grad(),
             ):
-                out = shared_generate(unwrapped, padded, mask, self.generation_config)
-            completions = out[:, padded.shape[1]:].cpu()
+                out, fed = shared_generate(unwrapped, padded, mask, self.generation_config)
+            completions = out[:, fed:].cpu()
             eos = torch.tensor(self.eos_token_ids)
             kept = []
             for row in completions:

@@ -214,6 +214,7 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_func
         beta=config.beta,
         reward_weights=weights,
         log_completions=False,
+        disable_dropout=True,  # sampling, reference and policy must be one function (LoRA dropout adds noise and time)
     )
     trainer_class = GRPOTrainer
     if config.engine == "group-shared":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ import mlflow.pyfunc
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # shipped with the model as code_paths
 MAX_BATCH = 256  # rows per request; more is a 400 (keep latency bounded)
+SERVE_WORKERS_ENV = "GENCLS_SERVE_WORKERS"  # uvicorn workers of `gencls serve`; each takes cores // workers threads
 PINNED = ("mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy",
           "pandas", "pyyaml", "gguf", "filelock")  # what load_context and predict import
 
@@ -62,6 +64,10 @@ class GenclsClassifier(mlflow.pyfunc.PythonModel):
         from components.models import load_model
         from components.prompts import PromptBuilder, Strategy
 
+        from components.threads import apply_thread_policy
+
+        # each scoring-server worker takes its share of the cores (gencls serve passes SERVE_WORKERS_ENV)
+        self.threads = apply_thread_policy(workers=int(os.environ.get(SERVE_WORKERS_ENV, "1") or 1))
         cfg = dict(context.model_config or {})
         adapter = context.artifacts["adapter"]
         labels = yaml.safe_load(Path(context.artifacts["labels"]).read_text(encoding="utf-8"))
@@ -85,9 +91,11 @@ class GenclsClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
         """Classify each row's `text`; 400 (MlflowException) on empty or malformed input."""
         import pandas as pd
+        import torch
 
         from components.decoding import predict
 
+        torch.set_num_threads(self.threads)  # the server may call from a thread torch has not configured
         texts = validate_input(model_input)
         examples = [{"id": str(i), "text": text, "label": None} for i, text in enumerate(texts)]
         records = predict(self.model, self.tokenizer, self.builder, examples, batch_size=self.batch_size,

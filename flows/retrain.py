@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 
 from components import tracking
 from components.config import set_offline_env
+from components.threads import apply_thread_policy
 from flows import steps
 
 EVALUATIONS = ("zeroshot", "sft", "gencls")
@@ -80,6 +81,7 @@ def retrain(dataset: str = "trec6", profile: str = "quick", overrides: dict[str,
         {"run_id", "decision", "summary"}.
     """
     set_offline_env()
+    apply_thread_policy()  # tasks run one at a time in this process: all its cores, decided once
     logger = get_run_logger()
     overrides = dict(overrides or {})
     evaluations = list(evaluations or EVALUATIONS)

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from components.config import load_params, set_offline_env
+from components.threads import apply_thread_policy
 
 STAGES = ("data", "validate", "render", "sft", "rl", "evaluate", "register")
 
@@ -25,6 +26,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one stage for the dataset and profile named in params.yaml."""
     set_offline_env()
+    apply_thread_policy()  # one process on the cores (GENCLS_THREADS overrides)
     signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

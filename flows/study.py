@@ -206,9 +206,9 @@ def _apply_env(ctx: dict) -> None:
     set_offline_env()
     os.environ.update(ctx["env"])
     if ctx.get("torch_threads"):
-        import torch
+        from components.threads import apply_thread_policy
 
-        torch.set_num_threads(int(ctx["torch_threads"]))
+        apply_thread_policy(threads=int(ctx["torch_threads"]))
 
 
 # ----------------------------------------------------------------------------- resume
@@ -608,7 +608,9 @@ def study(datasets: list[str], profile: str = "cpu", runner: str = "local", cell
     task_runner = make_task_runner(runner, dask_address, workers)
     threads = torch_threads
     if threads is None and runner == "dask" and not dask_address:
-        threads = max(1, (os.cpu_count() or 2) // (workers or 2))
+        from components.threads import thread_budget
+
+        threads = thread_budget(workers or 2)
     return study_flow.with_options(task_runner=task_runner)(
         datasets, profile, runner, cells, model, overrides, register_model, threads, only, return_state=return_state)
 

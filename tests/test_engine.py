@@ -11,6 +11,7 @@ from components.engine import (
     group_shared_logps,
     prompt_groups,
     shared_generate,
+    split_common_prefix,
 )
 
 SYSTEM = "You are a precise text classifier. Classify the text into exactly one of these categories: positive, negative."
@@ -100,7 +101,8 @@ def test_collator_without_a_long_common_prefix_pads_whole_rows():
 
 def _grpo_batch(tokenizer, group_size=3):
     """TRL's layout: left-padded prompts repeated G times, right-padded completions."""
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+    prompts = [tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": t}],
+                                             tokenize=False, add_generation_prompt=True)
                for t in ["great film , loved it", "terrible plot and bad acting , who wrote hamlet"]]
     completions = ["positive<|im_end|>", "negative", "uncertain positive<|im_end|>"]
     p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(group_size)]
@@ -119,6 +121,7 @@ def test_group_shared_logps_equal_the_unshared_forward(lora_model, temperature):
     ids, mask, keep = _grpo_batch(tokenizer)
     firsts, group = prompt_groups(ids[:, :-keep], mask[:, :-keep])
     assert firsts.tolist() == [0, 3] and group.tolist() == [0, 0, 0, 1, 1, 1]
+    assert split_common_prefix(ids[firsts, :-keep], mask[firsts, :-keep])[0].shape[1] > 16  # prefix path taken
     logits = model(input_ids=ids, attention_mask=mask).logits[:, -keep - 1:-1].float() / temperature
     reference = logits.log_softmax(-1).gather(-1, ids[:, -keep:].unsqueeze(-1)).squeeze(-1)
     reference_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
@@ -150,5 +153,7 @@ def test_shared_generation_is_the_plain_generation(lora_model):
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         plain = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-        shared = shared_generate(model, prompt_ids, prompt_mask, config)
-    assert torch.equal(plain, shared)
+        shared, fed = shared_generate(model, prompt_ids, prompt_mask, config)
+    assert torch.equal(plain[:, prompt_ids.shape[1]:], shared[:, fed:])
+    prefix, rests, _ = split_common_prefix(prompt_ids, prompt_mask)
+    assert prefix.shape[1] > 16 and rests.shape[0] == len(prompt_ids)  # system message + instructions shared
