@@ -56,6 +56,7 @@ from components.training_common import (
     read_json,
     resume_checkpoint,
     save_final,
+    with_atomic_checkpoints,
     write_json,
 )
 
@@ -221,6 +222,7 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_func
         from components.engine import make_grpo_trainer_class
 
         trainer_class = make_grpo_trainer_class()
+    trainer_class = with_atomic_checkpoints(trainer_class)
     return trainer_class(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, callbacks=list(callbacks))
 

@@ -45,6 +45,7 @@ from components.training_common import (
     resume_checkpoint,
     save_final,
     split_train_eval,
+    with_atomic_checkpoints,
     write_json,
 )
 
@@ -188,6 +189,7 @@ def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfi
         trainer_class.token_metrics = config.token_metrics
         kwargs["data_collator"] = SharedPrefixCollator(pad_id=tokenizer.pad_token_id,
                                                        share=config.engine == "shared-prefix")
+    trainer_class = with_atomic_checkpoints(trainer_class)
     return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora_config(config) if config.lora else None, callbacks=list(callbacks),
                          **kwargs)

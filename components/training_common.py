@@ -34,6 +34,7 @@ LogFn = Callable[[dict[str, float], int], None]
 CONFIG_FILE = "gencls_config.json"
 METRICS_FILE = "metrics.json"
 RUN_FILE = "gencls_run.json"  # fingerprint of the run inside out_dir/trainer, for safe resume
+STAGING_DIR = ".saving"  # a checkpoint is written here, then renamed to checkpoint-N (atomic save)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -334,15 +335,52 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed (None when it can).
+
+    Checks what a resume reads: trainer_state.json parses, the weights' safetensors header
+    reads, and optimizer.pt / scheduler.pt load (a kill during a save or a truncated file fails
+    here instead of deep inside `Trainer.train`).
+    """
+    import torch
+
+    folder = Path(folder)
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json unreadable ({type(exc).__name__})"
+    weights = [p for p in folder.glob("*.safetensors")] + [p for p in folder.glob("pytorch_model*.bin")]
+    if not weights:
+        return "no model or adapter weights"
+    for path in folder.glob("*.safetensors"):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                list(handle.keys())
+        except Exception as exc:  # safetensors raises its own error types for a truncated header
+            return f"{path.name} unreadable ({type(exc).__name__})"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        try:
+            torch.load(folder / name, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises several unrelated types on a truncated file
+            return f"{name} unreadable ({type(exc).__name__})"
+    return None
+
+
 def resume_checkpoint(trainer_dir: Path, run_id: str, log: Callable[[str], None] = print) -> str | None:
-    """The last `checkpoint-N` under `trainer_dir` when it belongs to the same run, else None.
+    """The newest resumable `checkpoint-N` under `trainer_dir` when it belongs to the same run, else None.
 
     A folder from a run with another config is removed (so it cannot be resumed by mistake).
-    The run's fingerprint is (re)written either way.
+    A checkpoint that cannot be read back (`checkpoint_problem`: killed mid-save, truncated
+    file) is removed with a message and the previous good one is used. The run's fingerprint
+    is (re)written either way.
     """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
     trainer_dir = Path(trainer_dir)
     info = read_json(trainer_dir / RUN_FILE, {})
-    checkpoints = sorted(trainer_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) \
+    checkpoints = sorted(trainer_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.split("-")[-1])) \
         if trainer_dir.exists() else []
     if checkpoints and info.get("run_id") != run_id:
         log(f"{trainer_dir}: checkpoints from a different config; starting over")
@@ -351,11 +389,50 @@ def resume_checkpoint(trainer_dir: Path, run_id: str, log: Callable[[str], None]
     elif trainer_dir.exists() and info.get("run_id") != run_id:
         shutil.rmtree(trainer_dir)
     trainer_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(trainer_dir / STAGING_DIR, ignore_errors=True)  # a save that was killed before its rename
     write_json(trainer_dir / RUN_FILE, {"run_id": run_id})
-    if checkpoints:
-        log(f"resuming from {checkpoints[-1]}")
-        return str(checkpoints[-1])
+    for folder in reversed(checkpoints):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            log(f"resuming from {folder}")
+            return str(folder)
+        log(f"skipping {folder}: {problem}; removed, falling back to the previous checkpoint")
+        shutil.rmtree(folder, ignore_errors=True)
     return None
+
+
+def with_atomic_checkpoints(trainer_class: type) -> type:
+    """`trainer_class` with `AtomicCheckpoints` in front (same name, same behaviour otherwise)."""
+    return type(trainer_class.__name__, (AtomicCheckpoints, trainer_class), {})
+
+
+class AtomicCheckpoints:
+    """Trainer mixin: each checkpoint is written under `<output>/.saving/` and renamed into place.
+
+    A kill during a save leaves no half-written `checkpoint-N` (only `.saving/`, which
+    `resume_checkpoint` clears); old checkpoints are rotated after the rename.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        staging = run_dir / STAGING_DIR
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self._get_output_dir = lambda trial=None: str(staging)  # where super() writes this one save
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if (run_dir / name).exists():
+            shutil.rmtree(run_dir / name)
+        os.replace(staging / name, run_dir / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
 
 def copy_adapter(src: Path, dst: Path) -> None:

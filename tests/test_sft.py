@@ -222,3 +222,64 @@ def test_stratified_sample_floor_keeps_rare_labels():
     assert plain == {"common": 95, "rare": 5}  # proportional
     assert floored == {"common": 80, "rare": 20}  # floor taken from the largest label, total kept
     assert sum(Counter(ex["label"] for ex in stratified_sample(rows, 10, 0, min_per_label=20)).values()) == 10
+
+
+KILL_DURING_SAVE = """
+import dataclasses, json, os, sys
+import transformers
+from components.sft import train_sft
+from components.training_common import SFTConfig
+
+original = transformers.Trainer._save_optimizer_and_scheduler
+
+def killed(self, output_dir):
+    if self.state.global_step == 3:  # checkpoint-3's weights are written, its optimizer not yet
+        os._exit(9)                   # what kill -9 does: no cleanup, no exception handlers
+    return original(self, output_dir)
+
+transformers.Trainer._save_optimizer_and_scheduler = killed
+config, out_dir, data_dir = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+train_sft("toy", SFTConfig(**config), out_dir=out_dir, data_dir=data_dir)
+"""
+
+
+def test_kill_during_a_save_leaves_no_checkpoint_and_resume_uses_the_last_good_one(tiny_model_dir, toy_data,
+                                                                                   tmp_path):
+    import dataclasses
+    import subprocess
+    import sys
+
+    from components.sft import train_sft
+
+    config = tiny_config(tiny_model_dir, max_steps=4, save_steps=1, eval_every_steps=0)
+    out = tmp_path / "sft"
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, json.dumps(dataclasses.asdict(config)), str(out),
+                           str(toy_data)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    trainer = out / "trainer"
+    names = sorted(p.name for p in trainer.iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-1", "checkpoint-2"]  # the interrupted save never became checkpoint-3
+    assert (trainer / ".saving").is_dir()
+    done = train_sft("toy", config, out_dir=out, data_dir=toy_data)
+    metrics = json.loads((done / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 2 and metrics["global_step"] == 4
+    assert not (trainer / ".saving").exists()
+
+
+def test_resume_skips_a_truncated_checkpoint_for_the_previous_one(tiny_model_dir, toy_data, tmp_path, capsys):
+    from components.sft import train_sft
+
+    config = tiny_config(tiny_model_dir, max_steps=5, save_steps=1, eval_every_steps=0)
+
+    def crash(metrics, step):
+        if step >= 4:
+            raise Interrupt  # killed after checkpoint-3 was written (logs come before a step's save)
+
+    with pytest.raises(Interrupt):
+        train_sft("toy", config, out_dir=tmp_path / "sft", log_fn=crash, data_dir=toy_data)
+    newest = tmp_path / "sft" / "trainer" / "checkpoint-3"
+    optimizer = newest / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a disk that filled up mid-write
+    out = train_sft("toy", config, out_dir=tmp_path / "sft", data_dir=toy_data)
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 2
+    assert f"skipping {newest}: optimizer.pt unreadable" in capsys.readouterr().out
