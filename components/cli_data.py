@@ -64,6 +64,8 @@ def _add_import(commands: argparse._SubParsersAction) -> None:
     split.add_argument("--test-file", type=Path, help="separate test file in the same format")
     split.add_argument("--test-size", type=float, default=0.2, help="stratified test fraction (default: 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default: 0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an imported dataset of the same name (built-in names are never replaced)")
     _data_dir_option(parser)
     parser.set_defaults(func=_friendly(cmd_import))
 
@@ -126,9 +128,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     """Import a user file as a dataset and print its counts."""
     path = import_dataset(args.file, args.name, text_col=args.text_col, label_col=args.label_col,
                           definitions=args.definitions, test_file=args.test_file, test_size=args.test_size,
-                          seed=args.seed, data_dir=args.data_dir)
+                          seed=args.seed, data_dir=args.data_dir, overwrite=args.overwrite)
     console = _console()
     console.print(f"imported {args.file} -> {path}")
+    card = yaml.safe_load((path / "card.yaml").read_text(encoding="utf-8"))
+    dropped = {k.removeprefix("dropped_"): v for k, v in (card.get("processing") or {}).items()
+               if k.startswith("dropped_") and v}
+    console.print("dropped rows: " + (", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dropped.items()) or "none"))
     console.print(counts_table([args.name], args.data_dir))
     return 0
 

@@ -46,6 +46,7 @@ from components.packages import fetch_package, file_sha256, read_manifest, recor
 
 SPLITS = ("train", "test")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+MAX_NAME_LENGTH = 64  # a dataset name is a folder, an MLflow model name (gencls-<name>) and a tag value
 SUPPORTED_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -333,8 +334,10 @@ def dataset_dir(name: str, data_dir: str | Path | None = None) -> Path:
     Raises:
         DataError: When the name is not a valid dataset name.
     """
-    if not NAME_PATTERN.match(name):
-        raise DataError(f"dataset name {name!r}: expected lowercase letters, digits, '.', '_' or '-'")
+    if not NAME_PATTERN.match(name) or len(name) > MAX_NAME_LENGTH:
+        shown = name if len(name) <= 40 else f"{name[:37]}... ({len(name)} characters)"
+        raise DataError(f"dataset name {shown!r}: expected lowercase letters, digits, '.', '_' or '-', "
+                        f"at most {MAX_NAME_LENGTH} characters")
     return (Path(data_dir) if data_dir else config.data_dir()) / name
 
 
@@ -393,6 +396,8 @@ def _parse_json_line(line: str, path: Path, number: int) -> dict:
 
 def _read_definitions(path: Path) -> dict[str, str]:
     """Read a label -> definition YAML mapping, checking that keys and values are strings."""
+    if not path.is_file():
+        raise DataError(f"{path}: definitions file not found; expected a YAML mapping label -> definition")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -666,7 +671,8 @@ def _source_fields(spec: DatasetSpec, root: Path, record: bool) -> dict[str, Any
 # ----------------------------------------------------------------------------- import (bring your own)
 def import_dataset(file: str | Path, name: str, text_col: str = "text", label_col: str = "label",
                    definitions: str | Path | None = None, test_file: str | Path | None = None,
-                   test_size: float = 0.2, seed: int = 0, data_dir: str | Path | None = None) -> Path:
+                   test_size: float = 0.2, seed: int = 0, data_dir: str | Path | None = None,
+                   overwrite: bool = False, min_per_label: int | None = None) -> Path:
     """Import a user's CSV, JSONL or Parquet file as data/<name> (same layout as a build).
 
     Args:
@@ -680,16 +686,26 @@ def import_dataset(file: str | Path, name: str, text_col: str = "text", label_co
         test_size: Fraction of each label put in test when there is no test file.
         seed: Seed of the stratified split.
         data_dir: Folder holding all datasets; default `config.data_dir()`.
+        overwrite: Replace an imported dataset of the same name (built-in names are never replaced).
+        min_per_label: Fewest training examples a label may keep after cleaning (default: the
+            validation minimum, `components.validation.DEFAULT_THRESHOLDS`).
 
     Returns:
         The dataset folder.
 
     Raises:
         DataError: Unsupported extension, empty file, missing columns, empty labels, a
-            single class, undecodable bytes, or definitions naming unknown labels. Nothing
-            under data/ is changed in that case.
+            single class, undecodable bytes, definitions naming unknown labels, a name that is
+            built in or taken (without `overwrite`), or a split left empty / a label left with
+            too few training examples after cleaning. Nothing under data/ is changed then.
     """
-    dataset_dir(name, data_dir)  # validates the name before any work
+    target = dataset_dir(name, data_dir)  # validates the name before any work
+    if name in DATASETS:
+        raise DataError(f"dataset name {name!r} is a built-in dataset (restore it with `gencls data build --datasets "
+                        f"{name}`); import under another --name")
+    if (target / "labels.yaml").exists() and not overwrite:
+        raise DataError(f"dataset {name!r} already exists in {target}; pass --overwrite to replace it, "
+                        f"or import under another --name")
     frame = read_labelled_file(file, text_col, label_col)
     if test_file is not None:
         test = read_labelled_file(test_file, text_col, label_col)
@@ -700,11 +716,33 @@ def import_dataset(file: str | Path, name: str, text_col: str = "text", label_co
     defs = _merge_definitions(labels, Path(definitions) if definitions else None)
     cleaned, stats = clean_frame(frame)
     splits = split_frame(cleaned, test_size, seed)
+    _check_split_sizes(splits, labels, Path(file), stats, min_per_label)
     split_note = "from the test file" if test_file is not None else f"stratified {1 - test_size:.0%}/{test_size:.0%}, seed {seed}"
     card = {"name": name, "description": f"Imported from {Path(file).name}.",
             "source": _import_source(Path(file), test_file, definitions, text_col, label_col),
             "processing": _processing(stats, split_note), "counts": count_labels(splits, list(defs))}
     return write_dataset(name, splits, defs, card, data_dir)
+
+
+def _check_split_sizes(splits: dict[str, pd.DataFrame], labels: list[str], path: Path, dropped: dict[str, int],
+                       min_per_label: int | None) -> None:
+    """Refuse an import that leaves a split empty or a label with fewer training rows than validation needs."""
+    if min_per_label is None:
+        from components.validation import DEFAULT_THRESHOLDS
+
+        min_per_label = int(DEFAULT_THRESHOLDS["min_per_label"])
+    train = splits["train"]["label"].value_counts()
+    few = {label: int(train.get(label, 0)) for label in labels if train.get(label, 0) < min_per_label}
+    empty = [split for split, part in splits.items() if part.empty]
+    if not empty and not few:
+        return
+    sizes = ", ".join(f"{split} {len(part)}" for split, part in splits.items())
+    removed = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dropped.items() if v) or "none"
+    problem = f"split(s) {', '.join(empty)} empty" if empty else ""
+    if few:
+        problem += ("; " if problem else "") + f"label(s) with fewer than {min_per_label} training rows: " + \
+            ", ".join(f"{label} {n}" for label, n in few.items())
+    raise DataError(f"{path}: after cleaning ({sizes} rows; dropped: {removed}) {problem}; nothing was imported")
 
 
 def read_labelled_file(path: str | Path, text_col: str = "text", label_col: str = "label") -> pd.DataFrame:

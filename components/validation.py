@@ -332,9 +332,13 @@ def validate_dataset(name: str, data_dir: str | Path | None = None, docs_dir: st
     _clear_docs(docs)
     result = run_suite(name, frame, build_expectations(labels, thresholds), docs)
     failures = [describe_failure(r, frame, thresholds) for r in result.results if not r.success]
+    rows = {s: int(frame["split"].eq(s).sum()) for s in SPLITS}
+    # expected rows: a split with no rows passes every per-row expectation vacuously, so it is checked here
+    failures += [Failure("split_has_rows", split, f"{split}.jsonl has no rows; expected at least one example", [])
+                 for split, n in rows.items() if n == 0]
     return ValidationReport(
         name=name, success=not failures, failures=failures, docs_path=docs / "index.html", thresholds=thresholds,
-        rows={s: int(frame["split"].eq(s).sum()) for s in SPLITS},
+        rows=rows,
         expectations=[f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column')})" for r in result.results])
 
 

@@ -191,7 +191,7 @@ def test_unknown_dataset_names_valid_keys():
 
 
 # ----------------------------------------------------------------------------- import
-def _labelled_csv(path: Path, n: int = 10, labels=("spam", "ham")) -> Path:
+def _labelled_csv(path: Path, n: int = 15, labels=("spam", "ham")) -> Path:
     rows = [{"message": f"message {lab} {i}", "category": lab} for lab in labels for i in range(n)]
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -207,7 +207,7 @@ def test_import_csv_jsonl_parquet_same_layout(tmp_path, data_dir):
         out = import_dataset(tmp_path / f"in.{ext}", f"mine-{ext}", text_col="message", label_col="category",
                              data_dir=data_dir)
         digests.append(_digest(out)["train.jsonl"])
-        assert len(load_split(f"mine-{ext}", "test", data_dir)) == 4  # 20% of 10 per label
+        assert len(load_split(f"mine-{ext}", "test", data_dir)) == 6  # 20% of 15 per label
     assert len(set(digests)) == 1
 
 
@@ -256,9 +256,54 @@ def test_import_errors_are_clear_and_leave_data_untouched(case, tmp_path, data_d
     before = _digest(existing)
     path, kwargs, pattern = _error_cases(tmp_path)[case]
     with pytest.raises(DataError, match=pattern):
-        import_dataset(path, "mine", data_dir=data_dir, **kwargs)
+        import_dataset(path, "mine", data_dir=data_dir, overwrite=True, **kwargs)
     assert _digest(existing) == before
     assert [p.name for p in data_dir.iterdir()] == ["mine"]
+
+
+def test_import_refuses_builtin_and_taken_names_unless_overwrite(tmp_path, data_dir):
+    good = _labelled_csv(tmp_path / "good.csv")
+    cols = {"text_col": "message", "label_col": "category", "data_dir": data_dir}
+    with pytest.raises(DataError, match=r"'trec6' is a built-in dataset"):
+        import_dataset(good, "trec6", overwrite=True, **cols)  # never replaced, not even with --overwrite
+    assert not (data_dir / "trec6").exists()
+    first = import_dataset(good, "mine", **cols)
+    before = _digest(first)
+    other = _labelled_csv(tmp_path / "other.csv", n=20)
+    with pytest.raises(DataError, match=r"'mine' already exists.*--overwrite"):
+        import_dataset(other, "mine", **cols)
+    assert _digest(first) == before
+    import_dataset(other, "mine", overwrite=True, **cols)
+    assert _digest(first) != before and len(load_split("mine", "train", data_dir)) == 32
+
+
+def test_import_refuses_an_empty_split_or_too_few_rows_per_label_with_counts(tmp_path, data_dir):
+    rows = [{"text": t, "label": lab} for lab in ("a", "b") for t in ("same one", "same two")] * 250  # 2 distinct
+    pd.DataFrame(rows).to_json(tmp_path / "dup.jsonl", orient="records", lines=True)
+    with pytest.raises(DataError, match=r"train \d+, test 0 rows; dropped: .*conflicting label rows 1000.*empty") as err:
+        import_dataset(tmp_path / "dup.jsonl", "mine", data_dir=data_dir)
+    assert "nothing was imported" in str(err.value) and not (data_dir / "mine").exists()
+    few = _labelled_csv(tmp_path / "few.csv", n=6)
+    with pytest.raises(DataError, match=r"fewer than 10 training rows: spam 5, ham 5|fewer than 10 training rows: ham 5, spam 5"):
+        import_dataset(few, "mine", text_col="message", label_col="category", data_dir=data_dir)
+    assert not (data_dir / "mine").exists()
+
+
+def test_import_missing_definitions_file_and_long_name_are_one_line_errors(tmp_path, data_dir, capsys):
+    good = _labelled_csv(tmp_path / "good.csv")
+    base = ["data", "import", str(good), "--text-col", "message", "--label-col", "category", "--data-dir", str(data_dir)]
+    assert cli.main([*base, "--name", "mine", "--definitions", str(tmp_path / "nope.yaml")]) == 2
+    assert cli.main([*base, "--name", "x" * 300]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "nope.yaml: definitions file not found" in err[0] and "300 characters" in err[1]
+    assert "Traceback" not in "".join(err)
+
+
+def test_cli_import_prints_dropped_rows(tmp_path, data_dir, capsys):
+    rows = [{"text": f"t {i % 30}", "label": "ab"[i % 2]} for i in range(60)] + [{"text": "  ", "label": "a"}]
+    pd.DataFrame(rows).to_json(tmp_path / "d.jsonl", orient="records", lines=True)
+    assert cli.main(["data", "import", str(tmp_path / "d.jsonl"), "--name", "mine", "--data-dir", str(data_dir)]) == 0
+    assert "dropped rows: empty text 1, duplicate rows 30" in capsys.readouterr().out
 
 
 def test_import_undecodable_parquet_names_row(tmp_path, data_dir):
@@ -285,7 +330,7 @@ def test_cli_import_and_list(tmp_path, data_dir, capsys):
     args = ["--data-dir", str(data_dir)]
     assert cli.main(["data", "import", str(path), "--name", "mine", "--text-col", "message",
                      "--label-col", "category", "--test-size", "0.3", *args]) == 0
-    assert len(load_split("mine", "test", data_dir)) == 6
+    assert len(load_split("mine", "test", data_dir)) == 10
     assert cli.main(["data", "list", *args]) == 0
     out = capsys.readouterr().out
     assert "mine" in out and "trec6" in out and "not built" in out

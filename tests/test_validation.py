@@ -122,3 +122,12 @@ def test_cli_validate_exit_codes(data_dir, tmp_path, capsys, tiny_rows, dataset_
     assert cli.main(["data", "validate", "absent", *common]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_an_empty_split_fails_validation(data_dir, tmp_path, tiny_rows, dataset_writer):
+    rows = tiny_rows()
+    rows["test"] = []  # every per-row expectation passes vacuously on no rows
+    dataset_writer(data_dir, "tiny", rows)
+    report = validate_dataset("tiny", data_dir=data_dir, docs_dir=tmp_path / "docs")
+    assert not report.success and report.rows["test"] == 0
+    assert [(f.expectation, f.split) for f in report.failures] == [("split_has_rows", "test")]
