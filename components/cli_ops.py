@@ -56,6 +56,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     promote.add_argument("--dataset", required=True)
     promote.add_argument("--version", required=True)
     promote.add_argument("--reason", default="", help="why (kept in the champion history)")
+    promote.add_argument("--force", action="store_true",
+                         help="promote a version whose gate figures are worse than the champion's (needs --reason)")
     promote.set_defaults(func=cmd_promote)
 
     rollback = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
@@ -198,11 +200,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from components import registry
 
     try:
-        out = registry.promote(args.dataset, args.version, reason=args.reason)
+        out = registry.promote(args.dataset, args.version, reason=args.reason, force=args.force)
     except registry.RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{out['model']}: champion v{out['previous']} -> v{out['version']} (by {out['by']})")
+    forced = " (forced: worse on the gate figures)" if out.get("forced") else ""
+    print(f"{out['model']}: champion v{out['previous']} -> v{out['version']} (by {out['by']}){forced}")
     return 0
 
 

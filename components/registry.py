@@ -101,13 +101,36 @@ def read_history(dataset: str) -> list[dict]:
         return []
 
 
-def _set_champion(dataset: str, version: str, by: str, reason: str, figures: dict | None = None) -> None:
+def champion_stack(history: list[dict]) -> list[str]:
+    """The champions a rollback walks back through (oldest first): each promotion pushes its
+    version, each rollback pops the one it left, so a second rollback goes further back.
+
+    Example:
+        >>> champion_stack([{"version": "1"}, {"version": "2"}, {"version": "3"},
+        ...                 {"version": "2", "kind": "rollback"}])
+        ['1', '2']
+    """
+    stack: list[str] = []
+    for entry in history:
+        if entry.get("kind") == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != entry["version"]:
+                stack.append(entry["version"])
+        else:
+            stack.append(entry["version"])
+    return stack
+
+
+def _set_champion(dataset: str, version: str, by: str, reason: str, figures: dict | None = None,
+                  kind: str = "promotion") -> None:
     """Move the alias and append to the history (caller holds the lock)."""
     c = tracking.client()
     name = model_name(dataset)
     c.get_model_version(name, str(version))  # raises if the version does not exist
     c.set_registered_model_alias(name, ALIAS, str(version))
-    entry = {"version": str(version), "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "by": by, "reason": reason}
+    entry = {"version": str(version), "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "by": by, "reason": reason,
+             "kind": kind}
     if figures:
         entry.update(figures)
     history = (read_history(dataset) + [entry])[-HISTORY_KEEP:]
@@ -198,8 +221,13 @@ def _record_decision(run_id: str, dataset: str, version: str, decision: str, rea
     c.set_tag(run_id, "registered_version", str(version))
 
 
-def promote(dataset: str, version: str | int, reason: str = "", by: str | None = None) -> dict:
-    """Manual promotion by a person: move `champion` to ``version`` (no gate), recorded in history."""
+def promote(dataset: str, version: str | int, reason: str = "", by: str | None = None, force: bool = False) -> dict:
+    """Manual promotion by a person: move `champion` to ``version``, recorded in the history.
+
+    A version whose gate figures (accuracy, then macro-F1) are below the champion's is refused
+    unless `force`; a forced move needs a reason, kept as the version's `promoted_by` and
+    `forced_reason` tags.
+    """
     by = by or getpass.getuser()
     c = tracking.client()
     try:
@@ -210,33 +238,50 @@ def promote(dataset: str, version: str | int, reason: str = "", by: str | None =
         raise RegistryError(f"{model_name(dataset)} v{version} is {mv.status}, not READY")
     with _alias_lock(dataset):
         before = current_champion(dataset)
-        _set_champion(dataset, str(version), by=by, reason=reason or "manual promotion")
-    c.set_model_version_tag(model_name(dataset), str(version), "promoted_by", f"{by}: {reason or 'manual promotion'}")
-    return {"model": model_name(dataset), "version": str(version), "previous": str(before.version) if before else None, "by": by}
+        mine, theirs = _figures(mv), _figures(before) if before is not None else None
+        worse = before is not None and str(before.version) != str(version) and mine is not None \
+            and theirs is not None and mine < theirs
+        if worse and not force:
+            raise RegistryError(f"{model_name(dataset)} v{version} (accuracy {mine[0]:.4f}, macro-F1 {mine[1]:.4f}) "
+                                f"is worse than champion v{before.version} (accuracy {theirs[0]:.4f}, macro-F1 "
+                                f"{theirs[1]:.4f}); pass --force --reason '...' to promote it anyway")
+        if worse and not reason.strip():
+            raise RegistryError("a forced promotion of a worse version needs --reason (kept in the history)")
+        note = reason or "manual promotion"
+        _set_champion(dataset, str(version), by=by, reason=f"forced: {note}" if worse else note,
+                      kind="forced-promotion" if worse else "promotion")
+    c.set_model_version_tag(model_name(dataset), str(version), "promoted_by", f"{by}: {note}")
+    if worse:
+        c.set_model_version_tag(model_name(dataset), str(version), "forced_reason", note)
+    return {"model": model_name(dataset), "version": str(version), "previous": str(before.version) if before else None,
+            "by": by, "forced": worse}
 
 
 def rollback(dataset: str, by: str | None = None, reason: str = "") -> dict:
-    """Move `champion` back to the champion before the current one (from the history)."""
+    """Move `champion` back one step in its history: a second rollback goes further back, never forward."""
     by = by or getpass.getuser()
     c = tracking.client()
     with _alias_lock(dataset):
         current = current_champion(dataset)
         if current is None:
             raise RegistryError(f"{model_name(dataset)} has no champion to roll back from")
+        stack = champion_stack(read_history(dataset))
+        if stack and stack[-1] == str(current.version):
+            stack.pop()
         previous = None
-        for entry in reversed(read_history(dataset)):
-            if entry["version"] == str(current.version):
+        for candidate in reversed(stack):
+            if candidate == str(current.version):
                 continue
             try:
-                mv = c.get_model_version(model_name(dataset), entry["version"])
+                mv = c.get_model_version(model_name(dataset), candidate)
             except Exception:
                 continue  # deleted since
             if mv.status == "READY":
-                previous = entry["version"]
+                previous = candidate
                 break
         if previous is None:
             raise RegistryError(f"{model_name(dataset)}: no earlier champion in the history to roll back to")
-        _set_champion(dataset, previous, by=by, reason=reason or f"rollback from v{current.version}")
+        _set_champion(dataset, previous, by=by, reason=reason or f"rollback from v{current.version}", kind="rollback")
     return {"model": model_name(dataset), "version": previous, "previous": str(current.version), "by": by}
 
 

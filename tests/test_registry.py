@@ -104,8 +104,15 @@ def test_concurrent_registrations_leave_the_best_champion(store):
 def test_manual_promote_and_rollback(store):
     a = _candidate(0.5, 0.5)
     b = _candidate(0.6, 0.5)
-    registry.promote(DATASET, a["version"], reason="prefer the smaller model", by="alice")
-    assert str(registry.current_champion(DATASET).version) == a["version"]
+    with pytest.raises(registry.RegistryError, match=r"worse than champion.*--force"):
+        registry.promote(DATASET, a["version"], by="alice")  # 0.5 < 0.6: a deliberate act only
+    with pytest.raises(registry.RegistryError, match="needs --reason"):
+        registry.promote(DATASET, a["version"], by="alice", force=True)
+    assert str(registry.current_champion(DATASET).version) == b["version"]
+    out = registry.promote(DATASET, a["version"], reason="prefer the smaller model", by="alice", force=True)
+    assert out["forced"] and str(registry.current_champion(DATASET).version) == a["version"]
+    tags = tracking.client().get_model_version(registry.model_name(DATASET), a["version"]).tags
+    assert tags["forced_reason"] == "prefer the smaller model"
     assert registry.read_history(DATASET)[-1]["by"] == "alice"
     back = registry.rollback(DATASET, by="bob")
     assert back["version"] == b["version"] and str(registry.current_champion(DATASET).version) == b["version"]
@@ -113,3 +120,16 @@ def test_manual_promote_and_rollback(store):
     assert shown["champion"] == b["version"] and len(shown["versions"]) == 2
     with pytest.raises(registry.RegistryError):
         registry.promote(DATASET, 99)
+
+
+def test_rollback_walks_back_through_the_history_never_forward(store):
+    v1 = _candidate(0.5, 0.5)["version"]
+    v2 = _candidate(0.6, 0.5)["version"]
+    v3 = _candidate(0.7, 0.5)["version"]
+    assert str(registry.current_champion(DATASET).version) == v3
+    assert registry.rollback(DATASET, by="bob")["version"] == v2
+    assert registry.rollback(DATASET, by="bob")["version"] == v1  # further back, not back to v3
+    with pytest.raises(registry.RegistryError, match="no earlier champion"):
+        registry.rollback(DATASET, by="bob")
+    assert str(registry.current_champion(DATASET).version) == v1
+    assert registry.champion_stack(registry.read_history(DATASET)) == [v1]
