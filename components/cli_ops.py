@@ -71,6 +71,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=5001)
     serve.add_argument("--workers", type=int, default=1,
                        help="uvicorn workers (default 1); each takes cores // workers torch threads")
+    serve.add_argument("--max-rows", type=int, default=None,
+                       help="rows per request (default 256); more is refused with HTTP 400")
+    serve.add_argument("--timeout", type=int, default=None,
+                       help="seconds a request may take (default 120: 256 trec6 rows on 2 cores fit)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -222,25 +226,80 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_command(dataset: str, port: int, alias: str = "champion", workers: int = 1) -> list[str]:
+def serve_command(dataset: str, port: int, alias: str = "champion", workers: int = 1,
+                  timeout: int | None = None) -> list[str]:
     """The `mlflow models serve` command line for a dataset's aliased model."""
+    from components.serving import SERVE_TIMEOUT_S
+
     return [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/gencls-{dataset}@{alias}",
-            "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", str(workers)]
+            "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", str(workers),
+            "-t", str(timeout or SERVE_TIMEOUT_S)]
+
+
+def _require_served_model(dataset: str, alias: str) -> None:
+    """ValueError (one line) when `gencls-<dataset>@<alias>` is not in the registry."""
+    from components import registry, tracking
+
+    try:
+        tracking.client().get_model_version_by_alias(registry.model_name(dataset), alias)
+    except Exception:
+        raise ValueError(f"no model {registry.model_name(dataset)}@{alias} in the registry "
+                         f"({tracking.tracking_uri()}); train and register one first: "
+                         f"`gencls retrain --dataset {dataset}` (or `make run` for trec6)") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve a registered model over REST (foreground)."""
+    """Serve a registered model over REST (foreground); SIGTERM / Ctrl-C stop the server and its workers."""
     from components import tracking
-
-    os.environ["MLFLOW_TRACKING_URI"] = tracking.configure()
-    bin_dir = str(Path(sys.executable).parent)  # the scoring server execs `uvicorn` from PATH
-    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    from components.serving import SERVE_WORKERS_ENV
+    from components.serving import MAX_ROWS_ENV, SERVE_WORKERS_ENV
     from components.threads import apply_thread_policy
 
-    workers = max(1, int(getattr(args, "workers", 1) or 1))
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.configure()
+    for name, value in (("--workers", args.workers), ("--max-rows", args.max_rows), ("--timeout", args.timeout)):
+        if value is not None and value < 1:
+            print(f"error: {name} {value}: expected a positive number", file=sys.stderr)
+            return 2
+    try:
+        _require_served_model(args.dataset, args.alias)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    bin_dir = str(Path(sys.executable).parent)  # the scoring server execs `uvicorn` from PATH
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    workers = args.workers or 1
     os.environ[SERVE_WORKERS_ENV] = str(workers)
+    if args.max_rows:
+        os.environ[MAX_ROWS_ENV] = str(args.max_rows)
     threads = apply_thread_policy(workers=workers)  # exported to the server: no worker takes every core
     print(f"serving models:/gencls-{args.dataset}@{args.alias} on http://{HOST}:{args.port}/invocations "
-          f"({workers} worker(s) x {threads} torch thread(s))")
-    return subprocess.call(serve_command(args.dataset, args.port, args.alias, workers))
+          f"({workers} worker(s) x {threads} torch thread(s))", flush=True)
+    proc = subprocess.Popen(serve_command(args.dataset, args.port, args.alias, workers, args.timeout),
+                            start_new_session=True)  # own process group: stopping it stops uvicorn's workers
+
+    def stop(signum, _frame):
+        _stop_group(proc)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the process group of `proc`, SIGKILL what is left after `grace` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -73,8 +73,8 @@ def run_train(args: argparse.Namespace) -> int:
     except Exception as exc:  # data validation / missing data: report, nothing trained
         name = type(exc).__name__
         if name in ("DataValidationError", "DataError", "ModelError", "FileNotFoundError"):
-            print(f"error: {name}: {exc}", file=sys.stderr)
-            return 1
+            print(f"error: {name}: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
         raise
     metrics = read_json(Path(out) / "metrics.json", {})
     best = metrics.get("best") or {}

@@ -31,7 +31,9 @@ from typing import Any
 import mlflow.pyfunc
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # shipped with the model as code_paths
-MAX_BATCH = 256  # rows per request; more is a 400 (keep latency bounded)
+MAX_BATCH = 256  # rows per request by default; more is a 400 (GENCLS_SERVE_MAX_ROWS / gencls serve --max-rows)
+MAX_ROWS_ENV = "GENCLS_SERVE_MAX_ROWS"
+SERVE_TIMEOUT_S = 120  # gencls serve's request timeout: MAX_BATCH rows at ~0.1 s each (2 cores, trec6) fit in it
 SERVE_WORKERS_ENV = "GENCLS_SERVE_WORKERS"  # uvicorn workers of `gencls serve`; each takes cores // workers threads
 PINNED = ("mlflow", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy",
           "pandas", "pyyaml", "gguf", "filelock")  # what load_context and predict import
@@ -66,6 +68,7 @@ class GenclsClassifier(mlflow.pyfunc.PythonModel):
 
         from components.threads import apply_thread_policy
 
+        harden_scoring_server()
         # each scoring-server worker takes its share of the cores (gencls serve passes SERVE_WORKERS_ENV)
         self.threads = apply_thread_policy(workers=int(os.environ.get(SERVE_WORKERS_ENV, "1") or 1))
         cfg = dict(context.model_config or {})
@@ -105,6 +108,42 @@ class GenclsClassifier(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"label": [rec["pred"] for rec in records], "probs": probs})
 
 
+def harden_scoring_server() -> None:
+    """Make MLflow's scoring server answer 400, not 500, to JSON nested too deeply to parse.
+
+    `json.loads` raises RecursionError on a body like `[[[[...]]]]` (thousands deep); MLflow's
+    request parser catches only JSON syntax errors. The model is loaded inside the server's
+    worker, so its `load_context` wraps the parser there (idempotent; no-op outside a server).
+    """
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.pyfunc import scoring_server
+    except ImportError:
+        return
+    parse = scoring_server._parse_json_data
+    if getattr(parse, "_gencls_hardened", False):
+        return
+
+    def parse_json_data(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return parse(*args, **kwargs)
+        except RecursionError:
+            raise MlflowException.invalid_parameter_value(
+                "request JSON is nested too deeply; expected {\"dataframe_split\": {\"columns\": [\"text\"], "
+                "\"data\": [[\"...\"]]}}") from None
+
+    parse_json_data._gencls_hardened = True
+    scoring_server._parse_json_data = parse_json_data
+
+
+def max_rows() -> int:
+    """The per-request row cap: GENCLS_SERVE_MAX_ROWS (set by `gencls serve --max-rows`) or MAX_BATCH."""
+    try:
+        return max(1, int(os.environ.get(MAX_ROWS_ENV, MAX_BATCH)))
+    except ValueError:
+        return MAX_BATCH
+
+
 def validate_input(model_input: Any) -> list[str]:
     """The texts of a request, or an MlflowException(INVALID_PARAMETER_VALUE) saying what is wrong."""
     import pandas as pd
@@ -120,8 +159,9 @@ def validate_input(model_input: Any) -> list[str]:
                            'Example: {"dataframe_split": {"columns": ["text"], "data": [["Who wrote Hamlet?"]]}}')
     if len(model_input) == 0:
         raise _bad_request("request has no rows: send at least one text")
-    if len(model_input) > MAX_BATCH:
-        raise _bad_request(f"request has {len(model_input)} rows; at most {MAX_BATCH} per request")
+    cap = max_rows()
+    if len(model_input) > cap:
+        raise _bad_request(f"request has {len(model_input)} rows; at most {cap} per request")
     texts = model_input["text"].tolist()
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:

@@ -144,27 +144,45 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def _coerce(cls: type, key: str, value: Any) -> Any:
-    """Coerce an override/params value to the declared type of `cls.key`."""
+    """Coerce an override/params value to the declared type of `cls.key`; ValueError naming the key otherwise.
+
+    Example:
+        >>> _coerce(SFTConfig, "max_steps", "abc")
+        Traceback (most recent call last):
+        ...
+        ValueError: SFTConfig.max_steps='abc': expected a whole number
+    """
     import yaml
 
     kinds = {f.name: f for f in fields(cls)}
     ftype = kinds[key].type if isinstance(kinds[key].type, str) else kinds[key].type.__name__
     if isinstance(value, str) and ftype != "str":
-        value = yaml.safe_load(value) if value.strip() else value
+        try:
+            value = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            pass  # reported below as the wrong kind of value
+    where = f"{cls.__name__}.{key}={value!r}"
     if ftype == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)  # YAML reads "3e-4" (no dot) as a string
         except ValueError:
-            raise ValueError(f"{cls.__name__}.{key}={value!r}: expected a number") from None
-    if ftype == "int" and isinstance(value, float) and value.is_integer():
-        return int(value)
+            raise ValueError(f"{where}: expected a number") from None
+    if ftype == "float":
+        raise ValueError(f"{where}: expected a number")
+    if ftype == "int":
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{where}: expected a whole number")
+    if ftype == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false")
     if ftype == "list" and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if ftype == "str" and value is not None and not isinstance(value, str):
         return str(value)
     choices = kinds[key].metadata.get("choices")
     if choices and value not in choices:
-        raise ValueError(f"{cls.__name__}.{key}={value!r}: expected one of {', '.join(choices)}")
+        raise ValueError(f"{where}: expected one of {', '.join(choices)}")
     return value
 
 

@@ -67,7 +67,7 @@ def make_task_runner(runner: str = "local", address: str | None = None, workers:
             return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                               cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": ":0"})
+                                              "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"})
     raise ValueError(f"runner {runner!r}: expected one of {', '.join(RUNNERS)}")
 
 

@@ -89,10 +89,9 @@ def test_rest_answers_label_and_probs_and_400_on_bad_requests(registered):
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root), "GENCLS_ROOT": str(root),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", "models:/gencls-toy@champion", "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    gencls_bin = str(Path(sys.executable).parent / "gencls")
+    proc = subprocess.Popen([gencls_bin, "serve", "--dataset", "toy", "--port", str(port), "--max-rows", "5"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 150
@@ -123,7 +122,27 @@ def test_rest_answers_label_and_probs_and_400_on_bad_requests(registered):
             assert "message" in body or "error" in body
         status, body = _post(f"{base}/invocations", b"{not json")
         assert 400 <= status < 500, (status, body)
+        nested = b'{"dataframe_split": {"columns": ["text"], "data": [' + b"[" * 5000 + b"]" * 5000 + b"]}}"
+        status, body = _post(f"{base}/invocations", nested)
+        assert 400 <= status < 500, (status, str(body)[:300])  # a malformed body is the client's fault, never a 500
+        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["text"],
+                                                                         "data": [["a text"]] * 6}})
+        assert status == 400 and "at most 5 per request" in str(body)  # --max-rows reached the server
+        proc.send_signal(signal.SIGTERM)  # to `gencls serve` only: it must stop the server and its workers
+        assert proc.wait(timeout=60) != 0
+        time.sleep(1)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{base}/ping", timeout=2)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.kill()
             proc.wait(timeout=30)
+
+
+def test_serve_unknown_dataset_is_one_line_exit_2(registered, capsys):
+    from components.cli import main
+
+    root, _ = registered
+    assert main(["serve", "--dataset", "nosuch", "--port", "5999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gencls-nosuch@champion" in err[0] and "retrain" in err[0]

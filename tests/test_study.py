@@ -216,6 +216,9 @@ def test_task_runner_by_flag():
     local = make_task_runner("local")
     assert isinstance(local, ThreadPoolTaskRunner) and local._max_workers == 1
     assert isinstance(make_task_runner("dask", "tcp://h:8786"), DaskTaskRunner)
+    local_cluster = make_task_runner("dask", workers=2)
+    assert local_cluster.cluster_kwargs["host"] == "127.0.0.1"  # scheduler, workers and dashboard: loopback only
+    assert local_cluster.cluster_kwargs["dashboard_address"].startswith("127.0.0.1:")
     with pytest.raises(ValueError, match="local, dask"):
         make_task_runner("ray")
 
