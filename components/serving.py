@@ -65,7 +65,6 @@ class GenclsClassifier(mlflow.pyfunc.PythonModel):
 
         from components.models import load_model
         from components.prompts import PromptBuilder, Strategy
-
         from components.threads import apply_thread_policy
 
         harden_scoring_server()
@@ -74,10 +73,13 @@ class GenclsClassifier(mlflow.pyfunc.PythonModel):
         cfg = dict(context.model_config or {})
         adapter = context.artifacts["adapter"]
         labels = yaml.safe_load(Path(context.artifacts["labels"]).read_text(encoding="utf-8"))
+        order = cfg.get("label_order")
+        if order:  # the order the evaluated prompts listed the labels in
+            labels = {label: labels[label] for label in order}
         self.model, self.tokenizer = load_model(cfg["base_model"], adapter=adapter, device=cfg.get("device", "auto"))
+        # exactly the evaluated inference strategy (train/serve parity); probabilities are real with
+        # perplexity decoding, one-hot on the parsed answer with generative decoding
         strategy = Strategy.parse(cfg.get("strategy", "decoding=perplexity"))
-        if not strategy.reasoning:
-            strategy = strategy.replace(decoding="perplexity")  # probabilities for every label
         demos: list[dict] = []
         if strategy.icl != "none" and "demos" in context.artifacts:
             with open(context.artifacts["demos"], encoding="utf-8") as fh:
@@ -88,7 +90,8 @@ class GenclsClassifier(mlflow.pyfunc.PythonModel):
 
             retriever = Retriever(demos)
         self.builder = PromptBuilder(self.tokenizer, labels, strategy, demos, retriever=retriever,
-                                     max_prompt_tokens=int(cfg.get("max_prompt_tokens", 384)))
+                                     max_prompt_tokens=int(cfg.get("max_prompt_tokens", 384)),
+                                     seed=int(cfg.get("seed", 0)))
         self.batch_size = int(cfg.get("batch_size", 16))
 
     def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
@@ -198,7 +201,7 @@ def base_model_reference(adapter_dir: str | Path, base_model: str | None = None)
 def log_model(run_id: str, adapter_dir: str | Path, labels_path: str | Path, strategy: str,
               base_model: str | None = None, demos_path: str | Path | None = None,
               input_text: str = "What is the capital of France?", artifact_path: str = "model",
-              validate: bool = True) -> Any:
+              validate: bool = True, max_prompt_tokens: int = 384, seed: int = 0, batch_size: int = 16) -> Any:
     """Log the adapter as a pyfunc model in ``run_id`` (explicit signature, example, pip deps).
 
     Args:
@@ -211,6 +214,8 @@ def log_model(run_id: str, adapter_dir: str | Path, labels_path: str | Path, str
         input_text: text of the input example.
         artifact_path: name of the model inside the run.
         validate: let MLflow load the model and score the input example before logging.
+        max_prompt_tokens, seed, batch_size: the prompt settings of the evaluation that measured the
+            model; saved in model_config (with the label order) so serving builds the same prompts.
 
     Returns:
         The ModelInfo (``model_uri`` and ``model_id``).
@@ -222,7 +227,11 @@ def log_model(run_id: str, adapter_dir: str | Path, labels_path: str | Path, str
 
     parsed = Strategy.parse(strategy)
     provenance = base_model_reference(adapter_dir, base_model)
-    model_config = {**provenance, "strategy": parsed.slug(), "device": "cpu"}
+    import yaml
+
+    label_order = list(yaml.safe_load(Path(labels_path).read_text(encoding="utf-8")))
+    model_config = {**provenance, "strategy": parsed.slug(), "device": "cpu", "max_prompt_tokens": int(max_prompt_tokens),
+                    "seed": int(seed), "batch_size": int(batch_size), "label_order": label_order}
     staging = Path(tempfile.mkdtemp(prefix="gencls-adapter-"))
     for path in Path(adapter_dir).iterdir():  # the final adapter only: no trainer checkpoints, curves
         if path.is_file() and path.suffix not in (".png",) and path.name != "README.md":

@@ -325,7 +325,9 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
         tracking.log_dict(rid, summary, "summary.json")
         labels = config.data_dir() / dataset / "labels.yaml"
         demos = config.data_dir() / dataset / "train.jsonl"
-        info = serving.log_model(rid, adapter, labels, settings["strategy"], base_model=base_model, demos_path=demos)
+        info = serving.log_model(rid, adapter, labels, settings["strategy"], base_model=base_model, demos_path=demos,
+                                 max_prompt_tokens=settings["max_prompt_tokens"], seed=int(metrics.get("seed", 0)),
+                                 batch_size=settings["batch_size"])
         decision = registry.register_and_gate(rid, dataset, metrics, test_set_key(dataset, settings["limit"]),
                                               model_uri=info.model_uri)
     write_json(reports(dataset) / "register.json", decision)

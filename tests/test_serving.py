@@ -39,6 +39,9 @@ def _post(url: str, payload) -> tuple[int, dict | str]:
         return err.code, body
 
 
+PARITY_BUDGET = 40  # a prompt budget far from serving's old default (384), so a lost setting shows
+
+
 @pytest.fixture(scope="module")
 def registered(tiny_model_dir, tmp_path_factory):
     """A 1-step SFT adapter of the tiny model, logged as a pyfunc and registered as champion."""
@@ -52,7 +55,8 @@ def registered(tiny_model_dir, tmp_path_factory):
     folder = root / "data" / "toy"
     folder.mkdir(parents=True)
     for split, n in (("train", 12), ("test", 3)):
-        rows = [{"id": f"{split}-{lab}-{i}", "text": f"{split} {lab} example {i}", "label": lab}
+        rows = [{"id": f"{split}-{lab}-{i}", "label": lab,
+                 "text": f"{split} {lab} example {i}" + " with a much longer tail of words" * (4 * (i % 2))}
                 for lab in LABELS for i in range(n)]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "labels.yaml").write_text(yaml.safe_dump(LABELS, sort_keys=False))
@@ -60,7 +64,8 @@ def registered(tiny_model_dir, tmp_path_factory):
                        save_steps=10, logging_steps=1)
     adapter = train_sft("toy", config, out_dir=root / "checkpoints" / "toy" / "sft")
     with tracking.start_run("toy", run_name="serve-test", tags={"strategy": "decoding=perplexity"}) as run:
-        info = serving.log_model(run.info.run_id, adapter, folder / "labels.yaml", "decoding=perplexity")
+        info = serving.log_model(run.info.run_id, adapter, folder / "labels.yaml", "decoding=perplexity",
+                                 max_prompt_tokens=PARITY_BUDGET, seed=3)
         decision = registry.register_and_gate(run.info.run_id, "toy", {"accuracy": 0.5, "macro_f1": 0.5}, "h",
                                               model_uri=info.model_uri)
     assert decision["promoted"]
@@ -146,3 +151,25 @@ def test_serve_unknown_dataset_is_one_line_exit_2(registered, capsys):
     assert main(["serve", "--dataset", "nosuch", "--port", "5999"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gencls-nosuch@champion" in err[0] and "retrain" in err[0]
+
+
+def test_served_predictions_equal_gencls_evaluate(registered):
+    """Train/serve parity: the registered model builds the prompts the evaluation built."""
+    import mlflow
+    import pandas as pd
+
+    from components.datasets import load_split
+    from components.evaluation import evaluate
+
+    root, info = registered
+    adapter = root / "checkpoints" / "toy" / "sft"
+    metrics = evaluate("toy", None, "decoding=perplexity", adapter=str(adapter), out_dir=root / "eval",
+                       max_prompt_tokens=PARITY_BUDGET, seed=3, progress=False)
+    assert metrics["truncated"] > 0  # the small budget matters for these prompts
+    records = [json.loads(line) for line in (root / "eval" / "predictions.jsonl").read_text().splitlines()]
+    texts = {ex["id"]: ex["text"] for ex in load_split("toy", "test")}
+    model = mlflow.pyfunc.load_model("models:/gencls-toy@champion")
+    served = model.predict(pd.DataFrame({"text": [texts[r["id"]] for r in records]}))
+    assert list(served["label"]) == [r["pred"] for r in records]
+    for probs, record in zip(served["probs"], records):
+        assert max(abs(probs[k] - record["probs"][k]) for k in probs) < 1e-4
