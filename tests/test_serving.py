@@ -173,3 +173,8 @@ def test_served_predictions_equal_gencls_evaluate(registered):
     assert list(served["label"]) == [r["pred"] for r in records]
     for probs, record in zip(served["probs"], records):
         assert max(abs(probs[k] - record["probs"][k]) for k in probs) < 1e-4
+    # the tiny model is nearly indifferent to a few words, so compare the prompts themselves too
+    builder = model.unwrap_python_model().builder
+    by_id = {ex["id"]: ex for ex in load_split("toy", "test")}
+    sample = (root / "eval" / "prompts_sample.txt").read_text()
+    assert sample == ("\n" + "=" * 80 + "\n").join(builder.prompt(by_id[r["id"]]) for r in records[:3]) + "\n"
