@@ -4,15 +4,18 @@
     gencls promote --dataset trec6 --version 3 --reason "better on the new test set"
     gencls rollback --dataset trec6
 
-Gate (``register_and_gate``): a new version takes the alias ``champion`` only when it
-strictly beats the current champion on the *same* test set: higher accuracy, or equal
-accuracy and higher macro-F1; a full tie keeps the current champion. "Same test set" is
-checked by a hash of test.jsonl + labels.yaml stored as a tag on every version: when the
-hashes differ the gate refuses (decision ``refused-different-test-set``) rather than
-compare numbers from different data; re-evaluate the champion on the new test set and
-register again, or promote by hand. Every decision, with both figures, is written as tags
-on the version and on the run, and appended to the registered model's
-``champion_history`` tag (also used by ``rollback``).
+Gate (``register_and_gate``): the candidate and the current champion are both scored, as
+served (their logged pyfunc models, each with its own prompt settings), on the same
+validation slice of the training split that neither trained nor chose checkpoints on (the
+SFT run's ``gate.json``; never the test split). The alias moves only when the candidate is
+significantly better: a one-sided exact McNemar test on the examples where exactly one of
+the two is right, p < ``register.alpha`` in params.yaml (default 0.05). The test metrics
+are tags for reporting only. A candidate whose adapter and prompt settings are identical
+to an existing version registers nothing new (decision ``unchanged``). A champion that
+was evaluated on another test set (hash of test.jsonl + labels.yaml, a tag on every
+version) still refuses the comparison (``refused-different-test-set``). Every decision,
+with both validation figures and the p-value, is written as tags on the version and on
+the run, and appended to the registered model's ``champion_history`` tag.
 
 Concurrency: the read-compare-set sequence runs under a file lock
 (``<root>/mlflow/registry-<dataset>.lock``) and re-reads the champion after acquiring it,
@@ -24,17 +27,20 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from components import tracking
 
 ALIAS = "champion"
+DEFAULT_ALPHA = 0.05  # significance level of the gate (params.yaml register.alpha)
+ADAPTER_TAG = "adapter_sha256"  # adapter weights + prompt settings: equal hashes = the same served model
 HISTORY_TAG = "champion_history"
 HISTORY_KEEP = 40  # entries kept in the history tag (tag values are limited in size)
-LOCK_TIMEOUT_S = 120
+LOCK_TIMEOUT_S = 900  # the gate scores two models on the validation slice while holding the lock
 
 
 class RegistryError(RuntimeError):
@@ -71,12 +77,21 @@ def _alias_lock(dataset: str) -> Iterator[None]:
         yield
 
 
-def _figures(version: Any) -> tuple[float, float] | None:
-    """(accuracy, macro_f1) from a version's tags, or None when missing."""
+def _figures(version: Any, other: Any = None) -> tuple[float, ...] | None:
+    """The figures a manual promotion compares: validation accuracy on the gate slice when both
+    versions were scored on the same one, else (test accuracy, macro-F1) from the tags; None when missing."""
     try:
+        if other is not None and version.tags.get("gate_set") and version.tags.get("gate_set") == \
+                other.tags.get("gate_set") and "gate.candidate_val_accuracy" in version.tags and \
+                "gate.candidate_val_accuracy" in other.tags:
+            return (float(version.tags["gate.candidate_val_accuracy"]),)
         return float(version.tags["accuracy"]), float(version.tags["macro_f1"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _fmt(figures: tuple[float, ...]) -> str:
+    return ", ".join(f"{x:.4f}" for x in figures)
 
 
 def current_champion(dataset: str) -> Any | None:
@@ -139,75 +154,137 @@ def _set_champion(dataset: str, version: str, by: str, reason: str, figures: dic
     c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
-def decide(candidate: tuple[float, float], champion: tuple[float, float] | None) -> tuple[bool, str]:
-    """Gate rule: (promote?, reason). Strictly better accuracy, tie broken by macro-F1."""
-    if champion is None:
-        return True, "no champion yet"
-    (acc, f1), (c_acc, c_f1) = candidate, champion
-    if acc > c_acc:
-        return True, f"accuracy {acc:.4f} > {c_acc:.4f}"
-    if acc == c_acc and f1 > c_f1:
-        return True, f"accuracy tie {acc:.4f}, macro_f1 {f1:.4f} > {c_f1:.4f}"
-    if acc == c_acc and f1 == c_f1:
-        return False, f"tie (accuracy {acc:.4f}, macro_f1 {f1:.4f}): champion kept"
-    return False, f"not better: accuracy {acc:.4f} vs champion {c_acc:.4f}, macro_f1 {f1:.4f} vs {c_f1:.4f}"
+def mcnemar_p(candidate_correct: Sequence[bool], champion_correct: Sequence[bool]) -> tuple[float, int, int]:
+    """One-sided exact McNemar test that the candidate is right more often than the champion.
+
+    Returns (p, b, c): b = examples only the candidate gets right, c = only the champion;
+    p = P(X >= b) for X ~ Binomial(b + c, 1/2) (1.0 when b <= c).
+
+    Example:
+        >>> mcnemar_p([True] * 10 + [False] * 2, [False] * 10 + [True] * 2)[0] < 0.05
+        True
+    """
+    if len(candidate_correct) != len(champion_correct):
+        raise ValueError("candidate and champion were scored on different numbers of examples")
+    b = sum(1 for x, y in zip(candidate_correct, champion_correct) if x and not y)
+    c = sum(1 for x, y in zip(candidate_correct, champion_correct) if y and not x)
+    n = b + c
+    if b <= c:
+        return 1.0, b, c
+    return sum(math.comb(n, k) for k in range(b, n + 1)) / 2 ** n, b, c
 
 
-def create_version(run_id: str, dataset: str, metrics: dict, test_hash: str, model_uri: str | None = None) -> Any:
+def decide(candidate_correct: Sequence[bool], champion_correct: Sequence[bool] | None,
+           alpha: float = DEFAULT_ALPHA) -> tuple[bool, str, dict]:
+    """Gate rule on paired validation correctness: (promote?, reason, figures)."""
+    n = len(candidate_correct)
+    figures = {"gate_n": n, "candidate_val_accuracy": sum(candidate_correct) / n if n else None}
+    if champion_correct is None:
+        return True, "no champion yet", figures
+    p, b, c = mcnemar_p(candidate_correct, champion_correct)
+    figures.update({"champion_val_accuracy": sum(champion_correct) / n if n else None, "p_value": p,
+                    "only_candidate_right": b, "only_champion_right": c, "alpha": alpha})
+    gap = f"validation accuracy {figures['candidate_val_accuracy']:.4f} vs {figures['champion_val_accuracy']:.4f} " \
+          f"(n={n}; only candidate right {b}, only champion right {c}; McNemar p={p:.3g})"
+    if p < alpha:
+        return True, f"significantly better: {gap} < {alpha}", figures
+    return False, f"not significantly better: {gap} >= {alpha}; champion kept", figures
+
+
+def create_version(run_id: str, dataset: str, metrics: dict, test_hash: str, model_uri: str | None = None,
+                   extra_tags: dict | None = None) -> Any:
     """Register the run's logged model as a new version of ``gencls-<dataset>``, tagged with its figures."""
     import mlflow
 
-    tracking.client()  # configures the fluent registry URI
-    c = tracking.client()
+    c = tracking.client()  # configures the fluent registry URI
     run = c.get_run(run_id)
     tags = {"accuracy": str(float(metrics["accuracy"])), "macro_f1": str(float(metrics["macro_f1"])),
-            "test_set_hash": test_hash, "dataset": dataset, "strategy": run.data.tags.get("strategy", "")}
+            "test_set_hash": test_hash, "dataset": dataset, "strategy": run.data.tags.get("strategy", ""),
+            **{k: str(v) for k, v in (extra_tags or {}).items()}}
     return mlflow.register_model(model_uri or f"runs:/{run_id}/model", model_name(dataset), tags=tags,
                                  await_registration_for=60)
 
 
+def find_identical(dataset: str, adapter_hash: str) -> Any | None:
+    """An existing READY version whose adapter + prompt settings hash equals `adapter_hash`."""
+    try:
+        versions = tracking.client().search_model_versions(f"name='{model_name(dataset)}'")
+    except Exception:
+        return None
+    same = [v for v in versions if v.tags.get(ADAPTER_TAG) == adapter_hash and v.status == "READY"]
+    return min(same, key=lambda v: int(v.version)) if same else None
+
+
+def gate_scorer(examples: Sequence[dict]) -> Callable[[str], list[bool]]:
+    """Score a logged pyfunc model (by URI) on `examples` as served: which it classifies right."""
+    def score(model_uri: str) -> list[bool]:
+        import mlflow.pyfunc
+        import pandas as pd
+
+        model = mlflow.pyfunc.load_model(model_uri)
+        labels = model.predict(pd.DataFrame({"text": [ex["text"] for ex in examples]}))["label"]
+        return [str(pred) == ex["label"] for pred, ex in zip(labels, examples)]
+    return score
+
+
 def register_and_gate(run_id: str, dataset: str, metrics: dict, test_set_hash: str,
-                      model_uri: str | None = None) -> dict:
-    """Create a version from the run's logged model and move `champion` only if it is better.
+                      model_uri: str | None = None, scorer: Callable[[str], list[bool]] | None = None,
+                      alpha: float = DEFAULT_ALPHA, adapter_hash: str | None = None, gate_key: str = "") -> dict:
+    """Create a version from the run's logged model and move `champion` only if it is significantly better.
 
     Args:
         run_id: MLflow run that logged the pyfunc model.
         dataset: Dataset name (registered model ``gencls-<dataset>``).
-        metrics: Evaluation metrics of the candidate (needs accuracy and macro_f1).
+        metrics: Test metrics of the candidate (accuracy, macro_f1): tags for reporting only.
         test_set_hash: ``test_set_hash(dataset)`` of the data the metrics were computed on.
         model_uri: The logged model (``model_info.model_uri``); default ``runs:/<run_id>/model``.
+        scorer: model URI -> per-example correctness on the validation slice (``gate_scorer``);
+            needed whenever there is a champion to compare with.
+        alpha: significance level of the one-sided McNemar test.
+        adapter_hash: identity of the adapter + prompt settings; an existing version with the same
+            hash means nothing new is registered.
+        gate_key: identity of the validation slice (a tag, for audits).
 
     Returns:
         {"model", "version", "promoted", "decision", "reason", "candidate": {...}, "champion": {...} | None}
     """
-    version = create_version(run_id, dataset, metrics, test_set_hash, model_uri)
-    candidate = (float(metrics["accuracy"]), float(metrics["macro_f1"]))
+    candidate = {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"])}
+    if adapter_hash:
+        same = find_identical(dataset, adapter_hash)
+        if same is not None:
+            champ = current_champion(dataset)
+            return {"model": model_name(dataset), "version": str(same.version), "run_id": run_id, "promoted": False,
+                    "decision": "unchanged", "reason": f"identical adapter and prompt settings to v{same.version}; "
+                    "nothing new registered", "candidate": candidate,
+                    "champion": {"version": str(champ.version)} if champ is not None else None}
+    tags = {ADAPTER_TAG: adapter_hash or "", "gate_set": gate_key}
+    version = create_version(run_id, dataset, metrics, test_set_hash, model_uri, tags)
+    uri = f"models:/{model_name(dataset)}/{version.version}"
     with _alias_lock(dataset):
         champ = current_champion(dataset)  # re-read under the lock
-        champ_figures = _figures(champ) if champ is not None else None
-        if champ is not None and champ_figures is None:
-            champ = None  # a champion without figures cannot be compared; treat as none
+        figures: dict = {"champion_version": champ.version if champ is not None else None}
         if champ is not None and champ.tags.get("test_set_hash") != test_set_hash:
             promoted, decision = False, "refused-different-test-set"
             reason = (f"champion v{champ.version} was evaluated on another test set "
                       f"({champ.tags.get('test_set_hash', '?')[:12]} vs {test_set_hash[:12]}); re-evaluate it "
                       f"and register again, or promote by hand")
+        elif champ is not None and scorer is None:
+            promoted, decision = False, "kept-champion"
+            reason = "no validation slice to compare the candidate with the champion on; champion kept"
         else:
-            promoted, reason = decide(candidate, champ_figures)
+            cand_correct = scorer(uri) if scorer is not None else []
+            champ_correct = scorer(f"models:/{model_name(dataset)}/{champ.version}") if champ is not None else None
+            promoted, reason, gate_figures = decide(cand_correct, champ_correct, alpha)
+            figures.update(gate_figures)
             decision = "promoted" if promoted else "kept-champion"
-        figures = {"candidate_accuracy": candidate[0], "candidate_macro_f1": candidate[1],
-                   "champion_version": champ.version if champ is not None else None,
-                   "champion_accuracy": champ_figures[0] if champ_figures else None,
-                   "champion_macro_f1": champ_figures[1] if champ_figures else None}
         if promoted:
-            _set_champion(dataset, version.version, by=f"gate (run {run_id})", reason=reason,
-                          figures={"accuracy": candidate[0], "macro_f1": candidate[1]})
+            _set_champion(dataset, version.version, by=f"gate (run {run_id})", reason=reason, figures=candidate)
     _record_decision(run_id, dataset, version.version, decision, reason, figures)
     return {"model": model_name(dataset), "version": str(version.version), "run_id": run_id, "promoted": promoted,
-            "decision": decision, "reason": reason,
-            "candidate": {"accuracy": candidate[0], "macro_f1": candidate[1]},
-            "champion": None if champ is None else {"version": str(champ.version), "accuracy": figures["champion_accuracy"],
-                                                    "macro_f1": figures["champion_macro_f1"]}}
+            "decision": decision, "reason": reason, "candidate": {**candidate, **{k: v for k, v in figures.items()
+                                                                                   if k.startswith("candidate")}},
+            "champion": None if champ is None else {"version": str(champ.version),
+                                                    "val_accuracy": figures.get("champion_val_accuracy")}}
 
 
 def _record_decision(run_id: str, dataset: str, version: str, decision: str, reason: str, figures: dict) -> None:
@@ -238,13 +315,14 @@ def promote(dataset: str, version: str | int, reason: str = "", by: str | None =
         raise RegistryError(f"{model_name(dataset)} v{version} is {mv.status}, not READY")
     with _alias_lock(dataset):
         before = current_champion(dataset)
-        mine, theirs = _figures(mv), _figures(before) if before is not None else None
+        mine = _figures(mv, before) if before is not None else None
+        theirs = _figures(before, mv) if before is not None else None
         worse = before is not None and str(before.version) != str(version) and mine is not None \
             and theirs is not None and mine < theirs
         if worse and not force:
-            raise RegistryError(f"{model_name(dataset)} v{version} (accuracy {mine[0]:.4f}, macro-F1 {mine[1]:.4f}) "
-                                f"is worse than champion v{before.version} (accuracy {theirs[0]:.4f}, macro-F1 "
-                                f"{theirs[1]:.4f}); pass --force --reason '...' to promote it anyway")
+            shown = "validation accuracy" if len(mine) == 1 else "(accuracy, macro-F1)"
+            raise RegistryError(f"{model_name(dataset)} v{version} {shown} {_fmt(mine)} is worse than champion "
+                                f"v{before.version} {_fmt(theirs)}; pass --force --reason '...' to promote it anyway")
         if worse and not reason.strip():
             raise RegistryError("a forced promotion of a worse version needs --reason (kept in the history)")
         note = reason or "manual promotion"

@@ -246,7 +246,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     from components import config as project_config
     from components.prompts import Strategy
     from components.rewards import build_rewards
-    from components.sft import load_data, make_builder, require_valid_data
+    from components.sft import load_data, make_builder, read_gate_ids, require_valid_data
 
     config = config or load_config("rl", "quick")
     log = printer()
@@ -259,6 +259,9 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     model, tokenizer, sft_info = load_policy(sft_dir)
     strategy = Strategy.parse(config.train_strategy or sft_info.get("train_strategy") or "naive")
     labels, train, held, pool = load_data(dataset, data_dir, config.train_size, config.eval_size, config.seed)
+    gate_ids = read_gate_ids(sft_dir)  # the champion gate's slice: never trained or selected on
+    train = [ex for ex in train if ex["id"] not in gate_ids]
+    held = [ex for ex in held if ex["id"] not in gate_ids]
     builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
     config = fit_completion_budget(config, tokenizer, builder, log)
     train, focus_stats = cached_focus(model, tokenizer, builder, train, config, out_dir / FOCUS_FILE,

@@ -20,6 +20,7 @@ into HTTP 400 with the message.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -179,6 +180,15 @@ def signature() -> Any:
 
     return ModelSignature(inputs=Schema([ColSpec(DataType.string, "text")]),
                           outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(Map(DataType.double), "probs")]))
+
+
+def adapter_fingerprint(adapter_dir: str | Path, settings: dict) -> str:
+    """sha256 of what a served model is: the adapter's weight files and the prompt settings."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in sorted(Path(adapter_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def base_model_reference(adapter_dir: str | Path, base_model: str | None = None) -> dict:

@@ -45,6 +45,7 @@ from components.training_common import (
     resume_checkpoint,
     save_final,
     split_train_eval,
+    stratified_sample,
     with_atomic_checkpoints,
     write_json,
 )
@@ -52,6 +53,7 @@ from components.training_common import (
 __all__ = ["SFTConfig", "load_config", "train_sft", "select_uncertain", "build_sft_rows", "require_valid_data"]
 
 IM_END = "<|im_end|>"
+GATE_FILE = "gate.json"  # ids of the champion gate's validation slice (read by RL and the register step)
 
 
 def require_valid_data(dataset: str, data_dir: Any = None) -> None:
@@ -83,6 +85,27 @@ def load_data(dataset: str, data_dir: Any, train_size: int, eval_size: int, seed
     held_ids = {ex["id"] for ex in held}
     pool = [ex for ex in train_all if ex["id"] not in held_ids]  # demos never come from the held-out slice
     return labels, train, held, pool
+
+
+def gate_slice(dataset: str, data_dir: Any, used: list[dict], size: int, seed: int) -> tuple[list[dict], bool]:
+    """(the champion gate's validation slice, whether it had to be the held-out selection slice).
+
+    A stratified, seeded sample of the training-split examples that are not in `used` (the SFT
+    training subsample and its held-out slice), at most half of them (the rest stays for RL's
+    prompts). When nothing is left (train_size 0 = all data), the caller's held-out slice is used
+    instead and the flag says so (checkpoints were chosen on it).
+    """
+    from components.datasets import load_split
+
+    used_ids = {ex["id"] for ex in used}
+    rest = [ex for ex in load_split(dataset, "train", data_dir) if ex["id"] not in used_ids]
+    size = min(size, len(rest) // 2)
+    return (stratified_sample(rest, size, seed + 2), False) if size > 0 else ([], True)
+
+
+def read_gate_ids(sft_dir: Any) -> set[str]:
+    """The gate slice's ids written by an SFT run (empty when it wrote none)."""
+    return set(read_json(Path(sft_dir) / GATE_FILE, {}).get("ids", []))
 
 
 def make_builder(tokenizer: Any, labels: dict, strategy: Any, pool: list[dict], max_prompt_tokens: int, seed: int):
@@ -243,6 +266,13 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
     if log_fn:
         log_fn({f"sft/{k}": v for k, v in stats.items()}, 0)
 
+    gate, from_held = gate_slice(dataset, data_dir, train + held, config.gate_size, config.seed)
+    if from_held:
+        gate = held
+        log("gate slice: no training example is left outside SFT's sample; the champion gate uses the held-out "
+            "slice checkpoints were chosen on")
+    write_json(out_dir / GATE_FILE, {"ids": [ex["id"] for ex in gate], "selection_slice": from_held,
+                                     "seed": config.seed})
     run_id = fingerprint({"kind": "sft", "dataset": dataset, "config": asdict_config(config),
                           "rows": fingerprint(rows), "held": [ex["id"] for ex in held]})
     trainer_dir, best_dir = out_dir / "trainer", out_dir / "best"

@@ -79,6 +79,8 @@ class SFTConfig:
     logging_steps: int = _f(5, "log loss every N steps")
     seed: int = _f(0, "seed for subsampling, LoRA init and data order")
     bf16: bool = _f(False, "bf16 autocast with fp32 master weights (only used on CUDA)")
+    gate_size: int = _f(200, "validation slice the champion gate scores on: training-split examples SFT neither "
+                        "trains nor chooses checkpoints on (RL excludes them too); saved as gate.json")
     engine: str = _f("shared-prefix", "SFT step: 'shared-prefix' = the batch's common prompt prefix runs once and "
                      "logits are taken at answer positions only; 'answer-only' = answer logits without the shared "
                      "prefix; 'trl' = TRL's own loss (logits, entropy and token accuracy for every position)",

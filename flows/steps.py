@@ -325,13 +325,48 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
         tracking.log_dict(rid, summary, "summary.json")
         labels = config.data_dir() / dataset / "labels.yaml"
         demos = config.data_dir() / dataset / "train.jsonl"
-        info = serving.log_model(rid, adapter, labels, settings["strategy"], base_model=base_model, demos_path=demos,
-                                 max_prompt_tokens=settings["max_prompt_tokens"], seed=int(metrics.get("seed", 0)),
-                                 batch_size=settings["batch_size"])
-        decision = registry.register_and_gate(rid, dataset, metrics, test_set_key(dataset, settings["limit"]),
-                                              model_uri=info.model_uri)
+        prompt = {"strategy": settings["strategy"], "max_prompt_tokens": settings["max_prompt_tokens"],
+                  "seed": int(metrics.get("seed", 0)), "batch_size": settings["batch_size"], "base_model": base_model}
+        identity = serving.adapter_fingerprint(adapter, prompt)
+        gate_examples, gate_key = gate_slice_examples(dataset, adapter.parent / "sft")
+        test_key = test_set_key(dataset, settings["limit"])
+        if registry.find_identical(dataset, identity) is not None:  # retrain on unchanged data: no new version
+            decision = registry.register_and_gate(rid, dataset, metrics, test_key, adapter_hash=identity)
+        else:
+            info = serving.log_model(rid, adapter, labels, settings["strategy"], base_model=base_model,
+                                     demos_path=demos, max_prompt_tokens=prompt["max_prompt_tokens"],
+                                     seed=prompt["seed"], batch_size=prompt["batch_size"])
+            decision = registry.register_and_gate(
+                rid, dataset, metrics, test_key, model_uri=info.model_uri,
+                scorer=registry.gate_scorer(gate_examples) if gate_examples else None,
+                alpha=gate_alpha(), adapter_hash=identity, gate_key=gate_key)
     write_json(reports(dataset) / "register.json", decision)
     return decision
+
+
+def gate_alpha(params_data: dict | None = None) -> float:
+    """params.yaml `register.alpha`: significance level of the champion gate."""
+    from components.registry import DEFAULT_ALPHA
+
+    params_data = params() if params_data is None else params_data
+    value = (params_data.get("register") or {}).get("alpha", DEFAULT_ALPHA)
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"params.yaml register.alpha={value!r}: expected a number between 0 and 1") from None
+    if not 0 < alpha < 1:
+        raise ValueError(f"params.yaml register.alpha={alpha}: expected a number between 0 and 1")
+    return alpha
+
+
+def gate_slice_examples(dataset: str, sft_dir: Path, data_dir: Path | None = None) -> tuple[list[dict], str]:
+    """(the champion gate's validation examples from the SFT run's gate.json, a hash naming the slice)."""
+    from components.datasets import load_split
+    from components.sft import read_gate_ids
+
+    ids = read_gate_ids(sft_dir)
+    examples = [ex for ex in load_split(dataset, "train", data_dir) if ex["id"] in ids]
+    return examples, hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:16] if ids else ""
 
 
 def summary_table(dataset: str) -> list[dict]:

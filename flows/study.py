@@ -395,8 +395,13 @@ def register_task(ctx: dict, result: dict) -> dict:
     dataset = ctx["dataset"]
     info = serving.log_model(result["run_id"], result["adapter"], view / dataset / "labels.yaml", result["infer"],
                              base_model=ctx["model"], demos_path=view / dataset / "train.jsonl")
+    from components.datasets import load_split
+    from flows.steps import gate_alpha
+
+    val = load_split(dataset, "test", Path(ctx["views"]["val"]))  # the study's validation slice, never test
     decision = registry.register_and_gate(result["run_id"], dataset, result,
-                                          registry.test_set_hash(dataset, data_dir=view), model_uri=info.model_uri)
+                                          registry.test_set_hash(dataset, data_dir=view), model_uri=info.model_uri,
+                                          scorer=registry.gate_scorer(val), alpha=gate_alpha())
     decision["cell_key"] = result["key"]
     S.write_result(path, decision)
     return decision

@@ -41,37 +41,61 @@ def store(shared_store, request, monkeypatch):
     return shared_store
 
 
-def _candidate(accuracy: float, macro_f1: float, test_hash: str = "h1") -> dict:
-    """A new run whose (shared) model is registered and gated."""
+GATE_N = 200
+_SCORED: dict[tuple[str, str], list[bool]] = {}  # (dataset, version) -> correctness on the validation slice
+
+
+def _correct(val_accuracy: float) -> list[bool]:
+    """Nested correctness vectors: a better model gets right every example a worse one does, and more."""
+    k = round(val_accuracy * GATE_N)
+    return [True] * k + [False] * (GATE_N - k)
+
+
+def _candidate(val_accuracy: float, macro_f1: float = 0.5, test_hash: str = "h1", adapter_hash: str | None = None,
+               test_accuracy: float | None = None) -> dict:
+    """A new run whose (shared) model is registered and gated; its validation correctness is `_correct(val_accuracy)`."""
+    mine = _correct(val_accuracy)
+
+    def scorer(uri: str) -> list[bool]:  # the first version this scorer sees that is unscored is the candidate
+        key = (DATASET, uri.rsplit("/", 1)[-1])
+        return _SCORED.setdefault(key, mine)
+
     with tracking.start_run(DATASET, run_name="cand") as run:
-        return registry.register_and_gate(run.info.run_id, DATASET, {"accuracy": accuracy, "macro_f1": macro_f1},
-                                          test_hash, model_uri=_MODEL_URI[0])
+        figures = {"accuracy": val_accuracy if test_accuracy is None else test_accuracy, "macro_f1": macro_f1}
+        return registry.register_and_gate(run.info.run_id, DATASET, figures, test_hash, model_uri=_MODEL_URI[0],
+                                          scorer=scorer, alpha=0.05, adapter_hash=adapter_hash)
 
 
 def test_first_version_becomes_champion_and_decision_is_logged(store):
-    out = _candidate(0.5, 0.4)
+    out = _candidate(0.5)
     assert out["promoted"] and out["decision"] == "promoted"
     assert str(registry.current_champion(DATASET).version) == out["version"]
     mv = tracking.client().get_model_version(registry.model_name(DATASET), out["version"])
-    assert mv.tags["gate.decision"] == "promoted" and mv.tags["gate.candidate_accuracy"] == "0.5"
+    assert mv.tags["gate.decision"] == "promoted" and mv.tags["gate.candidate_val_accuracy"] == "0.5"
 
 
-def test_gate_better_worse_equal_tiebreak(store):
-    v1 = _candidate(0.5, 0.4)
-    worse = _candidate(0.4, 0.9)  # worse accuracy, better F1: accuracy decides
-    assert not worse["promoted"] and worse["champion"]["accuracy"] == 0.5
-    equal = _candidate(0.5, 0.4)  # full tie: champion kept
-    assert not equal["promoted"] and "tie" in equal["reason"]
-    tie_f1 = _candidate(0.5, 0.45)  # equal accuracy, better macro-F1
-    assert tie_f1["promoted"]
-    better = _candidate(0.6, 0.1)
-    assert better["promoted"]
-    assert str(registry.current_champion(DATASET).version) == better["version"]
-    tags = tracking.client().get_model_version(registry.model_name(DATASET), worse["version"]).tags
-    assert tags["gate.decision"] == "kept-champion" and tags["gate.champion_accuracy"] == "0.5"
+def test_gate_needs_a_significant_gain_on_validation_not_a_better_test_score(store):
+    v1 = _candidate(0.50)
+    noise = _candidate(0.51, test_accuracy=0.99)  # 2 more right of 200 (p = 0.25) despite a far better test score
+    assert not noise["promoted"] and noise["decision"] == "kept-champion" and "not significantly" in noise["reason"]
+    worse = _candidate(0.40)
+    assert not worse["promoted"]
+    better = _candidate(0.60)  # 20 more right, none fewer: p = 2^-20
+    assert better["promoted"] and str(registry.current_champion(DATASET).version) == better["version"]
+    tags = tracking.client().get_model_version(registry.model_name(DATASET), noise["version"]).tags
+    assert tags["gate.decision"] == "kept-champion" and float(tags["gate.p_value"]) > 0.05
+    assert tags["gate.champion_val_accuracy"] == "0.5" and tags["accuracy"] == "0.99"  # test: a tag, not a criterion
     run = tracking.client().get_run(worse["run_id"])  # the decision is on the run too
-    assert run.data.tags["gate.decision"] == "kept-champion" and run.data.tags["gate.candidate_accuracy"] == "0.4"
+    assert run.data.tags["gate.decision"] == "kept-champion" and run.data.tags["gate.only_champion_right"] == "20"
     assert v1["version"] == "1"
+
+
+def test_identical_adapter_registers_nothing_new(store):
+    first = _candidate(0.5, adapter_hash="abc")
+    again = _candidate(0.5, adapter_hash="abc")  # a weekly retrain on unchanged data
+    assert again["decision"] == "unchanged" and again["version"] == first["version"]
+    versions = tracking.client().search_model_versions(f"name='{registry.model_name(DATASET)}'")
+    assert len(versions) == 1
 
 
 def test_gate_refuses_other_test_set(store):
@@ -81,7 +105,7 @@ def test_gate_refuses_other_test_set(store):
 
 
 def test_concurrent_registrations_leave_the_best_champion(store):
-    figures = [(0.50, 0.5), (0.70, 0.6), (0.60, 0.9), (0.70, 0.5)]
+    figures = [(0.50, 0.5), (0.70, 0.6), (0.60, 0.9), (0.70, 0.5)]  # (validation accuracy, macro-F1)
     results, errors = [], []
 
     def worker(acc, f1):
@@ -98,7 +122,7 @@ def test_concurrent_registrations_leave_the_best_champion(store):
     assert not errors, errors
     champ = registry.current_champion(DATASET)
     assert champ is not None and champ.status == "READY"
-    assert (float(champ.tags["accuracy"]), float(champ.tags["macro_f1"])) == (0.70, 0.6)
+    assert float(champ.tags["gate.candidate_val_accuracy"]) == 0.70  # the best (a tie with the other 0.70 keeps either)
 
 
 def test_manual_promote_and_rollback(store):

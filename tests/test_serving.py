@@ -178,3 +178,17 @@ def test_served_predictions_equal_gencls_evaluate(registered):
     by_id = {ex["id"]: ex for ex in load_split("toy", "test")}
     sample = (root / "eval" / "prompts_sample.txt").read_text()
     assert sample == ("\n" + "=" * 80 + "\n").join(builder.prompt(by_id[r["id"]]) for r in records[:3]) + "\n"
+
+
+def test_gate_scorer_scores_the_served_model_on_validation_examples(registered):
+    import mlflow
+    import pandas as pd
+
+    from components.datasets import load_split
+
+    examples = load_split("toy", "train")[:9]
+    correct = registry.gate_scorer(examples)("models:/gencls-toy@champion")
+    served = mlflow.pyfunc.load_model("models:/gencls-toy@champion").predict(
+        pd.DataFrame({"text": [ex["text"] for ex in examples]}))
+    assert correct == [pred == ex["label"] for pred, ex in zip(served["label"], examples)]
+    assert len(correct) == 9
