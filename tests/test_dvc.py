@@ -129,3 +129,78 @@ def test_every_stage_lists_its_script_and_params():
         assert stage.get("params"), name
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert {"data", "sft", "rl", "evaluate", "register", "profiles", "retrain"} <= set(params)
+
+
+# ----------------------------------------------------------------------------- deps derived from the code
+STAGE_ENTRY = {  # dvc stage -> the flows.steps functions `python -m flows.stages <stage>` calls
+    "data": ["step_data"], "validate": ["step_validate"], "render": ["step_render", "resolve_configs", "eval_settings"],
+    "sft": ["step_sft"], "rl": ["step_rl"], "evaluate_zeroshot": ["step_evaluate"], "evaluate_sft": ["step_evaluate"],
+    "evaluate": ["step_evaluate"], "register": ["step_register"],
+}
+
+
+def _repo_module_file(name: str) -> Path | None:
+    """components.sft -> components/sft.py (None outside the repo's packages)."""
+    if not name.startswith(("components", "flows")):
+        return None
+    path = REPO / (name.replace(".", "/") + ".py")
+    return path if path.is_file() else (REPO / name.replace(".", "/") / "__init__.py")
+
+
+def _imports(node) -> set[str]:
+    """Repo modules imported anywhere under an AST node (module level and inside functions)."""
+    import ast
+
+    found = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
+            found.add(sub.module)
+            found |= {f"{sub.module}.{a.name}" for a in sub.names}  # `from components import registry`
+        elif isinstance(sub, ast.Import):
+            found |= {a.name for a in sub.names}
+    return {m for m in found if _repo_module_file(m) is not None and _repo_module_file(m).is_file()}
+
+
+def _closure(modules: set[str]) -> set[str]:
+    import ast
+
+    seen, todo = set(), list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen or name in ("flows.steps", "flows.stages"):
+            continue
+        seen.add(name)
+        todo += sorted(_imports(ast.parse(_repo_module_file(name).read_text())) - seen)
+    return seen
+
+
+def _stage_code(entries: list[str]) -> set[str]:
+    """Files of the repo modules a stage can import: its step functions' imports (and the steps helpers they
+    call), the module-level imports of flows/steps.py and flows/stages.py, then everything those import."""
+    import ast
+
+    tree = ast.parse((REPO / "flows" / "steps.py").read_text())
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    top = {n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    modules = set().union(*(_imports(n) for n in top)) | _imports(ast.parse((REPO / "flows/stages.py").read_text()))
+    seen, todo = set(), list(entries)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        modules |= _imports(functions[name])
+        todo += [n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name) and n.id in functions]
+    modules -= {"flows.steps", "flows.stages"}  # their other functions belong to other stages
+    files = {str(_repo_module_file(m).relative_to(REPO)) for m in _closure(modules)
+             if not str(_repo_module_file(m)).endswith("__init__.py")}
+    return files | {"flows/steps.py", "flows/stages.py"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_ENTRY))
+def test_each_stage_lists_the_code_it_imports(stage):
+    """A change to any module a stage's code can import must rerun the stage: dvc.yaml lists them all."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    listed = {d for d in spec["deps"] if d.endswith(".py")}
+    missing = sorted(_stage_code(STAGE_ENTRY[stage]) - listed)
+    assert not missing, f"dvc.yaml stage {stage!r} imports but does not list: {missing}"
