@@ -1,7 +1,6 @@
 """Perplexity decoding benchmark: shared prompt prefix (KV cache reused) vs one forward per label.
 
     gencls bench decoding --labels 6 --prompt-tokens 128 --n 20 --model smollm2-135m
-    python benchmarks/bench_decoding.py --labels 6 --prompt-tokens 128 --n 20   # same thing
 
     gencls bench decoding --dataset 20newsgroups --prompt-tokens 246 --n 32   # shared prompt prefix on/off
 
@@ -16,7 +15,6 @@ Not a timed test: CPU contention changes the numbers; run it on an idle machine.
 from __future__ import annotations
 
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -144,10 +142,3 @@ def format_report(r: dict) -> str:
         f"identical predictions: {'yes' if r['identical_predictions'] else 'NO'} "
         f"(max |score diff| {r['max_abs_score_diff']:.2e})",
     ])
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from components.cli import main
-
-    sys.exit(main(["bench", "decoding", *sys.argv[1:]]))

@@ -44,7 +44,7 @@ def post(url: str, texts: list[str], timeout: float = 300.0) -> tuple[float, dic
 def run_benchmark(dataset: str = "trec6", alias: str = "champion", batch: int = 100, repeats: int = 5,
                   workers: int = 1, startup_timeout: float = 300.0) -> dict:
     """Start the server, time the requests, stop it; returns the figures."""
-    from components.cli_ops import wait_healthy
+    from components.config import wait_healthy
     from components.datasets import load_split
     from components.threads import available_cores, thread_budget
 
@@ -84,9 +84,3 @@ def format_report(r: dict) -> str:
         f"{r['batch']} texts: {', '.join(f'{s:.2f} s' for s in r['batch_s'])} "
         f"({r['batch_rows_returned']} predictions; target <= 10 s)",
     ])
-
-
-if __name__ == "__main__":
-    from components.cli import main
-
-    sys.exit(main(["bench", "serve", *sys.argv[1:]]))

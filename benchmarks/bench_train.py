@@ -1,7 +1,6 @@
 """Training speed benchmark: each SFT path and the GRPO step against a raw LoRA forward+backward.
 
     gencls bench train --dataset trec6 [--strategy naive] [--model smollm2-135m] [--n 64] [--batch-size 8]
-    python -m benchmarks.bench_train --dataset trec6        # same thing
 
 On real prompts of the dataset (the first --n training examples after a seeded shuffle,
 rendered with --strategy exactly as `gencls train sft` renders them), in one run:
@@ -10,7 +9,8 @@ rendered with --strategy exactly as `gencls train sft` renders them), in one run
    over the same padded batches, no optimizer: tokens/s and examples/s;
 2. every SFT path (`sft.engine`: trl = TRL's own SFTTrainer loss, answer-only,
    shared-prefix), as full Trainer optimizer steps over the same examples: examples/s, its
-   ratio to the reference and to the `trl` path; the first step of each is a warm-up;
+   ratio to the reference and to the `trl` path; the first step of each is a warm-up and
+   the figures use the median step (a shared machine has transient slowdowns of +-20%);
 3. GRPO (with --grpo-steps > 0): completions/s of a step, TRL's GRPOTrainer vs the
    group-shared one, at each --generations group size; the policy is the SFT adapter in
    --sft-dir when there is one (short answers, like in the pipeline), else a fresh LoRA.
@@ -20,7 +20,6 @@ Not a timed test: other work on the machine changes the figures; run it on an id
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,12 +49,15 @@ def _tokenize(tokenizer: Any, rows: list[dict]) -> list[dict]:
 
 
 def reference_rate(model: Any, tokenized: list[dict], batch_size: int, pad_id: int) -> dict:
-    """Raw LoRA forward+backward over right-padded batches (no optimizer); the first batch warms up."""
+    """Raw LoRA forward+backward over right-padded batches (no optimizer); the first batch warms up; rates
+    from the median batch."""
     import torch
+
+    import statistics
 
     batches = [tokenized[i:i + batch_size] for i in range(0, len(tokenized), batch_size)]
     real = padded = 0
-    elapsed = 0.0
+    seconds: list[float] = []
     for k, batch in enumerate(batches):
         width = max(len(r["input_ids"]) for r in batch)
         ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch])
@@ -65,15 +67,18 @@ def reference_rate(model: Any, tokenized: list[dict], batch_size: int, pad_id: i
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         model.zero_grad(set_to_none=True)
         if k:
-            elapsed += time.perf_counter() - start
+            seconds.append(time.perf_counter() - start)
             real += int(mask.sum())
             padded += ids.numel()
-    examples = sum(len(b) for b in batches[1:])
-    return {"tokens_per_s": real / elapsed, "examples_per_s": examples / elapsed, "padding": 1 - real / padded}
+    step = statistics.median(seconds)
+    examples_per_batch = sum(len(b) for b in batches[1:]) / len(seconds)
+    return {"tokens_per_s": real / len(seconds) / step, "examples_per_s": examples_per_batch / step,
+            "padding": 1 - real / padded}
 
 
 class StepTimer:
-    """A TrainerCallback-like timer: seconds of every optimizer step after the first (warm-up)."""
+    """A TrainerCallback-like timer: seconds of every optimizer step; figures use the median of the steps
+    after the first (warm-up), robust to a transient slowdown of a shared machine."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -94,8 +99,11 @@ class StepTimer:
         return _Timer()
 
     @property
-    def timed(self) -> float:
-        return sum(self.times[1:])
+    def step(self) -> float:
+        """Median seconds per step, the warm-up step excluded."""
+        import statistics
+
+        return statistics.median(self.times[1:])
 
 
 def sft_rate(model_name: str, rows: list[dict], engine: str, batch_size: int, seed: int) -> dict:
@@ -114,9 +122,8 @@ def sft_rate(model_name: str, rows: list[dict], engine: str, batch_size: int, se
         trainer = build_trainer(model, tokenizer, rows, config, Path(tmp), [timer.callback()])
         trainer.args.disable_tqdm = True
         trainer.train()
-    steps = len(timer.times) - 1
-    return {"engine": engine, "steps": steps, "examples_per_s": steps * batch_size / timer.timed,
-            "seconds_per_step": timer.timed / steps}
+    return {"engine": engine, "steps": len(timer.times) - 1, "examples_per_s": batch_size / timer.step,
+            "seconds_per_step": timer.step}
 
 
 def grpo_rate(model_name: str, dataset: str, strategy: str, n_prompts: int, generations: int, steps: int,
@@ -155,13 +162,12 @@ def grpo_rate(model_name: str, dataset: str, strategy: str, n_prompts: int, gene
         trainer.train()
         lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"engine": engine, "generations": generations, "steps": len(timer.times) - 1,
-            "completions_per_s": (len(timer.times) - 1) * 2 * generations / timer.timed,
-            "seconds_per_step": timer.timed / (len(timer.times) - 1),
+            "completions_per_s": 2 * generations / timer.step, "seconds_per_step": timer.step,
             "completion_tokens": sum(lengths) / len(lengths) if lengths else float("nan")}
 
 
-def run_benchmark(dataset: str = "trec6", strategy: str = "naive", model: str = "smollm2-135m", n: int = 64,
-                  batch_size: int = 8, engines: tuple[str, ...] = SFT_ENGINES, grpo_steps: int = 3,
+def run_benchmark(dataset: str = "trec6", strategy: str = "naive", model: str = "smollm2-135m", n: int = 96,
+                  batch_size: int = 8, engines: tuple[str, ...] = SFT_ENGINES, grpo_steps: int = 5,
                   generations: tuple[int, ...] = (4, 8), sft_dir: Path | None = None, seed: int = 0) -> dict:
     """All figures of one run (see the module docstring)."""
     import torch
@@ -224,9 +230,3 @@ def format_report(r: dict) -> str:
             lines.append(f"{g['engine']:<16}{g['generations']:>3}{g['completions_per_s']:>15.2f}"
                          f"{g['seconds_per_step']:>9.2f}{g['completion_tokens']:>8.1f}{vs:>8}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from components.cli import main
-
-    sys.exit(main(["bench", "train", *sys.argv[1:]]))

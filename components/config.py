@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +62,19 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as fh:
         return yaml.safe_load(fh) or {}
+
+
+def wait_healthy(url: str, timeout: float = 120.0, proc: Any = None) -> bool:
+    """Poll `url` until it answers 200 (False on timeout or when `proc` exits)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1.0)
+    return False

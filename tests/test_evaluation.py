@@ -97,7 +97,7 @@ def test_evaluate_writes_reports(spec, tiny_dataset, tiny_model_dir):
 
 
 def test_cli_prompt_show_and_evaluate(tiny_dataset, tiny_model_dir, capsys):
-    from components.cli import main
+    from cli.main import main
 
     data = str(tiny_dataset / "data")
     assert main(["prompt", "show", "--dataset", "tiny-sent", "--strategy", "definitions,numeric",
@@ -122,14 +122,14 @@ def test_cli_prompt_show_and_evaluate(tiny_dataset, tiny_model_dir, capsys):
     (["evaluate", "--dataset", "nope", "--strategy", "naive"], "not found"),
 ])
 def test_cli_clear_errors(argv, message, tiny_dataset, capsys):
-    from components.cli import main
+    from cli.main import main
 
     assert main(argv + ["--data-dir", str(tiny_dataset / "data")]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_bench_decoding_tiny(capsys):
-    from components.cli import main
+    from cli.main import main
 
     assert main(["bench", "decoding", "--model", "tiny", "--n", "2", "--labels", "4", "--prompt-tokens", "48"]) == 0
     out = capsys.readouterr().out
@@ -137,7 +137,7 @@ def test_bench_decoding_tiny(capsys):
 
 
 def test_bench_decoding_shared_prompt_prefix_tiny(tiny_dataset, monkeypatch, capsys):
-    from components.cli import main
+    from cli.main import main
 
     monkeypatch.setenv("GENCLS_ROOT", str(tiny_dataset))  # data_dir() = <root>/data
     assert main(["bench", "decoding", "--model", "tiny", "--dataset", "tiny-sent", "--n", "3", "--prompt-tokens", "96",

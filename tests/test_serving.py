@@ -145,7 +145,7 @@ def test_rest_answers_label_and_probs_and_400_on_bad_requests(registered):
 
 
 def test_serve_unknown_dataset_is_one_line_exit_2(registered, capsys):
-    from components.cli import main
+    from cli.main import main
 
     root, _ = registered
     assert main(["serve", "--dataset", "nosuch", "--port", "5999"]) == 2

@@ -144,7 +144,7 @@ def test_aggregate_markdown_and_plots(tmp_path):
 
 
 def test_cli_registers_study_command():
-    from components import cli_study
+    from cli import study as cli_study
 
     parser = argparse.ArgumentParser()
     cli_study.add_commands(parser.add_subparsers(dest="command"))

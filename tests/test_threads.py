@@ -45,7 +45,7 @@ def test_apply_sets_torch_now_and_children_through_the_environment(monkeypatch):
 
 
 def test_cli_refuses_a_bad_thread_setting_in_one_line(monkeypatch, capsys):
-    from components.cli import main
+    from cli.main import main
 
     monkeypatch.setenv("GENCLS_THREADS", "many")
     assert main(["data", "list"]) == 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components import cli
+from cli import main as cli
 from components.datasets import DataError
 from components.validation import DataValidationError, ValidationReport, require_valid, validate_dataset
 

@@ -6,7 +6,7 @@ python3 - <<'PY'
 import time; t=time.time()
 import torch, transformers, trl, peft, accelerate, datasets, sentence_transformers, prefect, mlflow, great_expectations, gguf, sklearn
 print({m.__name__: m.__version__ for m in (torch, transformers, trl, peft, accelerate, datasets, sentence_transformers, prefect, mlflow, great_expectations)})
-import components.cli, flows.study
+import cli.main, flows.study
 from components.config import set_offline_env; set_offline_env()
 from components import tracking; tracking.configure()
 import mlflow; mlflow.set_experiment("warmup")

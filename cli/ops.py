@@ -17,8 +17,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
+
+from components.config import wait_healthy
 from pathlib import Path
 
 PREFECT_PORT = 4200
@@ -85,22 +85,6 @@ def _state_dir() -> Path:
     path = cache_dir() / "ui"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> bool:
-    """Poll `url` until it answers 200 (False on timeout or when `proc` exits)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=3) as resp:
-                if resp.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(1.0)
-    return False
 
 
 def _start(name: str, cmd: list[str], env: dict, health: str) -> tuple[bool, Path]:

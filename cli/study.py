@@ -18,7 +18,7 @@ ALL_DATASETS = ("movie-sentiment", "tweet-sentiment", "sms-spam", "trec6", "bbc-
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `gencls study` (shared with `python -m flows.study`)."""
+    """The options of `gencls study` ."""
     parser.add_argument("--datasets", nargs="+", default=["trec6"], metavar="NAME",
                         help=f"datasets to study (built under data/); 'all' = {' '.join(ALL_DATASETS)}")
     parser.add_argument("--profile", default="cpu", choices=["cpu", "gpu"],

@@ -13,13 +13,7 @@ from components.threads import apply_thread_policy
 
 # Modules that contribute subcommands; each exposes `add_commands(subparsers)`.
 # Every subcommand sets `func(args) -> int | None` via set_defaults.
-COMMAND_MODULES = [
-    "components.cli_data",
-    "components.cli_core",
-    "components.cli_train",
-    "components.cli_ops",
-    "components.cli_study",
-]
+COMMAND_MODULES = ["cli.data", "cli.core", "cli.train", "cli.ops", "cli.study"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,11 +68,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--dataset", default="trec6", help="dataset whose training prompts are used (default trec6)")
     tr.add_argument("--strategy", default="naive", help="training strategy spec (default naive)")
     tr.add_argument("--model", default="smollm2-135m", help="base model (default smollm2-135m)")
-    tr.add_argument("--n", type=int, default=64, help="training examples timed per SFT path (default 64)")
+    tr.add_argument("--n", type=int, default=96, help="training examples timed per SFT path (default 96)")
     tr.add_argument("--batch-size", type=int, default=8, help="examples per SFT step (default 8)")
     tr.add_argument("--engines", nargs="+", default=["trl", "answer-only", "shared-prefix"],
                     choices=["trl", "answer-only", "shared-prefix"], help="SFT paths to time (default all three)")
-    tr.add_argument("--grpo-steps", type=int, default=3, help="GRPO steps timed per engine after a warm-up (0: skip)")
+    tr.add_argument("--grpo-steps", type=int, default=5, help="GRPO steps timed per engine after a warm-up (0: skip)")
     tr.add_argument("--generations", type=int, nargs="+", default=[4, 8], help="GRPO group sizes (default 4 8)")
     tr.add_argument("--sft-dir", type=Path, default=None,
                     help="SFT adapter the GRPO policy starts from (default checkpoints/<dataset>/sft when it exists)")
