@@ -77,6 +77,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="seconds a request may take (default 120: 256 trec6 rows on 2 cores fit)")
     serve.set_defaults(func=cmd_serve)
 
+    pred = sub.add_parser("predict", help="classify a CSV/JSONL/Parquet file with the champion (or a version)")
+    pred.add_argument("--dataset", required=True, help="whose registered model (gencls-<dataset>)")
+    pred.add_argument("--input", required=True, type=Path, help="FILE.csv|.jsonl|.parquet with a text column")
+    pred.add_argument("--output", required=True, type=Path, help="FILE.csv|.jsonl|.parquet: input + label + prob_<label>")
+    which = pred.add_mutually_exclusive_group()
+    which.add_argument("--alias", default="champion", help="registry alias (default champion)")
+    which.add_argument("--version", default=None, help="a version number instead of the alias")
+    pred.add_argument("--text-col", default="text", help="column holding the text (default text)")
+    pred.add_argument("--batch-size", type=int, default=64, help="rows per model call (default 64)")
+    pred.set_defaults(func=cmd_predict)
+
 
 # ----------------------------------------------------------------------------- ui
 def _state_dir() -> Path:
@@ -146,10 +157,22 @@ def cmd_ui(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- flows
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Run the retraining flow once."""
+    from components.datasets import DataError, dataset_dir
     from components.training_common import parse_overrides
+    from flows import steps
+
+    try:  # bad input is refused here, before Prefect starts and before any model loads
+        overrides = parse_overrides(args.overrides)
+        steps.resolve_configs(args.profile, overrides)
+        if not (dataset_dir(args.dataset) / "labels.yaml").is_file():
+            raise DataError(f"dataset {args.dataset!r} is not built in {dataset_dir(args.dataset).parent}; "
+                            f"`gencls data build --datasets {args.dataset}` or `gencls data import FILE --name ...`")
+    except ValueError as exc:  # DataError is a ValueError
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     from flows.retrain import retrain
 
-    state = retrain(args.dataset, args.profile, parse_overrides(args.overrides), return_state=True)
+    state = retrain(args.dataset, args.profile, overrides, return_state=True)
     if state.is_failed():
         print(f"retrain failed: {state.message}", file=sys.stderr)
         return 1
@@ -207,6 +230,34 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{out['model']}: champion v{out['previous']} -> v{out['version']} (rollback by {out['by']})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Batch prediction of a file with a registered model (the served model's own predict)."""
+    from components import registry, tracking
+    from components.serving import predict_file
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.configure()
+    name = registry.model_name(args.dataset)
+    uri = f"models:/{name}/{args.version}" if args.version else f"models:/{name}@{args.alias}"
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: expected a positive number")
+        if args.version:
+            try:
+                tracking.client().get_model_version(name, str(args.version))
+            except Exception:
+                raise ValueError(f"no version {args.version} of {name}; see `gencls registry show --dataset "
+                                 f"{args.dataset}`") from None
+        else:
+            _require_served_model(args.dataset, args.alias)
+        out = predict_file(uri, args.input, args.output, text_col=args.text_col, batch_size=args.batch_size)
+    except ValueError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(out["labels"].items()))
+    print(f"{out['rows']} rows classified with {uri} in {out['seconds']} s -> {out['output']} ({counts})")
     return 0
 
 

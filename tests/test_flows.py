@@ -83,3 +83,14 @@ def test_failed_validation_stops_before_training(prefect_harness, project, tiny_
     exp = tracking.client().get_experiment_by_name("gencls-broken")
     runs = tracking.client().search_runs([exp.experiment_id])
     assert runs and runs[0].info.status == "FAILED" and "DataValidationError" in runs[0].data.tags["error"]
+
+
+def test_retrain_refuses_bad_settings_and_unknown_datasets_before_anything_runs(capsys, tmp_path, monkeypatch):
+    from cli.main import main
+
+    monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))  # no data built here
+    assert main(["retrain", "--dataset", "trec6", "--set", "sft.max_steps=abc"]) == 2
+    assert main(["retrain", "--dataset", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "SFTConfig.max_steps='abc': expected a whole number" in err[0]
+    assert "'nosuch' is not built" in err[1] and "Traceback" not in "".join(err)

@@ -192,3 +192,29 @@ def test_gate_scorer_scores_the_served_model_on_validation_examples(registered):
         pd.DataFrame({"text": [ex["text"] for ex in examples]}))
     assert correct == [pred == ex["label"] for pred, ex in zip(served["label"], examples)]
     assert len(correct) == 9
+
+
+def test_gencls_predict_classifies_a_file_like_the_served_model(registered, tmp_path, capsys):
+    import mlflow
+    import pandas as pd
+
+    from cli.main import main
+    from components.datasets import load_split
+
+    rows = load_split("toy", "test")[:7]
+    pd.DataFrame({"id": [r["id"] for r in rows], "message": [r["text"] for r in rows]}).to_csv(
+        tmp_path / "in.csv", index=False)
+    assert main(["predict", "--dataset", "toy", "--input", str(tmp_path / "in.csv"), "--output",
+                 str(tmp_path / "out.jsonl"), "--text-col", "message", "--batch-size", "3"]) == 0
+    out = pd.read_json(tmp_path / "out.jsonl", lines=True, dtype=False)
+    served = mlflow.pyfunc.load_model("models:/gencls-toy@champion").predict(
+        pd.DataFrame({"text": [r["text"] for r in rows]}))
+    assert list(out["label"]) == list(served["label"]) and list(out["id"]) == [r["id"] for r in rows]
+    probs = out[[c for c in out.columns if c.startswith("prob_")]]
+    assert sorted(probs.columns) == sorted(f"prob_{label}" for label in LABELS)
+    assert (abs(probs.sum(axis=1) - 1) < 1e-4).all()
+    capsys.readouterr()  # the progress bars of the run above
+    assert main(["predict", "--dataset", "toy", "--input", str(tmp_path / "in.csv"), "--output",
+                 str(tmp_path / "bad.csv")]) == 2  # no `text` column: one line, nothing written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no column 'text'" in err[0] and not (tmp_path / "bad.csv").exists()

@@ -51,3 +51,4 @@ def test_cli_refuses_a_bad_thread_setting_in_one_line(monkeypatch, capsys):
     assert main(["data", "list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "GENCLS_THREADS" in err[0]
+
