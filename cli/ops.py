@@ -140,7 +140,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
                                      "--port", str(args.prefect_port)], env, f"{prefect_url}/api/health")
     ok_m, log_m = _start("mlflow", [str(bin_dir / "mlflow"), "server", "--backend-store-uri", uri,
                                     "--default-artifact-root", artifacts.as_uri(), "--artifacts-destination",
-                                    artifacts.as_uri(), "--host", HOST, "--port", str(args.mlflow_port)],
+                                    artifacts.as_uri(), "--host", HOST, "--port", str(args.mlflow_port),
+                                    "--workers", "1"],  # MLflow's default 4 workers (~1.8 GB) do not fit 2 cores
                          env, f"{mlflow_url}/health")
     if ok_p:
         subprocess.run([str(bin_dir / "prefect"), "config", "set", f"PREFECT_API_URL={prefect_url}/api"],

@@ -47,6 +47,7 @@ from components.training_common import (
     asdict_config,
     eval_mode,
     trainer_settings,
+    use_compact_progress,
     fingerprint,
     library_versions,
     load_config,
@@ -287,6 +288,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
                                    log_fn, "rl", eval_at_start=True, log=log)
     trainer = build_grpo_trainer(model, tokenizer, rows, funcs, weights, config, trainer_dir,
                                  make_callbacks(log_fn, evaluator, "rl"))
+    use_compact_progress(trainer, "rl")
     result = trainer.train(resume_from_checkpoint=resume)
 
     save_final(trainer.model, tokenizer, out_dir, best_dir, evaluator)

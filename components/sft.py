@@ -34,6 +34,7 @@ from components.training_common import (
     asdict_config,
     eval_mode,
     trainer_settings,
+    use_compact_progress,
     fingerprint,
     library_versions,
     load_config,
@@ -288,6 +289,7 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
                                    trainer_dir / "eval_history.json", config.eval_every_steps,
                                    config.eval_batch_size, log_fn, "sft", log=log)
     trainer = build_trainer(model, tokenizer, rows, config, trainer_dir, make_callbacks(log_fn, evaluator, "sft"))
+    use_compact_progress(trainer, "sft")
     result = trainer.train(resume_from_checkpoint=resume)
 
     save_final(trainer.model, tokenizer, out_dir, best_dir, evaluator)

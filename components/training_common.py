@@ -533,6 +533,65 @@ def make_callbacks(log_fn: LogFn | None, evaluator: "GenerativeEval | None", pre
     return callbacks
 
 
+SHOWN_KEYS = (("loss", "loss"), ("reward", "reward"), ("zero_variance_groups", "no-signal"), ("kl", "kl"),
+              ("learning_rate", "lr"), ("step_time", "s/step"))  # per-step line: these, in this order
+
+
+def format_step(prefix: str, step: int, total: int, logs: dict) -> str:
+    """One short line for a Trainer log.
+
+    Example:
+        >>> format_step("sft", 5, 125, {"loss": 0.71234, "learning_rate": 0.0002, "grad_norm": 3.1})
+        '[sft 5/125] loss 0.7123  lr 0.0002'
+    """
+    parts = [f"{label} {logs[key]:.4g}" for key, label in SHOWN_KEYS
+             if isinstance(logs.get(key), (int, float)) and not isinstance(logs.get(key), bool)]
+    return f"[{prefix} {step}/{total}] " + "  ".join(parts)
+
+
+def use_compact_progress(trainer: Any, prefix: str) -> None:
+    """Replace the Trainer's progress output: a redrawn bar with one short line per log in a terminal;
+    in a file (no TTY) no bar, and a line at about every tenth of the run and at the end."""
+    import sys
+
+    from tqdm.auto import tqdm
+    from transformers import ProgressCallback, TrainerCallback
+
+    tty = sys.stderr.isatty()
+
+    class CompactProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar, self.last = None, -1
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and tty:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=prefix, dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+                return
+            step, total = int(state.global_step), int(state.max_steps)
+            every = max(1, total // 10)
+            line = format_step(prefix, step, total, logs)
+            if self.bar is not None:
+                self.bar.write(line)
+            elif step == total or step // every != self.last // every:
+                print(line, flush=True)
+            self.last = step
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress())
+
+
 class GenerativeEval:
     """Held-out generative evaluation that keeps the best adapter by macro-F1.
 

@@ -283,3 +283,19 @@ def test_resume_skips_a_truncated_checkpoint_for_the_previous_one(tiny_model_dir
     out = train_sft("toy", config, out_dir=tmp_path / "sft", data_dir=toy_data)
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 2
     assert f"skipping {newest}: optimizer.pt unreadable" in capsys.readouterr().out
+
+
+def test_training_logs_are_one_short_line_per_step(tiny_model_dir, toy_data, tmp_path, capsys):
+    """In a file (no terminal) a run prints a few one-line summaries, not a dict per step."""
+    from components.sft import train_sft
+    from components.training_common import format_step
+
+    train_sft("toy", tiny_config(tiny_model_dir, max_steps=20, save_steps=100, eval_every_steps=0, logging_steps=1),
+              out_dir=tmp_path / "sft", data_dir=toy_data)
+    import re
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\[sft \d+/\d+\]", line)]
+    assert 2 <= len(lines) <= 11 and lines[-1].startswith("[sft 20/20] loss ")  # ~ every tenth, and the end
+    assert all(len(line) < 100 and "{" not in line for line in lines)
+    assert format_step("rl", 3, 16, {"reward": 0.5, "zero_variance_groups": 0.25, "kl": 0.001, "x": 1}) == \
+        "[rl 3/16] reward 0.5  no-signal 0.25  kl 0.001"
