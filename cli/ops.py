@@ -130,6 +130,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ)
+    # MLflow 3's job runner (GenAI evaluation jobs: one runner + 7 huey consumers, ~240 MB each) is not used here
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     uri = tracking.tracking_uri(project_root())
     tracking.mlflow_dir(project_root()).mkdir(parents=True, exist_ok=True)
     artifacts = tracking.artifact_root(project_root())
