@@ -14,10 +14,12 @@ across processes; a failed validation stops the flow before training.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -65,6 +67,11 @@ def register_task(dataset: str, run_id: str, profile: str, configs: dict) -> dic
     return steps.step_register(dataset, run_id=run_id, profile=profile, configs=configs)
 
 
+def artifact_key(dataset: str) -> str:
+    """The Prefect artifact key of a dataset's retrain results (lowercase letters, digits, dashes)."""
+    return "retrain-" + re.sub(r"[^a-z0-9-]+", "-", dataset.lower())
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(dataset: str = "trec6", profile: str = "quick", overrides: dict[str, Any] | None = None,
             eval_overrides: dict[str, Any] | None = None, evaluations: list[str] | None = None) -> dict:
@@ -108,6 +115,9 @@ def retrain(dataset: str = "trec6", profile: str = "quick", overrides: dict[str,
         summary = steps.summary_table(dataset)
         print(steps.format_table(summary))
         print(f"{decision['model']} v{decision['version']}: {decision['decision']} ({decision['reason']})")
+        create_markdown_artifact(
+            key=artifact_key(dataset), description=f"retrain {dataset}: results, gate decision, MLflow run",
+            markdown=steps.summary_markdown(dataset, summary, decision, run_id, run.info.experiment_id))
     return {"run_id": run_id, "decision": decision, "summary": summary}
 
 

@@ -63,6 +63,13 @@ def test_retrain_flow_end_to_end_then_resumes(prefect_harness, project, tiny_mod
     eval_files = {a.path for a in tracking.client().list_artifacts(out["run_id"], "eval/gencls")}
     assert "eval/gencls/confusion.png" in eval_files and "eval/gencls/predictions.jsonl" in eval_files
     assert (project / "reports" / "tiny" / "register.json").is_file()
+    from prefect.artifacts import Artifact
+
+    from flows.retrain import artifact_key
+
+    artifact = Artifact.get(artifact_key("tiny"))  # the flow run's result table, in the Prefect UI
+    assert artifact is not None and artifact.type == "markdown"
+    assert "| GenCLS++ (SFT+RL) |" in artifact.data and out["run_id"] in artifact.data and "promoted" in artifact.data
 
     # second run: training and evaluation are up to date, so they are skipped; the gate sees a tie
     again = retrain("tiny", "quick", tiny_overrides(tiny_model_dir), {"limit": 6, "batch_size": 8},
