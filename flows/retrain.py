@@ -67,6 +67,21 @@ def register_task(dataset: str, run_id: str, profile: str, configs: dict) -> dic
     return steps.step_register(dataset, run_id=run_id, profile=profile, configs=configs)
 
 
+def summary_markdown(dataset: str, rows: list[dict], decision: dict, run_id: str, experiment_id: str,
+                     mlflow_url: str = "http://127.0.0.1:5000") -> str:
+    """The result table, the gate decision and the MLflow run link as Markdown (a Prefect artifact)."""
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    lines = [f"## GenCLS++ on {dataset}", "", "| model | strategy | n | accuracy | macro-F1 | invalid |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | `{r['strategy']}` | {r.get('n') or ''} | {fmt(r['accuracy'])} | {fmt(r['macro_f1'])} "
+              f"| {fmt(r['invalid_rate'])} |" for r in rows]
+    lines += ["", f"**Registry:** {decision['model']} v{decision['version']}: {decision['decision']} "
+                  f"({decision['reason']})", "",
+              f"**MLflow run:** [{run_id}]({mlflow_url}/#/experiments/{experiment_id}/runs/{run_id}) "
+              f"(open the MLflow UI with `make ui`)"]
+    return "\n".join(lines)
+
+
 def artifact_key(dataset: str) -> str:
     """The Prefect artifact key of a dataset's retrain results (lowercase letters, digits, dashes)."""
     return "retrain-" + re.sub(r"[^a-z0-9-]+", "-", dataset.lower())
@@ -117,7 +132,7 @@ def retrain(dataset: str = "trec6", profile: str = "quick", overrides: dict[str,
         print(f"{decision['model']} v{decision['version']}: {decision['decision']} ({decision['reason']})")
         create_markdown_artifact(
             key=artifact_key(dataset), description=f"retrain {dataset}: results, gate decision, MLflow run",
-            markdown=steps.summary_markdown(dataset, summary, decision, run_id, run.info.experiment_id))
+            markdown=summary_markdown(dataset, summary, decision, run_id, run.info.experiment_id))
     return {"run_id": run_id, "decision": decision, "summary": summary}
 
 

@@ -382,21 +382,6 @@ def summary_table(dataset: str) -> list[dict]:
     return rows
 
 
-def summary_markdown(dataset: str, rows: list[dict], decision: dict, run_id: str, experiment_id: str,
-                     mlflow_url: str = "http://127.0.0.1:5000") -> str:
-    """The result table, the gate decision and the MLflow run link as Markdown (a Prefect artifact)."""
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-    lines = [f"## GenCLS++ on {dataset}", "", "| model | strategy | n | accuracy | macro-F1 | invalid |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | `{r['strategy']}` | {r.get('n') or ''} | {fmt(r['accuracy'])} | {fmt(r['macro_f1'])} "
-              f"| {fmt(r['invalid_rate'])} |" for r in rows]
-    lines += ["", f"**Registry:** {decision['model']} v{decision['version']}: {decision['decision']} "
-                  f"({decision['reason']})", "",
-              f"**MLflow run:** [{run_id}]({mlflow_url}/#/experiments/{experiment_id}/runs/{run_id}) "
-              f"(open the MLflow UI with `make ui`)"]
-    return "\n".join(lines)
-
-
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of summary rows."""
     lines = [f"{'model':<20} {'strategy':<28} {'n':>5} {'accuracy':>9} {'macro-F1':>9} {'invalid':>8}"]
