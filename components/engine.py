@@ -90,22 +90,13 @@ def answer_logits(model: Any, batch: dict) -> tuple[Any, Any]:
     `logits_to_keep` keeps exactly the positions that predict answer tokens (plus a few
     prompt positions of rows with shorter answers, which carry label -100).
     """
-    import torch
-
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     keep = int(batch["answer_tokens"])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs: dict[str, Any] = {}
     prefix = batch.get("prefix_ids")
-    if prefix is not None and prefix.shape[1] > 0:
-        cache, n = prefix_cache(model, prefix, ids.shape[0])
-        kwargs = {_cache_kwarg(model): cache, "use_cache": True}
-        mask = torch.cat([torch.ones((ids.shape[0], n), dtype=mask.dtype, device=mask.device), mask], dim=1)
-        positions = positions + n
-    else:
-        kwargs = {"use_cache": False}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1, **kwargs)
-    return out.logits[:, :-1], labels[:, -keep:]
+    if prefix is None:
+        prefix = ids[:1, :0]
+    _, logits, _ = prompt_pass(model, prefix, ids, mask, logits_to_keep=keep + 1)
+    return logits[:, :-1], labels[:, -keep:]
 
 
 def answer_loss(model: Any, batch: dict, num_items_in_batch: Any = None, metrics: bool = False) -> tuple[Any, dict]:
@@ -208,8 +199,10 @@ def split_common_prefix(prompt_ids: Any, prompt_mask: Any, min_prefix: int = MIN
     return torch.tensor([rows[0][:n]], dtype=prompt_ids.dtype, device=device), rest_ids, rest_mask
 
 
-def prompt_pass(model: Any, prefix_ids: Any, rest_ids: Any, rest_mask: Any) -> tuple[Any, Any, Any]:
-    """Run [common prefix once | each row's rest] -> (cache, last position's logits [R, 1, V] or None, mask).
+def prompt_pass(model: Any, prefix_ids: Any, rest_ids: Any, rest_mask: Any,
+                logits_to_keep: int = 1) -> tuple[Any, Any, Any]:
+    """Run [common prefix once | each row's rest] -> (cache, the last `logits_to_keep` positions' logits or None,
+    mask). SFT's answer loss and GRPO's prompt passes both go through here.
 
     The prefix runs as a batch of one and its cache is broadcast to the rows; every token sits
     at its true position (its index among the row's real tokens). `mask` covers the cache.
@@ -227,9 +220,9 @@ def prompt_pass(model: Any, prefix_ids: Any, rest_ids: Any, rest_mask: Any) -> t
     if rest_ids.shape[1] == 0:
         return kwargs.get(_cache_kwarg(model), DynamicCache()), None, mask
     positions = n + (rest_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=rest_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **kwargs)
-    return _output_cache(out), out.logits[:, -1:], mask
+    out = model(input_ids=rest_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=logits_to_keep, **kwargs)
+    return _output_cache(out), out.logits[:, -logits_to_keep:], mask
 
 
 def group_shared_logps(model: Any, input_ids: Any, attention_mask: Any, logits_to_keep: int,
