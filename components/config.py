@@ -64,6 +64,35 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
         return yaml.safe_load(fh) or {}
 
 
+RUN_KEYS = frozenset({"seconds", "examples_per_s", "focus_seconds", "run_id"})  # differ between identical runs
+RUN_FILE = "run.json"  # beside an output: its RUN_KEYS (.dvcignore'd, so dvc.lock never depends on a clock)
+
+
+def stable(data: Any) -> Any:
+    """`data` without RUN_KEYS at any depth: what two runs of the same inputs write identically."""
+    if isinstance(data, dict):
+        return {k: stable(v) for k, v in data.items() if k not in RUN_KEYS}
+    if isinstance(data, list):
+        return [stable(v) for v in data]
+    return data
+
+
+def run_info(data: dict) -> dict:
+    """The top-level RUN_KEYS of `data` (timings, run ids) that `stable` leaves out."""
+    return {k: v for k, v in data.items() if k in RUN_KEYS}
+
+
+def portable(path: str | Path | None) -> str | None:
+    """`path` relative to the project root when inside it (outputs must not name the clone's folder)."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(project_root()))
+    except ValueError:
+        return str(path)
+
+
 def wait_healthy(url: str, timeout: float = 120.0, proc: Any = None) -> bool:
     """Poll `url` until it answers 200 (False on timeout or when `proc` exits)."""
     deadline = time.time() + timeout

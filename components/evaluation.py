@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from components.config import RUN_FILE, portable, run_info, stable
+
 INVALID = "invalid"
 ECE_BINS = 10
 
@@ -234,7 +236,7 @@ def evaluate(
     metrics = compute_metrics(records, list(labels))
     metrics.update({
         "dataset": dataset, "strategy": strategy.slug(), "model": str(model_name),
-        "adapter": str(adapter) if adapter else None, "limit": limit, "seed": seed, "calibrate": calibrate,
+        "adapter": portable(adapter), "limit": limit, "seed": seed, "calibrate": calibrate,
         "truncated": builder.truncated, "seconds": round(seconds, 2),
         "examples_per_s": round(len(records) / seconds, 3) if seconds > 0 else None,
     })
@@ -245,13 +247,25 @@ def evaluate(
     return metrics
 
 
+SCORES_FILE = "scores.json"  # the numbers `dvc metrics show` lists (metrics.json holds the full record)
+SCORE_KEYS = ("n", "accuracy", "macro_f1", "invalid_rate", "abstention_rate", "answered_accuracy", "ece")
+
+
+def scores(metrics: dict) -> dict[str, float]:
+    """The headline numbers of an evaluation, rounded to 4 places (numbers only: DVC's metrics file)."""
+    return {k: round(float(metrics[k]), 4) for k in SCORE_KEYS if isinstance(metrics.get(k), (int, float))}
+
+
 def write_reports(out: Path, records: Sequence[dict], metrics: dict, labels: list[str], prompts: Sequence[str]) -> None:
-    """predictions.jsonl, metrics.json, confusion.png and prompts_sample.txt into `out`."""
+    """predictions.jsonl, metrics.json (no timings), scores.json, run.json (timings), confusion.png and
+    prompts_sample.txt into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(stable(metrics), indent=2) + "\n", encoding="utf-8")
+    (out / SCORES_FILE).write_text(json.dumps(scores(metrics), indent=2) + "\n", encoding="utf-8")
+    (out / RUN_FILE).write_text(json.dumps(run_info(metrics), indent=2) + "\n", encoding="utf-8")
     plot_confusion(metrics, labels, out / "confusion.png", title=f"{metrics.get('dataset', '')} {metrics.get('strategy', '')}")
     sep = "\n" + "=" * 80 + "\n"
     (out / "prompts_sample.txt").write_text(sep.join(prompts) + "\n", encoding="utf-8")

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from components.config import RUN_FILE, portable, run_info, stable
 from components.training_common import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -183,7 +184,7 @@ def cached_focus(model: Any, tokenizer: Any, builder: Any, examples: list[dict],
         log(f"RL focus: the {len(saved['ids'])} prompts chosen before ({path})")
         return [by_id[i] for i in saved["ids"]], saved["stats"]
     kept, stats = focus_examples(model, tokenizer, builder, examples, config, log)
-    write_json(path, {"key": key, "ids": [ex["id"] for ex in kept], "stats": stats})
+    write_json(path, {"key": key, "ids": [ex["id"] for ex in kept], "stats": stable(stats)})
     return kept, stats
 
 
@@ -266,7 +267,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
     config = fit_completion_budget(config, tokenizer, builder, log)
     train, focus_stats = cached_focus(model, tokenizer, builder, train, config, out_dir / FOCUS_FILE,
-                                      {"sft": str(sft_dir), "sft_config": sft_info}, log)
+                                      {"sft": portable(sft_dir), "sft_config": sft_info}, log)
     builder.truncated = 0
     rows = [{"prompt": builder.prompt(ex), "label": ex["label"]} for ex in train]
     log(f"RL {dataset}: {len(rows)} prompts ({builder.truncated} truncated), {len(held)} held out, "
@@ -276,7 +277,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     funcs, weights = build_rewards(builder, config.uncertain_reward, config.invalid_penalty, config.wrong_reward,
                                    config.format_reward, num_generations=config.num_generations)
 
-    run_id = fingerprint({"kind": "rl", "dataset": dataset, "config": asdict_config(config), "sft": str(sft_dir),
+    run_id = fingerprint({"kind": "rl", "dataset": dataset, "config": asdict_config(config), "sft": portable(sft_dir),
                           "sft_config": sft_info, "rows": fingerprint(rows)})
     trainer_dir, best_dir = out_dir / "trainer", out_dir / "best"
     resume = resume_checkpoint(trainer_dir, run_id, log)
@@ -304,10 +305,11 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
         "train_history": [{k: h[k] for k in ["step", *reward_keys] if k in h}
                           for h in trainer.state.log_history if "reward" in h],
     }
-    write_json(out_dir / METRICS_FILE, metrics)
+    write_json(out_dir / METRICS_FILE, stable(metrics))  # timings go to run.json (not part of the output)
+    write_json(out_dir / RUN_FILE, run_info(metrics))
     write_json(out_dir / CONFIG_FILE, {
         "kind": "rl", "dataset": dataset, "base_model": sft_info.get("base_model"), "strategy": strategy.slug(),
-        "train_strategy": strategy.slug(), "sft_dir": str(sft_dir), "sft_config": sft_info.get("config"),
+        "train_strategy": strategy.slug(), "sft_dir": portable(sft_dir), "sft_config": sft_info.get("config"),
         "config": asdict_config(config), "libraries": library_versions(),
         "best_step": (evaluator.best or {}).get("step") if evaluator else None,
     })

@@ -95,7 +95,7 @@ class GenclsClassifier(mlflow.pyfunc.PythonModel):
                                      seed=int(cfg.get("seed", 0)))
         self.batch_size = int(cfg.get("batch_size", 16))
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 (MLflow reads type hints as a schema)
         """Classify each row's `text`; 400 (MlflowException) on empty or malformed input."""
         import pandas as pd
         import torch

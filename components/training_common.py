@@ -661,6 +661,21 @@ def save_final(model: Any, tokenizer: Any, out_dir: Path, best_dir: Path, evalua
     else:
         model.save_pretrained(out_dir, **_adapter_kwargs(model))
     tokenizer.save_pretrained(out_dir)
+    for folder in (out_dir, best_dir):
+        canonical_adapter_config(folder)
+
+
+def canonical_adapter_config(folder: Path) -> None:
+    """Sort the list fields PEFT writes from a set (target_modules): the same adapter writes the same file
+    in every process (set order follows PYTHONHASHSEED), so dvc.lock does not change between runs."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(data.get(key), list):
+            data[key] = sorted(data[key])
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def device_settings(bf16: bool) -> dict[str, Any]:

@@ -130,6 +130,7 @@ def step_validate(dataset: str, run_id: str | None = None) -> dict:
     with run_scope(dataset, "validate", run_id) as rid:
         report = validate_dataset(dataset)
         data = report.as_dict()
+        data["docs_path"] = config.portable(data.get("docs_path"))  # the same file in every clone
         path = write_json(reports(dataset) / "validation.json", data)
         tracking.log_artifact(rid, path, "validation")
         tracking.set_tags(rid, {"validation.success": report.success})
@@ -191,10 +192,12 @@ def step_sft(dataset: str, profile: str = "quick", overrides: dict | None = None
         if done:
             print(f"[sft] {out} is up to date (fingerprint {key}); skipped")
             tracking.set_tags(rid, {"sft.skipped": "true"})
+            write_curves(dataset, "sft", out)
             return done
         started = time.time()
         train_sft(dataset, cfg, out_dir=out, log_fn=tracking.make_log_fn(rid))
         _log_training_outputs(rid, out, "sft")
+        write_curves(dataset, "sft", out)
         record = {"fingerprint": key, "path": str(out), "run_id": rid, "seconds": round(time.time() - started, 1)}
         write_step(out, record)
     return record
@@ -218,13 +221,31 @@ def step_rl(dataset: str, profile: str = "quick", overrides: dict | None = None,
         if done:
             print(f"[rl] {out} is up to date (fingerprint {key}); skipped")
             tracking.set_tags(rid, {"rl.skipped": "true"})
+            write_curves(dataset, "rl", out)
             return done
         started = time.time()
         train_rl(dataset, cfg, sft_dir=sft_dir, out_dir=out, log_fn=tracking.make_log_fn(rid))
         _log_training_outputs(rid, out, "rl")
+        write_curves(dataset, "rl", out)
         record = {"fingerprint": key, "path": str(out), "run_id": rid, "seconds": round(time.time() - started, 1)}
         write_step(out, record)
     return record
+
+
+CURVES = {  # dvc plots data (reports/<d>/curves/<kind>_<name>.json) from a training folder's metrics.json
+    "sft": {"loss": "loss_history", "heldout": "eval_history"},
+    "rl": {"reward": "train_history", "heldout": "eval_history"},
+}
+
+
+def write_curves(dataset: str, kind: str, out: Path) -> list[Path]:
+    """The training curves of `out` as flat JSON lists for `dvc plots` (one file per curve)."""
+    metrics = json.loads((Path(out) / "metrics.json").read_text()) if (Path(out) / "metrics.json").is_file() else {}
+    paths = []
+    for name, key in CURVES[kind].items():
+        rows = [{k: v for k, v in row.items() if isinstance(v, (int, float))} for row in metrics.get(key) or []]
+        paths.append(write_json(reports(dataset) / "curves" / f"{kind}_{name}.json", config.stable(rows)))
+    return paths
 
 
 def _log_training_outputs(run_id: str, out: Path, kind: str) -> None:
@@ -340,7 +361,7 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
                 rid, dataset, metrics, test_key, model_uri=info.model_uri,
                 scorer=registry.gate_scorer(gate_examples) if gate_examples else None,
                 alpha=gate_alpha(), adapter_hash=identity, gate_key=gate_key)
-    write_json(reports(dataset) / "register.json", decision)
+    write_json(reports(dataset) / "register.json", config.stable(decision))  # the run id stays in MLflow
     return decision
 
 

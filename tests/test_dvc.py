@@ -1,6 +1,7 @@
 """dvc.yaml wiring: after a param change `dvc repro --dry` lists exactly the stages that must rerun."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -204,3 +205,36 @@ def test_each_stage_lists_the_code_it_imports(stage):
     listed = {d for d in spec["deps"] if d.endswith(".py")}
     missing = sorted(_stage_code(STAGE_ENTRY[stage]) - listed)
     assert not missing, f"dvc.yaml stage {stage!r} imports but does not list: {missing}"
+
+
+def test_run_specific_files_are_dvcignored(tmp_path):
+    """Timings, run ids and trainer resume state never enter an output's hash (dvc.lock stays put)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _run(["git", "init", "-q"], repo)
+    _run([DVC, "init", "-q"], repo)
+    shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")
+    ignored = ["checkpoints/trec6/sft/run.json", "checkpoints/trec6/sft/.gencls_step.json",
+               "checkpoints/trec6/rl/trainer/checkpoint-8/trainer_state.json", "reports/trec6/sft/run.json"]
+    kept = ["checkpoints/trec6/sft/metrics.json", "checkpoints/trec6/sft/best/adapter_config.json",
+            "checkpoints/trec6/sft/adapter_model.safetensors"]
+    for rel in ignored + kept:
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("x")
+    out = subprocess.run([DVC, "check-ignore", *ignored, *kept], cwd=repo, capture_output=True, text=True)
+    assert set(out.stdout.split()) == set(ignored)
+
+
+def test_stable_and_portable_outputs(tmp_path, monkeypatch):
+    from components import config
+    from components.training_common import canonical_adapter_config
+
+    data = {"accuracy": 0.5, "seconds": 3.2, "eval_history": [{"step": 1, "seconds": 1.0, "run_id": "x"}]}
+    assert config.stable(data) == {"accuracy": 0.5, "eval_history": [{"step": 1}]}
+    assert config.run_info(data) == {"seconds": 3.2}
+    monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))
+    assert config.portable(tmp_path / "checkpoints" / "d" / "sft") == "checkpoints/d/sft"
+    assert config.portable("/elsewhere/model") == "/elsewhere/model" and config.portable(None) is None
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["v_proj", "k_proj", "q_proj"]}))
+    canonical_adapter_config(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["k_proj", "q_proj", "v_proj"]

@@ -91,7 +91,12 @@ def test_evaluate_writes_reports(spec, tiny_dataset, tiny_model_dir):
     assert m["n"] == 6 and m["strategy"] == Strategy.parse(spec).slug() and m["examples_per_s"] > 0
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 6 and json.loads(lines[0])["pred"] in {"positive", "negative", "invalid"}
-    assert json.loads((out / "metrics.json").read_text())["accuracy"] == m["accuracy"]
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["accuracy"] == m["accuracy"] and "seconds" not in written and "examples_per_s" not in written
+    assert json.loads((out / "run.json").read_text())["seconds"] == m["seconds"]  # timings beside, not inside
+    scores = json.loads((out / "scores.json").read_text())  # what `dvc metrics show` lists: numbers only
+    assert scores["accuracy"] == round(m["accuracy"], 4) and scores["n"] == 6
+    assert all(isinstance(v, (int, float)) for v in scores.values())
     assert (out / "confusion.png").exists() and "<|im_start|>assistant" in (out / "prompts_sample.txt").read_text()
     assert (m["ece"] is not None) == ("perplexity" in spec)
 
