@@ -192,8 +192,9 @@ def decide(candidate_correct: Sequence[bool], champion_correct: Sequence[bool] |
 
 
 def create_version(run_id: str, dataset: str, metrics: dict, test_hash: str, model_uri: str | None = None,
-                   extra_tags: dict | None = None) -> Any:
-    """Register the run's logged model as a new version of ``gencls-<dataset>``, tagged with its figures."""
+                   extra_tags: dict | None = None, description: str = "") -> Any:
+    """Register the run's logged model as a new version of ``gencls-<dataset>``, tagged with its figures
+    and what it is (``extra_tags``: base model, strategies, profile, data hash) and described in a paragraph."""
     import mlflow
 
     c = tracking.client()  # configures the fluent registry URI
@@ -201,8 +202,39 @@ def create_version(run_id: str, dataset: str, metrics: dict, test_hash: str, mod
     tags = {"accuracy": str(float(metrics["accuracy"])), "macro_f1": str(float(metrics["macro_f1"])),
             "test_set_hash": test_hash, "dataset": dataset, "strategy": run.data.tags.get("strategy", ""),
             **{k: str(v) for k, v in (extra_tags or {}).items()}}
-    return mlflow.register_model(model_uri or f"runs:/{run_id}/model", model_name(dataset), tags=tags,
-                                 await_registration_for=60)
+    version = mlflow.register_model(model_uri or f"runs:/{run_id}/model", model_name(dataset), tags=tags,
+                                    await_registration_for=60)
+    if description:
+        c.update_model_version(model_name(dataset), str(version.version), description=description)
+    return version
+
+
+def version_metadata(base: dict, train_strategy: str, inference_strategy: str, profile: str, data_hash: str,
+                     metrics: dict, dataset: str) -> tuple[dict[str, str], str]:
+    """(version tags, one-paragraph description) saying what a version is.
+
+    Args:
+        base: ``serving.base_model_reference`` (base_model, package, version, sha256).
+        train_strategy, inference_strategy: prompt strategy slugs of SFT/RL and of serving.
+        profile: the training profile (quick, full ...).
+        data_hash: sha256 of the dataset's train/test/labels files.
+        metrics: test metrics of the candidate (reporting only; the gate decides on validation).
+        dataset: dataset name.
+    """
+    package = f"{base.get('package')} {base.get('version')}" if base.get("package") else "a local folder"
+    tags = {"base_model": base.get("base_model", ""), "base_model.package": base.get("package") or "",
+            "base_model.version": base.get("version") or "", "base_model.sha256": base.get("sha256") or "",
+            "strategy.train": train_strategy, "strategy.inference": inference_strategy, "profile": profile,
+            "data_hash": data_hash}
+    description = (
+        f"GenCLS++ classifier for {dataset}: a LoRA adapter on {base.get('base_model')} ({package}"
+        f"{', sha256 ' + str(base['sha256'])[:12] if base.get('sha256') else ''}), trained by SFT then GRPO "
+        f"with the '{train_strategy}' prompt strategy under the '{profile}' profile on data {data_hash[:12]}; "
+        f"it serves with the '{inference_strategy}' strategy. Test accuracy {float(metrics['accuracy']):.3f}, "
+        f"macro-F1 {float(metrics['macro_f1']):.3f} (reporting only: the champion gate compares versions on a "
+        f"validation slice). Load it with mlflow.pyfunc.load_model('models:/{model_name(dataset)}@champion') "
+        f"once it holds the alias, or serve it with `gencls serve --dataset {dataset}`.")
+    return tags, description
 
 
 def find_identical(dataset: str, adapter_hash: str) -> Any | None:
@@ -229,7 +261,8 @@ def gate_scorer(examples: Sequence[dict]) -> Callable[[str], list[bool]]:
 
 def register_and_gate(run_id: str, dataset: str, metrics: dict, test_set_hash: str,
                       model_uri: str | None = None, scorer: Callable[[str], list[bool]] | None = None,
-                      alpha: float = DEFAULT_ALPHA, adapter_hash: str | None = None, gate_key: str = "") -> dict:
+                      alpha: float = DEFAULT_ALPHA, adapter_hash: str | None = None, gate_key: str = "",
+                      metadata: dict | None = None, description: str = "") -> dict:
     """Create a version from the run's logged model and move `champion` only if it is significantly better.
 
     Args:
@@ -244,6 +277,7 @@ def register_and_gate(run_id: str, dataset: str, metrics: dict, test_set_hash: s
         adapter_hash: identity of the adapter + prompt settings; an existing version with the same
             hash means nothing new is registered.
         gate_key: identity of the validation slice (a tag, for audits).
+        metadata, description: what the version is (``version_metadata``): version tags and description.
 
     Returns:
         {"model", "version", "promoted", "decision", "reason", "candidate": {...}, "champion": {...} | None}
@@ -257,8 +291,8 @@ def register_and_gate(run_id: str, dataset: str, metrics: dict, test_set_hash: s
                     "decision": "unchanged", "reason": f"identical adapter and prompt settings to v{same.version}; "
                     "nothing new registered", "candidate": candidate,
                     "champion": {"version": str(champ.version)} if champ is not None else None}
-    tags = {ADAPTER_TAG: adapter_hash or "", "gate_set": gate_key}
-    version = create_version(run_id, dataset, metrics, test_set_hash, model_uri, tags)
+    tags = {ADAPTER_TAG: adapter_hash or "", "gate_set": gate_key, **(metadata or {})}
+    version = create_version(run_id, dataset, metrics, test_set_hash, model_uri, tags, description)
     uri = f"models:/{model_name(dataset)}/{version.version}"
     with _alias_lock(dataset):
         champ = current_champion(dataset)  # re-read under the lock

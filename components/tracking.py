@@ -22,6 +22,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 from components.config import project_root
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow UI's choice between its runs view and the GenAI overview
+PARENT_ENV = "GENCLS_PARENT_RUN_ID"  # a run every run of this process and its children nests under
+PIPELINE_TAG = "gencls.pipeline"  # on the parent run of one `dvc repro`: the dvc process that ran the stages
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 PARAM_BATCH = 100  # log_batch takes at most 100 params per call
 
@@ -75,12 +78,14 @@ def experiment_id(dataset: str) -> str:
     name = f"gencls-{dataset}"
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND not in exp.tags:  # made by an older version
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return exp.experiment_id
     location = None
     if c.tracking_uri.startswith("sqlite:///"):
         location = artifact_root(Path(c.tracking_uri[len("sqlite:///"):]).parent.parent).as_uri()
-    try:
-        return c.create_experiment(name, artifact_location=location)
+    try:  # a model-training experiment: the UI opens on its runs, not on the GenAI overview
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
     except Exception:  # created concurrently by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -110,6 +115,9 @@ def start_run(dataset: str, run_name: str | None = None, tags: Mapping[str, Any]
             c.set_tag(run_id, key, value)
         run = c.get_run(run_id)
     else:
+        parent = parent_run(dataset)
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
         run = c.create_run(experiment_id(dataset), run_name=run_name, tags=all_tags)
     try:
         yield run
@@ -119,6 +127,56 @@ def start_run(dataset: str, run_name: str | None = None, tags: Mapping[str, Any]
         c.set_terminated(run.info.run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     c.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time in clock ticks) of a process from /proc (None when unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def dvc_ancestor(pid: int | None = None, depth: int = 8) -> str | None:
+    """``<pid>:<start time>`` of the `dvc repro` / `dvc exp run` process this one runs under, if any."""
+    pid = os.getppid() if pid is None else pid
+    for _ in range(depth):
+        stat = _proc_stat(pid)
+        if stat is None or pid <= 1:
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        words = [Path(a.decode(errors="replace")).name for a in argv if a]
+        if "dvc" in words and ("repro" in words or "exp" in words):
+            return f"{pid}:{stat[1]}"
+        pid = stat[0]
+    return None
+
+
+def parent_run(dataset: str) -> str | None:
+    """The run this process's runs nest under: ``GENCLS_PARENT_RUN_ID``, else one parent per `dvc repro`.
+
+    The stages of one `dvc repro` are separate processes; the first to log creates a parent run
+    tagged with the dvc process (pid and start time) and the later ones find it, so the MLflow UI
+    shows one run per pipeline with the stages under it.
+    """
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    key = dvc_ancestor()
+    if key is None:
+        return None
+    c = client()
+    exp = experiment_id(dataset)
+    found = c.search_runs([exp], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = c.create_run(exp, run_name=f"dvc repro {dataset}", tags={"dataset": dataset, PIPELINE_TAG: key,
+                                                                   "stage": "pipeline"})
+    c.set_terminated(run.info.run_id, status="FINISHED")  # a folder for the stage runs; they carry the status
+    return run.info.run_id
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

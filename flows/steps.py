@@ -357,10 +357,13 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
             info = serving.log_model(rid, adapter, labels, settings["strategy"], base_model=base_model,
                                      demos_path=demos, max_prompt_tokens=prompt["max_prompt_tokens"],
                                      seed=prompt["seed"], batch_size=prompt["batch_size"])
+            tags, description = registry.version_metadata(
+                serving.base_model_reference(adapter, base_model), configs.get("sft", {}).get("train_strategy", ""),
+                settings["strategy"], profile, data_hash(dataset), metrics, dataset)
             decision = registry.register_and_gate(
                 rid, dataset, metrics, test_key, model_uri=info.model_uri,
                 scorer=registry.gate_scorer(gate_examples) if gate_examples else None,
-                alpha=gate_alpha(), adapter_hash=identity, gate_key=gate_key)
+                alpha=gate_alpha(), adapter_hash=identity, gate_key=gate_key, metadata=tags, description=description)
     write_json(reports(dataset) / "register.json", config.stable(decision))  # the run id stays in MLflow
     return decision
 

