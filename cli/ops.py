@@ -43,6 +43,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     for name in ("serve-deployments", "schedule"):
         dep = sub.add_parser(name, help="serve the scheduled retraining deployments (blocks)")
+        dep.add_argument("--systemd-units", metavar="DIR", default=None,
+                         help="write systemd user units (Prefect server + this process, restarted when they "
+                              "stop) into DIR instead of serving; see the README's 'Running the schedule'")
         dep.set_defaults(func=cmd_serve_deployments)
 
     reg = sub.add_parser("registry", help="inspect the MLflow model registry")
@@ -153,6 +156,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     print(f"logs       : {log_p}, {log_m}")
     print(f"Flows started from now on report to Prefect (profile setting PREFECT_API_URL={prefect_url}/api) and "
           f"log to {uri} (what the MLflow UI shows).")
+    print(f"prefect CLI: export PREFECT_API_URL={prefect_url}/api   (in another shell, before "
+          f".venv/bin/prefect deployment ls / flow-run ls; without it the CLI starts a temporary server)")
     print("stop with   : gencls ui --stop   (also unsets PREFECT_API_URL)")
     return 0 if ok_p and ok_m else 1
 
@@ -183,9 +188,21 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_deployments(args: argparse.Namespace) -> int:
-    """Serve the cron deployments (needs a Prefect server: `gencls ui`)."""
-    from flows.deploy import main
+    """Serve the cron deployments (needs a Prefect server: `gencls ui`), or write systemd units that do."""
+    from flows.deploy import main, systemd_units
 
+    if getattr(args, "systemd_units", None):
+        from components.config import cache_dir, project_root
+
+        folder = Path(args.systemd_units).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        prefect_home = Path(os.environ.get("PREFECT_HOME") or cache_dir() / "prefect")
+        for name, text in systemd_units(project_root(), Path(sys.executable).parent, prefect_home,
+                                        HOST, PREFECT_PORT).items():
+            (folder / name).write_text(text)
+            print(f"wrote {folder / name}")
+        print("then: systemctl --user daemon-reload && systemctl --user enable --now gencls-prefect gencls-schedule")
+        return 0
     return main()
 
 

@@ -9,6 +9,7 @@ hand ("Quick run"); the process serving them must stay up (flow.serve semantics)
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from components.config import load_params, set_offline_env
@@ -35,6 +36,29 @@ def build_deployments(params: dict | None = None) -> list[Any]:
                                   tags=["gencls", spec["parameters"]["dataset"]],
                                   description=f"Scheduled GenCLS++ retraining of {spec['parameters']['dataset']}")
             for spec in deployment_specs(params)]
+
+
+def systemd_units(root: Path, bin_dir: Path, prefect_home: Path, host: str = "127.0.0.1", port: int = 4200) -> dict:
+    """systemd user units that keep the schedule running: the Prefect server and the process serving the
+    deployments, each restarted by systemd when it stops (a serve process that restarts picks its
+    deployments up again; runs due while it was down show as Late in the UI).
+
+    Install: save each under ~/.config/systemd/user/, then
+    `systemctl --user daemon-reload && systemctl --user enable --now gencls-prefect gencls-schedule`.
+    """
+    env = (f"Environment=PREFECT_HOME={prefect_home}\nEnvironment=PREFECT_API_URL=http://{host}:{port}/api\n"
+           "Environment=HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=true "
+           "PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true\n")
+    server = ("[Unit]\nDescription=Prefect server for GenCLS++ (UI and scheduler)\n\n[Service]\n"
+              f"WorkingDirectory={root}\n{env}"
+              f"ExecStart={bin_dir / 'prefect'} server start --host {host} --port {port}\n"
+              "Restart=always\nRestartSec=10\n\n[Install]\nWantedBy=default.target\n")
+    schedule = ("[Unit]\nDescription=GenCLS++ scheduled retraining (serves the retrain-<dataset> deployments)\n"
+                "After=gencls-prefect.service\nRequires=gencls-prefect.service\n\n[Service]\n"
+                f"WorkingDirectory={root}\n{env}"
+                f"ExecStart={bin_dir / 'gencls'} serve-deployments\n"
+                "Restart=always\nRestartSec=30\n\n[Install]\nWantedBy=default.target\n")
+    return {"gencls-prefect.service": server, "gencls-schedule.service": schedule}
 
 
 def main() -> int:

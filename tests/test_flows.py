@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -103,3 +104,21 @@ def test_retrain_refuses_bad_settings_and_unknown_datasets_before_anything_runs(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "SFTConfig.max_steps='abc': expected a whole number" in err[0]
     assert "'nosuch' is not built" in err[1] and "Traceback" not in "".join(err)
+
+
+def test_schedule_runs_as_a_service_units(tmp_path, monkeypatch, capsys):
+    """`gencls serve-deployments --systemd-units DIR` writes units that restart the server and the schedule."""
+    from cli.main import main
+
+    monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    assert main(["serve-deployments", "--systemd-units", str(tmp_path / "units")]) == 0
+    server = (tmp_path / "units" / "gencls-prefect.service").read_text()
+    schedule = (tmp_path / "units" / "gencls-schedule.service").read_text()
+    for unit in (server, schedule):
+        assert "Restart=always" in unit and f"WorkingDirectory={tmp_path}" in unit
+        assert "PREFECT_API_URL=http://127.0.0.1:4200/api" in unit and f"PREFECT_HOME={tmp_path}/prefect-home" in unit
+        exe = next(line.split("=", 1)[1].split()[0] for line in unit.splitlines() if line.startswith("ExecStart="))
+        assert Path(exe).is_file(), exe  # the venv's own prefect / gencls
+    assert "--host 127.0.0.1" in server and "serve-deployments" in schedule and "Requires=gencls-prefect" in schedule
+    assert "systemctl --user" in capsys.readouterr().out
