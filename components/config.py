@@ -23,11 +23,24 @@ OFFLINE_ENV = {
 }
 
 
+FILE_OUTPUT_ENV = {  # when stderr is a file: no \r progress bars from libraries (ours print summary lines)
+    "TQDM_DISABLE": "1",  # datasets' map, transformers' weight loading, sentence-transformers (all tqdm)
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "NO_COLOR": "1",
+}
+
+
 def set_offline_env() -> None:
-    """Set the offline/no-telemetry switches unless the user already set them."""
+    """Set the offline/no-telemetry switches unless the user already set them; in a log file (stderr not a
+    terminal) also switch off third-party progress bars and colours."""
+    import sys
+
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(cache_dir() / "prefect"))
+    if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        for key, value in FILE_OUTPUT_ENV.items():
+            os.environ.setdefault(key, value)
 
 
 def project_root() -> Path:

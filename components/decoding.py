@@ -369,7 +369,7 @@ def answer_budget(tokenizer: Any, builder: Any, reasoning_tokens: int = 160) -> 
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="ex", leave=False)
+    return tqdm(total=total, disable=None if enabled else True, desc=desc, unit="ex", leave=False)  # None: off in files
 
 
 def predict(

@@ -344,7 +344,7 @@ def predict_file(model_uri: str, input_path: str | Path, output_path: str | Path
     model = mlflow.pyfunc.load_model(model_uri)
     parts = []
     for start in tqdm(range(0, len(texts), size), desc=f"predict {input_path.name}", unit="batch",
-                      disable=not progress):
+                      disable=None if progress else True):  # None: a bar in a terminal, none in a file
         parts.append(model.predict(pd.DataFrame({"text": texts[start:start + size]})))
     result = pd.concat(parts, ignore_index=True)
     labels = sorted({label for probs in result["probs"] for label in probs})

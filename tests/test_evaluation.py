@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -118,6 +119,23 @@ def test_cli_prompt_show_and_evaluate(tiny_dataset, tiny_model_dir, capsys):
     assert main(["evaluate", "--dataset", "tiny-sent", "--model", str(tiny_model_dir), "--strategy",
                  "decoding=perplexity", "--limit", "4", "--out", str(out), "--data-dir", data]) == 0
     assert "accuracy" in capsys.readouterr().out and (out / "metrics.json").exists()
+
+
+def test_cli_output_in_a_file_has_no_bars_or_colours(tiny_dataset, tiny_model_dir, tmp_path):
+    """stderr/stdout to a file (a CI log, `make run > log`): no \\r progress redraws, no ANSI colour codes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "NO_COLOR")}
+    with open(tmp_path / "log.txt", "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "cli.main", "evaluate", "--dataset", "tiny-sent", "--model",
+                             str(tiny_model_dir), "--strategy", "decoding=perplexity", "--limit", "4", "--out",
+                             str(tmp_path / "eval"), "--data-dir", str(tiny_dataset / "data")],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent.parent).returncode
+    text = (tmp_path / "log.txt").read_text()
+    assert rc == 0 and "accuracy" in text, text[-2000:]
+    assert "\r" not in text and "\x1b[" not in text, repr(text[:2000])
 
 
 @pytest.mark.parametrize("argv, message", [
