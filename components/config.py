@@ -78,7 +78,7 @@ def load_params(path: str | Path | None = None) -> dict[str, Any]:
 
 
 RUN_KEYS = frozenset({"seconds", "examples_per_s", "focus_seconds", "run_id"})  # differ between identical runs
-RUN_FILE = "run.json"  # beside an output: its RUN_KEYS (.dvcignore'd, so dvc.lock never depends on a clock)
+RUN_INFO_FILE = "run.json"  # beside an output: its RUN_KEYS (.dvcignore'd, so dvc.lock never depends on a clock)
 
 
 def stable(data: Any) -> Any:

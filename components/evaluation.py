@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from components.config import RUN_FILE, portable, run_info, stable
+from components.config import RUN_INFO_FILE, portable, run_info, stable
 
 INVALID = "invalid"
 ECE_BINS = 10
@@ -265,7 +265,7 @@ def write_reports(out: Path, records: Sequence[dict], metrics: dict, labels: lis
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(stable(metrics), indent=2) + "\n", encoding="utf-8")
     (out / SCORES_FILE).write_text(json.dumps(scores(metrics), indent=2) + "\n", encoding="utf-8")
-    (out / RUN_FILE).write_text(json.dumps(run_info(metrics), indent=2) + "\n", encoding="utf-8")
+    (out / RUN_INFO_FILE).write_text(json.dumps(run_info(metrics), indent=2) + "\n", encoding="utf-8")
     plot_confusion(metrics, labels, out / "confusion.png", title=f"{metrics.get('dataset', '')} {metrics.get('strategy', '')}")
     sep = "\n" + "=" * 80 + "\n"
     (out / "prompts_sample.txt").write_text(sep.join(prompts) + "\n", encoding="utf-8")

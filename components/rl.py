@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from components.config import RUN_FILE, portable, run_info, stable
+from components.config import RUN_INFO_FILE, portable, run_info, stable
 from components.training_common import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -306,7 +306,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
                           for h in trainer.state.log_history if "reward" in h],
     }
     write_json(out_dir / METRICS_FILE, stable(metrics))  # timings go to run.json (not part of the output)
-    write_json(out_dir / RUN_FILE, run_info(metrics))
+    write_json(out_dir / RUN_INFO_FILE, run_info(metrics))
     write_json(out_dir / CONFIG_FILE, {
         "kind": "rl", "dataset": dataset, "base_model": sft_info.get("base_model"), "strategy": strategy.slug(),
         "train_strategy": strategy.slug(), "sft_dir": portable(sft_dir), "sft_config": sft_info.get("config"),

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.config import RUN_FILE, run_info, stable
+from components.config import RUN_INFO_FILE, run_info, stable
 from components.training_common import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -304,7 +304,7 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
     }
     write_json(out_dir / METRICS_FILE, stable(metrics))  # timings go to run.json (not part of the output)
-    write_json(out_dir / RUN_FILE, run_info(metrics))
+    write_json(out_dir / RUN_INFO_FILE, run_info(metrics))
     write_json(out_dir / CONFIG_FILE, {
         "kind": "sft", "dataset": dataset, "base_model": config.model, "strategy": strategy.slug(),
         "train_strategy": strategy.slug(), "lora": config.lora, "config": asdict_config(config),
