@@ -4,8 +4,8 @@ Each step calls components/, writes its outputs under data/, checkpoints/ or rep
 logs to MLflow through components.tracking and returns plain values. No Prefect here.
 
 Resume: the training and evaluation steps write ``.gencls_step.json`` with a fingerprint
-of their inputs (resolved config, data hashes, upstream fingerprint, source of the
-component) next to their outputs; when the fingerprint matches, the step is skipped and
+of their inputs (resolved config, data hashes, upstream fingerprint, and the source of every
+module the step's component can import: components.fingerprint) next to their outputs; when the fingerprint matches, the step is skipped and
 its recorded result returned. This works across processes (a flow started again after a
 failure resumes at the failed step) and matches what dvc does for `dvc repro`.
 """
@@ -19,14 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from components import config, tracking
+from components.fingerprint import fingerprint, sha256_files, source_hash
 
 STEP_FILE = ".gencls_step.json"
 SUMMARY_ROWS = (("zeroshot", "zero-shot"), ("sft", "naive SFT"), ("gencls", "GenCLS++ (SFT+RL)"))
-COMPONENT_SOURCES = {  # code each step depends on (its source is part of the fingerprint)
-    "sft": ("sft.py", "training_common.py", "prompts.py", "models.py"),
-    "rl": ("rl.py", "rewards.py", "training_common.py", "prompts.py", "models.py"),
-    "evaluate": ("evaluation.py", "decoding.py", "prompts.py", "models.py", "retrieval.py"),
-}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -35,30 +31,10 @@ def params() -> dict:
     return config.load_params()
 
 
-def sha256_files(paths: list[Path]) -> str:
-    """One sha256 over several files (name + content)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
-    return digest.hexdigest()
-
-
 def data_hash(dataset: str, splits: tuple[str, ...] = ("train", "test")) -> str:
     """Hash of a dataset's split files and labels.yaml."""
     folder = config.data_dir() / dataset
     return sha256_files([folder / f"{s}.jsonl" for s in splits] + [folder / "labels.yaml"])
-
-
-def source_hash(kind: str) -> str:
-    """Hash of the component sources a step runs (so code changes invalidate its result)."""
-    folder = Path(__file__).resolve().parent.parent / "components"
-    return sha256_files([folder / name for name in COMPONENT_SOURCES.get(kind, ())])
-
-
-def fingerprint(data: Any) -> str:
-    """Stable short hash of JSON-able data."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def read_step(folder: Path) -> dict:
@@ -185,7 +161,8 @@ def step_sft(dataset: str, profile: str = "quick", overrides: dict | None = None
 
     cfg = resolve_configs(profile, overrides)["sft"]
     out = config.checkpoints_dir() / dataset / "sft"
-    key = fingerprint({"config": asdict_config(cfg), "data": data_hash(dataset, ("train",)), "src": source_hash("sft")})
+    key = fingerprint({"config": asdict_config(cfg), "data": data_hash(dataset, ("train",)),
+                       "src": source_hash(train_sft.__module__)})
     with run_scope(dataset, "sft", run_id, {"strategy.train": cfg.train_strategy}) as rid:
         tracking.log_config(rid, asdict_config(cfg), prefix="sft.")
         done = is_done(out, key, ("gencls_config.json",))
@@ -213,7 +190,7 @@ def step_rl(dataset: str, profile: str = "quick", overrides: dict | None = None,
     sft_dir = config.checkpoints_dir() / dataset / "sft"
     out = config.checkpoints_dir() / dataset / "rl"
     upstream = sft_fingerprint or read_step(sft_dir).get("fingerprint") or sha256_files(sorted(sft_dir.glob("*.json")))
-    key = fingerprint({"config": asdict_config(cfg), "sft": upstream, "src": source_hash("rl"),
+    key = fingerprint({"config": asdict_config(cfg), "sft": upstream, "src": source_hash(train_rl.__module__),
                        "data": data_hash(dataset, ("train",))})
     with run_scope(dataset, "rl", run_id) as rid:
         tracking.log_config(rid, asdict_config(cfg), prefix="rl.")
@@ -286,7 +263,7 @@ def step_evaluate(dataset: str, name: str, model: str | None = None, profile: st
     out = reports(dataset) / name
     upstream = read_step(adapter).get("fingerprint") if adapter else None
     key = fingerprint({"settings": settings, "model": model, "adapter": str(adapter), "upstream": upstream,
-                       "test": data_hash(dataset, ("test",)), "src": source_hash("evaluate")})
+                       "test": data_hash(dataset, ("test",)), "src": source_hash(evaluate.__module__)})
     with run_scope(dataset, f"evaluate-{name}", run_id, {"strategy": settings["strategy"]}) as rid:
         done = is_done(out, key, ("metrics.json", "predictions.jsonl", "confusion.png"))
         if done:

@@ -140,61 +140,29 @@ STAGE_ENTRY = {  # dvc stage -> the flows.steps functions `python -m flows.stage
 }
 
 
-def _repo_module_file(name: str) -> Path | None:
-    """components.sft -> components/sft.py (None outside the repo's packages)."""
-    if not name.startswith(("components", "flows")):
-        return None
-    path = REPO / (name.replace(".", "/") + ".py")
-    return path if path.is_file() else (REPO / name.replace(".", "/") / "__init__.py")
-
-
-def _imports(node) -> set[str]:
-    """Repo modules imported anywhere under an AST node (module level and inside functions)."""
-    import ast
-
-    found = set()
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
-            found.add(sub.module)
-            found |= {f"{sub.module}.{a.name}" for a in sub.names}  # `from components import registry`
-        elif isinstance(sub, ast.Import):
-            found |= {a.name for a in sub.names}
-    return {m for m in found if _repo_module_file(m) is not None and _repo_module_file(m).is_file()}
-
-
-def _closure(modules: set[str]) -> set[str]:
-    import ast
-
-    seen, todo = set(), list(modules)
-    while todo:
-        name = todo.pop()
-        if name in seen or name in ("flows.steps", "flows.stages"):
-            continue
-        seen.add(name)
-        todo += sorted(_imports(ast.parse(_repo_module_file(name).read_text())) - seen)
-    return seen
-
-
 def _stage_code(entries: list[str]) -> set[str]:
     """Files of the repo modules a stage can import: its step functions' imports (and the steps helpers they
-    call), the module-level imports of flows/steps.py and flows/stages.py, then everything those import."""
+    call), the module-level imports of flows/steps.py and flows/stages.py, then everything those import
+    (components.fingerprint.module_closure: the same closure the steps' skip records hash)."""
     import ast
+
+    from components.fingerprint import imported_modules, module_closure
 
     tree = ast.parse((REPO / "flows" / "steps.py").read_text())
     functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
-    top = {n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    modules = set().union(*(_imports(n) for n in top)) | _imports(ast.parse((REPO / "flows/stages.py").read_text()))
+    top = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    modules = set().union(*(imported_modules(n) for n in top)) | imported_modules(
+        ast.parse((REPO / "flows/stages.py").read_text()))
     seen, todo = set(), list(entries)
     while todo:
         name = todo.pop()
         if name in seen or name not in functions:
             continue
         seen.add(name)
-        modules |= _imports(functions[name])
+        modules |= imported_modules(functions[name])
         todo += [n.id for n in ast.walk(functions[name]) if isinstance(n, ast.Name) and n.id in functions]
     modules -= {"flows.steps", "flows.stages"}  # their other functions belong to other stages
-    files = {str(_repo_module_file(m).relative_to(REPO)) for m in _closure(modules)
-             if not str(_repo_module_file(m)).endswith("__init__.py")}
+    files = {str(path.relative_to(REPO)) for path in module_closure(*sorted(modules)) if path.name != "__init__.py"}
     return files | {"flows/steps.py", "flows/stages.py"}
 
 
@@ -238,3 +206,13 @@ def test_stable_and_portable_outputs(tmp_path, monkeypatch):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["v_proj", "k_proj", "q_proj"]}))
     canonical_adapter_config(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["k_proj", "q_proj", "v_proj"]
+
+
+def test_a_step_fingerprint_covers_all_the_code_it_can_run():
+    """The skip record's source hash follows imports: SFT's covers the engine and prompts, not serving."""
+    from components.fingerprint import module_closure, source_hash
+
+    files = {p.name for p in module_closure("components.sft")}
+    assert {"sft.py", "engine.py", "prompts.py", "models.py", "config.py"} <= files
+    assert "serving.py" not in files and "registry.py" not in files
+    assert source_hash("components.sft") != source_hash("components.rl")

@@ -1,0 +1,82 @@
+"""Fingerprints of a step's inputs: hashes of files, of JSON-able data, and of the code a module runs.
+
+    key = fingerprint({"config": cfg, "data": sha256_files(files), "src": source_hash("components.sft")})
+
+`source_hash` follows the module's imports (module level and inside functions, found with `ast`)
+through the project's own packages, so a change to any module the step can run (engine.py for SFT,
+decoding.py for an evaluation) changes the key. flows/steps.py keys every step's skip record with it
+and tests/test_dvc.py derives each dvc stage's `deps` the same way, so DVC and the Prefect flow skip
+the same work.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("components", "flows")  # the code a step can run (cli/ and benchmarks/ are never imported by steps)
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    """One sha256 over several files (name + content; a missing file hashes as such)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()
+
+
+def fingerprint(data: Any) -> str:
+    """Stable short hash of JSON-able data."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def module_file(name: str) -> Path | None:
+    """`components.sft` -> components/sft.py (a package's __init__.py); None outside PACKAGES or missing."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = REPO_ROOT / name.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(tree: ast.AST) -> set[str]:
+    """Project modules imported anywhere under an AST node (`from components import x` counts as components.x)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if module_file(m) is not None}
+
+
+@lru_cache(maxsize=64)
+def module_closure(*modules: str) -> tuple[Path, ...]:
+    """The files of `modules` and of every project module they can import, sorted."""
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen or module_file(name) is None:
+            continue
+        seen.add(name)
+        todo += sorted(imported_modules(ast.parse(module_file(name).read_text(encoding="utf-8"))) - seen)
+    return tuple(sorted({module_file(m) for m in seen}))
+
+
+def source_hash(*modules: str) -> str:
+    """Hash of the code `modules` run: their files and those of everything they import from the project."""
+    files = module_closure(*modules)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
