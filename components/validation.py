@@ -444,7 +444,7 @@ def validate_dataset(name: str, data_dir: str | Path | None = None, docs_dir: st
         data_dir: Folder holding all datasets; default `config.data_dir()`.
         docs_dir: Data Docs folder; default ``reports/<name>/data_docs`` (git-ignored).
         min_per_label: Minimum training examples per label (default 10, or the registry's).
-        max_dup_rate: Largest allowed share of duplicated texts within a split (default 0).
+        max_dup_rate: Largest allowed share of rows whose text is repeated within their split (default 0).
         min_chars: Shortest allowed text (default 1).
         max_chars: Longest allowed text (default 20,000, or the registry's).
 
