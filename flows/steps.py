@@ -100,7 +100,12 @@ def step_data(dataset: str) -> dict:
 
 
 def step_validate(dataset: str, run_id: str | None = None) -> dict:
-    """Run the great-expectations suite; write reports/<d>/validation.json; raise on failure."""
+    """Run the great-expectations suite; write reports/<d>/validation.json; raise on failure.
+
+    The run gets the report (validation/validation.json: success, failures, one outcome per expectation),
+    the Data Docs site (validation/data_docs/, opens offline), tag validation.success and metrics
+    validation.success and validation.failed_expectations, whether the data passes or not.
+    """
     from components.validation import DataValidationError, validate_dataset
 
     with run_scope(dataset, "validate", run_id) as rid:
@@ -109,7 +114,10 @@ def step_validate(dataset: str, run_id: str | None = None) -> dict:
         data["docs_path"] = config.portable(data.get("docs_path"))  # the same file in every clone
         path = write_json(reports(dataset) / "validation.json", data)
         tracking.log_artifact(rid, path, "validation")
+        tracking.log_artifact(rid, report.docs_path.parent, "validation/data_docs")
         tracking.set_tags(rid, {"validation.success": report.success})
+        tracking.log_metrics(rid, {"validation.success": report.success,
+                                   "validation.failed_expectations": len(report.failures)})
         if not report.success:
             raise DataValidationError(report)
     return data
