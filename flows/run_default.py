@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from components import tracking
+from components.ops import tracking
 from components.config import load_params, project_root, reports_dir, set_offline_env
 
 

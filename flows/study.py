@@ -37,10 +37,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components import study as S
-from components import tracking
+from components.study import plan as S
+from components.ops import tracking
 from components.config import checkpoints_dir, data_dir, load_params, project_root, reports_dir, set_offline_env
-from components.prompts import PROMPT_FORMAT
+from components.model.prompts import PROMPT_FORMAT
 
 EXPERIMENT = "study"  # tracking.experiment_id("study") -> MLflow experiment "gencls-study"
 TRAIN_DONE = ".study_train.json"
@@ -91,9 +91,9 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     Returns:
         The context every task needs (paths, configs, settings fingerprint, env).
     """
-    from components.datasets import dataset_dir, load_split
-    from components.models import load_tokenizer
-    from components.training_common import asdict_config, load_config
+    from components.data.datasets import dataset_dir, load_split
+    from components.model.models import load_tokenizer
+    from components.train.training_common import asdict_config, load_config
 
     settings = _profile_settings(profile, overrides)
     train = load_split(dataset, "train")
@@ -138,7 +138,7 @@ def _fit_prompt_budgets(settings: dict, tokenizer: Any, labels: dict, overrides:
     room = int(settings.get("text_room") or 0)
     if not room:
         return
-    from components.prompts import instruction_tokens
+    from components.model.prompts import instruction_tokens
 
     need = instruction_tokens(tokenizer, labels) + room
     rl = settings.get("rl", {})
@@ -169,7 +169,7 @@ def _fit_sft_size(settings: dict, tokenizer: Any, labels: dict, pool: list[dict]
     if not budget:
         return {"sft_tokens": 0, "train_size": int(settings["sft"]["train_size"] or 0)}  # 0 = the whole pool
     cap = int(settings["sft"]["train_size"] or len(pool))
-    from components.prompts import PromptBuilder, Strategy
+    from components.model.prompts import PromptBuilder, Strategy
 
     builder = PromptBuilder(tokenizer, labels, Strategy(),
                             max_prompt_tokens=int(settings["sft"]["max_prompt_tokens"]))
@@ -256,9 +256,9 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
     """
     from filelock import FileLock
 
-    from components.rl import train_rl
-    from components.sft import train_sft
-    from components.training_common import load_config
+    from components.train.rl import train_rl
+    from components.train.sft import train_sft
+    from components.train.training_common import load_config
 
     kind = "rl" if rl else "sft"
     train_key = S.settings_fingerprint({"train": train, "model": ctx["model"], "fp": ctx["fingerprint"]})[:12]
@@ -295,9 +295,9 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
 def evaluate_cell(ctx: dict, cell: S.Cell, out: Path, loaded: Any = None, adapter: Path | None = None,
                   views: tuple[str, ...] = ("test", "val")) -> dict:
     """Measure one cell on the test view (and the validation view); returns {"test": m, "val": m}."""
-    from components.baselines import tfidf_records
-    from components.datasets import load_labels, load_split
-    from components.evaluation import compute_metrics, evaluate, write_reports
+    from components.evaluate.baselines import tfidf_records
+    from components.data.datasets import load_labels, load_split
+    from components.evaluate.evaluation import compute_metrics, evaluate, write_reports
 
     dataset, ev = ctx["dataset"], ctx["settings"]["eval"]
     out_metrics = {}
@@ -364,7 +364,7 @@ def cell_group_task(ctx: dict, cells: list[tuple[S.Cell, list[str]]]) -> list[di
     first = todo[0][0]
     loaded, adapter = None, None
     if first.kind != "tfidf":
-        from components.models import load_model
+        from components.model.models import load_model
 
         adapter = ensure_adapter(ctx, first.train, first.rl) if first.kind == "trained" else None
         loaded = load_model(ctx["model"], adapter=str(adapter) if adapter else None)
@@ -382,7 +382,7 @@ def cell_group_task(ctx: dict, cells: list[tuple[S.Cell, list[str]]]) -> list[di
 @task(name="study-register", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def register_task(ctx: dict, result: dict) -> dict:
     """Log the best GenCLS++ adapter as a pyfunc model in its cell run and gate `champion`."""
-    from components import registry, serving
+    from components.ops import registry, serving
 
     _apply_env(ctx)
     path = Path(ctx["results"]) / "register.json"
@@ -393,7 +393,7 @@ def register_task(ctx: dict, result: dict) -> dict:
     dataset = ctx["dataset"]
     info = serving.log_model(result["run_id"], result["adapter"], view / dataset / "labels.yaml", result["infer"],
                              base_model=ctx["model"], demos_path=view / dataset / "train.jsonl")
-    from components.datasets import load_split
+    from components.data.datasets import load_split
     from flows.steps import gate_alpha
 
     val = load_split(dataset, "test", Path(ctx["views"]["val"]))  # the study's validation slice, never test
@@ -475,7 +475,7 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
     Returns:
         The study.json dict (plus "failed": error messages); the flow fails when a cell failed.
     """
-    from components.models import DEFAULT_MODEL
+    from components.model.models import DEFAULT_MODEL
 
     set_offline_env()
     logger = get_run_logger()

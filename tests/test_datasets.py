@@ -10,9 +10,18 @@ import pytest
 import yaml
 
 from cli import main as cli
-from components import datasets, packages
-from components.datasets import (DATASETS, DataError, build_dataset, clean_frame, dataset_dir, import_dataset,
-                                 load_labels, load_split, stratified_split)
+from components.data import datasets, packages
+from components.data.datasets import (
+    DATASETS,
+    DataError,
+    build_dataset,
+    clean_frame,
+    dataset_dir,
+    import_dataset,
+    load_labels,
+    load_split,
+    stratified_split,
+)
 
 
 def _write(root: Path, rel: str, data: bytes) -> Path:

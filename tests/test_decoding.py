@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components import decoding
-from components.decoding import INVALID, predict, score_candidates, score_candidates_naive
-from components.prompts import UNCERTAIN, PromptBuilder, Strategy
+from components.model import decoding
+from components.model.decoding import INVALID, predict, score_candidates, score_candidates_naive
+from components.model.prompts import UNCERTAIN, PromptBuilder, Strategy
 
 LABELS = {"positive": "favourable", "negative": "unfavourable", "neutral": "no opinion"}
 TRAIN = [{"id": f"t{i}", "text": f"great film number {i}", "label": list(LABELS)[i % 3]} for i in range(12)]
@@ -15,7 +15,7 @@ TEST = [{"id": f"e{i}", "text": "what a film " * (1 + 3 * i), "label": list(LABE
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir):
-    from components.models import load_model
+    from components.model.models import load_model
 
     return load_model(tiny_model_dir, device="cpu")
 
@@ -152,9 +152,9 @@ def test_contextual_calibration_changes_only_probs_shape(model_and_tokenizer):
 @pytest.mark.slow
 def test_real_smollm2_on_trec6(tmp_path):
     """Real SmolLM2 on 50 trec6 test questions with both decoders."""
-    from components import datasets
-    from components.evaluation import select_examples
-    from components.models import load_model
+    from components.data import datasets
+    from components.evaluate.evaluation import select_examples
+    from components.model.models import load_model
 
     data_dir = None
     try:

@@ -6,7 +6,7 @@ import threading
 import mlflow.pyfunc
 import pytest
 
-from components import registry, tracking
+from components.ops import registry, tracking
 
 DATASET = "toy"
 _MODEL_URI: list[str] = []

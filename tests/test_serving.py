@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import registry, serving, tracking
+from components.ops import registry, serving, tracking
 
 LABELS = {"negative": "The text expresses an unfavourable opinion.",
           "neutral": "The text states facts without an opinion.",
@@ -45,8 +45,8 @@ PARITY_BUDGET = 40  # a prompt budget far from serving's old default (384), so a
 @pytest.fixture(scope="module")
 def registered(tiny_model_dir, tmp_path_factory):
     """A 1-step SFT adapter of the tiny model, logged as a pyfunc and registered as champion."""
-    from components.sft import train_sft
-    from components.training_common import SFTConfig
+    from components.train.sft import train_sft
+    from components.train.training_common import SFTConfig
 
     root = tmp_path_factory.mktemp("serving_root")
     patch = pytest.MonkeyPatch()
@@ -158,8 +158,8 @@ def test_served_predictions_equal_gencls_evaluate(registered):
     import mlflow
     import pandas as pd
 
-    from components.datasets import load_split
-    from components.evaluation import evaluate
+    from components.data.datasets import load_split
+    from components.evaluate.evaluation import evaluate
 
     root, info = registered
     adapter = root / "checkpoints" / "toy" / "sft"
@@ -184,7 +184,7 @@ def test_gate_scorer_scores_the_served_model_on_validation_examples(registered):
     import mlflow
     import pandas as pd
 
-    from components.datasets import load_split
+    from components.data.datasets import load_split
 
     examples = load_split("toy", "train")[:9]
     correct = registry.gate_scorer(examples)("models:/gencls-toy@champion")
@@ -199,7 +199,7 @@ def test_gencls_predict_classifies_a_file_like_the_served_model(registered, tmp_
     import pandas as pd
 
     from cli.main import main
-    from components.datasets import load_split
+    from components.data.datasets import load_split
 
     rows = load_split("toy", "test")[:7]
     pd.DataFrame({"id": [r["id"] for r in rows], "message": [r["text"] for r in rows]}).to_csv(

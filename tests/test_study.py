@@ -9,7 +9,7 @@ import os
 import pytest
 import yaml
 
-from components import study as S
+from components.study import plan as S
 
 LABELS = {"negative": "The text expresses an unfavourable opinion.",
           "neutral": "The text states facts without an opinion.",
@@ -157,8 +157,8 @@ def test_cli_registers_study_command():
 
 
 def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
-    from components.models import load_tokenizer
-    from components.prompts import instruction_tokens
+    from components.model.models import load_tokenizer
+    from components.model.prompts import instruction_tokens
     from flows.study import _fit_prompt_budgets
 
     short = {"spam": "unwanted", "ham": "wanted"}
@@ -185,7 +185,7 @@ def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
 
 
 def test_sft_prompts_fit_a_token_budget(tiny_model_dir):
-    from components.models import load_tokenizer
+    from components.model.models import load_tokenizer
     from flows.study import _fit_sft_size
 
     labels = {"spam": "unwanted", "ham": "wanted"}
@@ -228,7 +228,7 @@ def test_task_runner_by_flag():
 def project(tmp_path, monkeypatch):
     import torch
 
-    from components import tracking
+    from components.ops import tracking
 
     threads = torch.get_num_threads()  # the flow sets 1 thread per task (tiny model: no oversubscription)
 
@@ -251,7 +251,7 @@ def tiny_settings() -> dict:
 
 def fast_retriever(monkeypatch, root):
     """Semantic demos by hashed bag of words instead of loading MiniLM in every evaluation (in-process only)."""
-    from components import retrieval
+    from components.model import retrieval
 
     fake = root / "minilm"
     fake.mkdir(exist_ok=True)
@@ -268,14 +268,14 @@ def _cell_runs(client):
 
 def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_harness, project, tiny_model_dir,
                                                                        monkeypatch):
-    import components.sft
+    import components.train.sft
     import flows.study as F
-    from components import registry, tracking
+    from components.ops import registry, tracking
 
-    monkeypatch.setattr(components.sft, "require_valid_data", lambda *a, **k: None)  # speed: GX runs in its own tests
+    monkeypatch.setattr(components.train.sft, "require_valid_data", lambda *a, **k: None)  # speed: GX runs in its own tests
     fast_retriever(monkeypatch, project)
     calls = {"eval": [], "train": 0}
-    real_eval, real_sft = F.evaluate_cell, components.sft.train_sft
+    real_eval, real_sft = F.evaluate_cell, components.train.sft.train_sft
 
     def faulty_eval(ctx, cell, out, **kw):
         calls["eval"].append((ctx["dataset"], cell.name))
@@ -288,7 +288,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
         return real_sft(*a, **k)
 
     monkeypatch.setattr(F, "evaluate_cell", faulty_eval)
-    monkeypatch.setattr(components.sft, "train_sft", counting_sft)
+    monkeypatch.setattr(components.train.sft, "train_sft", counting_sft)
     fault = "tinyb|sft[numeric] -> naive"
     monkeypatch.setenv("STUDY_FAULT", fault)
     state = F.study(["tinya", "tinyb"], "cpu", "local", "all", str(tiny_model_dir), overrides=tiny_settings(),
@@ -349,7 +349,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
 
 
 def test_two_cells_on_a_local_dask_cluster(prefect_harness, project, tiny_model_dir):
-    from components import tracking
+    from components.ops import tracking
     from flows.study import study
 
     out = study(["tinya"], "cpu", "dask", "headline", str(tiny_model_dir), workers=2, overrides=tiny_settings(),

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cli import main as cli
-from components.datasets import DataError
-from components.validation import DataValidationError, ValidationReport, require_valid, validate_dataset
+from components.data.datasets import DataError
+from components.data.validation import DataValidationError, ValidationReport, require_valid, validate_dataset
 
 
 def _validate(data_dir: Path, tmp_path: Path, name: str = "tiny", **kwargs) -> ValidationReport:

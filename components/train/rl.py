@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from components.training_common import (
+from components.train.training_common import (
     CONFIG_FILE,
     METRICS_FILE,
     GenerativeEval,
@@ -68,7 +68,7 @@ __all__ = ["RLConfig", "load_config", "train_rl", "load_policy", "focus_examples
 
 def load_policy(sft_dir: Path) -> tuple[Any, Any, dict]:
     """(trainable policy, tokenizer, SFT gencls_config) from an SFT output folder."""
-    from components.models import load_model
+    from components.model.models import load_model
 
     sft_dir = Path(sft_dir)
     sft_info = read_json(sft_dir / CONFIG_FILE, {})
@@ -147,8 +147,8 @@ def focus_examples(model: Any, tokenizer: Any, builder: Any, examples: list[dict
     larger than the run needs, or for reasoning strategies (the policy thinks before answering,
     so a bare answer's probability says little).
     """
-    from components.decoding import score_gold
-    from components.rewards import make_label_reward
+    from components.model.decoding import score_gold
+    from components.train.rewards import make_label_reward
 
     need = prompts_per_run(config)
     if config.focus == "all" or len(examples) <= need or builder.strategy.reasoning:
@@ -190,7 +190,7 @@ def cached_focus(model: Any, tokenizer: Any, builder: Any, examples: list[dict],
 def fit_completion_budget(config: RLConfig, tokenizer: Any, builder: Any, log: Any = print) -> RLConfig:
     """The config with max_completion_length raised to the longest answer (+ end of turn) when a
     direct-answer budget is too short to write it (20newsgroups' comp.sys.ibm.pc.hardware is 10 tokens)."""
-    from components.decoding import candidate_ids
+    from components.model.decoding import candidate_ids
 
     longest = max(len(ids) for ids in candidate_ids(tokenizer, builder.space.answers))
     if builder.strategy.reasoning or config.max_completion_length >= longest:
@@ -220,7 +220,7 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_func
     )
     trainer_class = GRPOTrainer
     if config.engine == "group-shared":
-        from components.engine import make_grpo_trainer_class
+        from components.train.engine import make_grpo_trainer_class
 
         trainer_class = make_grpo_trainer_class()
     trainer_class = with_atomic_checkpoints(trainer_class)
@@ -245,9 +245,9 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
         out_dir (adapter safetensors + tokenizer + gencls_config.json + metrics.json).
     """
     from components import config as project_config
-    from components.prompts import Strategy
-    from components.rewards import build_rewards
-    from components.sft import load_data, make_builder, read_gate_ids, require_valid_data
+    from components.model.prompts import Strategy
+    from components.train.rewards import build_rewards
+    from components.train.sft import load_data, make_builder, read_gate_ids, require_valid_data
 
     config = config or load_config("rl", "quick")
     log = printer()

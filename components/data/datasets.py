@@ -42,7 +42,7 @@ import pandas as pd
 import yaml
 
 from components import config
-from components.packages import fetch_package, file_sha256, read_manifest, record_files
+from components.data.packages import fetch_package, file_sha256, read_manifest, record_files
 
 SPLITS = ("train", "test")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -728,7 +728,7 @@ def _check_split_sizes(splits: dict[str, pd.DataFrame], labels: list[str], path:
                        min_per_label: int | None) -> None:
     """Refuse an import that leaves a split empty or a label with fewer training rows than validation needs."""
     if min_per_label is None:
-        from components.validation import DEFAULT_THRESHOLDS
+        from components.data.validation import DEFAULT_THRESHOLDS
 
         min_per_label = int(DEFAULT_THRESHOLDS["min_per_label"])
     train = splits["train"]["label"].value_counts()

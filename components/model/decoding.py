@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from components.prompts import UNCERTAIN
+from components.model.prompts import UNCERTAIN
 
 INVALID = "invalid"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")  # ChatML, Gemma, Llama 3

@@ -485,7 +485,7 @@ def plot_curves(log_history: list[dict], eval_history: list[dict], keys: Sequenc
         axes[1].legend(fontsize=8)
     axes[1].set_xlabel("step")
     axes[1].set_title("held-out (generative)")
-    from components.evaluation import save_figure
+    from components.evaluate.evaluation import save_figure
 
     save_figure(fig, path, dpi=100)
 
@@ -618,8 +618,8 @@ class GenerativeEval:
 
     def run(self, model: Any, step: int) -> dict:
         """Evaluate now; returns the history entry."""
-        from components.decoding import predict
-        from components.evaluation import compute_metrics
+        from components.model.decoding import predict
+        from components.evaluate.evaluation import compute_metrics
 
         start = time.time()
         with eval_mode(model):

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from components import tracking
+from components.ops import tracking
 
 ALIAS = "champion"
 DEFAULT_ALPHA = 0.05  # significance level of the gate (params.yaml register.alpha)

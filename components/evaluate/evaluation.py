@@ -171,7 +171,7 @@ def build_retriever(train: Sequence[dict], strategy: Any, queries: Sequence[dict
     """
     if strategy.icl != "semantic":
         return None
-    from components.retrieval import Retriever
+    from components.model.retrieval import Retriever
 
     retriever = Retriever(train)
     retriever.embed([ex["text"] for ex in queries])
@@ -213,10 +213,10 @@ def evaluate(
     Returns:
         The metrics dict plus n, strategy, model, adapter, seconds, examples_per_s, out_dir.
     """
-    from components.datasets import load_labels, load_split
-    from components.decoding import predict
-    from components.models import DEFAULT_MODEL, adapter_base_model, load_model
-    from components.prompts import PromptBuilder, Strategy
+    from components.data.datasets import load_labels, load_split
+    from components.model.decoding import predict
+    from components.model.models import DEFAULT_MODEL, adapter_base_model, load_model
+    from components.model.prompts import PromptBuilder, Strategy
 
     strategy = Strategy.parse(strategy) if isinstance(strategy, str) or strategy is None else strategy
     labels = load_labels(dataset, data_dir)

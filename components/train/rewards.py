@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from components.prompts import UNCERTAIN, LabelSpace, split_reasoning
+from components.model.prompts import UNCERTAIN, LabelSpace, split_reasoning
 
 RewardFn = Callable[..., list[float]]
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.training_common import (
+from components.train.training_common import (
     CONFIG_FILE,
     METRICS_FILE,
     GenerativeEval,
@@ -64,7 +64,7 @@ def require_valid_data(dataset: str, data_dir: Any = None) -> None:
         DataValidationError: when the dataset fails validation (nothing gets trained).
     """
     try:
-        from components import validation
+        from components.data import validation
     except ImportError:
         return
     check = getattr(validation, "require_valid", None)
@@ -78,7 +78,7 @@ def require_valid_data(dataset: str, data_dir: Any = None) -> None:
 
 def load_data(dataset: str, data_dir: Any, train_size: int, eval_size: int, seed: int):
     """(labels, training subsample, held-out slice, demo pool) for a dataset."""
-    from components.datasets import load_labels, load_split
+    from components.data.datasets import load_labels, load_split
 
     labels = load_labels(dataset, data_dir)
     train_all = load_split(dataset, "train", data_dir)
@@ -96,7 +96,7 @@ def gate_slice(dataset: str, data_dir: Any, used: list[dict], size: int, seed: i
     prompts). When nothing is left (train_size 0 = all data), the caller's held-out slice is used
     instead and the flag says so (checkpoints were chosen on it).
     """
-    from components.datasets import load_split
+    from components.data.datasets import load_split
 
     used_ids = {ex["id"] for ex in used}
     rest = [ex for ex in load_split(dataset, "train", data_dir) if ex["id"] not in used_ids]
@@ -111,11 +111,11 @@ def read_gate_ids(sft_dir: Any) -> set[str]:
 
 def make_builder(tokenizer: Any, labels: dict, strategy: Any, pool: list[dict], max_prompt_tokens: int, seed: int):
     """PromptBuilder for `strategy` (with a retriever over `pool` for semantic ICL)."""
-    from components.prompts import PromptBuilder
+    from components.model.prompts import PromptBuilder
 
     retriever = None
     if strategy.icl == "semantic":
-        from components.retrieval import Retriever
+        from components.model.retrieval import Retriever
 
         retriever = Retriever(pool)
     return PromptBuilder(tokenizer, labels, strategy, train_examples=pool, retriever=retriever,
@@ -138,7 +138,7 @@ def select_uncertain(model: Any, tokenizer: Any, builder: Any, examples: list[di
     """
     import numpy as np
 
-    from components.decoding import score_gold
+    from components.model.decoding import score_gold
 
     start = time.time()
     scored = examples[: config.uncertain_max_scored] if config.uncertain_max_scored > 0 else list(examples)
@@ -159,7 +159,7 @@ def select_uncertain(model: Any, tokenizer: Any, builder: Any, examples: list[di
 
 def build_sft_rows(builder: Any, examples: list[dict], uncertain_ids: set[str] = frozenset()) -> list[dict]:
     """Prompt/completion rows; completions end with `<|im_end|>` (the end-of-turn token)."""
-    from components.prompts import UNCERTAIN
+    from components.model.prompts import UNCERTAIN
 
     rows = []
     for ex in examples:
@@ -207,7 +207,7 @@ def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfi
     kwargs: dict[str, Any] = {}
     trainer_class = SFTTrainer
     if fast:
-        from components.engine import SharedPrefixCollator, make_sft_trainer_class
+        from components.train.engine import SharedPrefixCollator, make_sft_trainer_class
 
         trainer_class = make_sft_trainer_class()
         trainer_class.token_metrics = config.token_metrics
@@ -235,8 +235,8 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
         model folder (full fine-tuning).
     """
     from components import config as project_config
-    from components.models import load_model
-    from components.prompts import Strategy
+    from components.model.models import load_model
+    from components.model.prompts import Strategy
 
     config = config or load_config("sft", "quick")
     log = printer()

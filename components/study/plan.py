@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from components.evaluation import save_figure
+from components.evaluate.evaluation import save_figure
 
 TRAIN_FLOOR = 20  # rare labels keep this many training examples (the strictest validation minimum, r8's)
 NAIVE = "naive"
@@ -119,7 +119,7 @@ def canonical(spec: str, k: int | None = None) -> str:
         >>> canonical("icl=semantic", k=2)
         'icl=semantic,k=2'
     """
-    from components.prompts import Strategy
+    from components.model.prompts import Strategy
 
     strategy = Strategy.parse(spec)
     if k is not None and strategy.icl != "none":
@@ -134,7 +134,7 @@ def combine(*specs: str, k: int | None = None) -> str:
         >>> combine("definitions", "numeric,decoding=perplexity")
         'definitions,numeric,decoding=perplexity'
     """
-    from components.prompts import Strategy
+    from components.model.prompts import Strategy
 
     default = Strategy()
     merged: dict[str, Any] = {}
@@ -150,7 +150,7 @@ def combine(*specs: str, k: int | None = None) -> str:
 
 def without_decoding(spec: str) -> str:
     """The training-time part of a strategy (decoding is inference-only)."""
-    from components.prompts import Strategy
+    from components.model.prompts import Strategy
 
     return Strategy.parse(spec).replace(decoding="generative").slug()
 
@@ -293,7 +293,7 @@ def subsample(train: Sequence[dict], test: Sequence[dict], train_size: int | Non
     Returns:
         ({"train", "val", "test"} example lists, record with sizes, seed and ids hashes).
     """
-    from components.training_common import stratified_sample
+    from components.train.training_common import stratified_sample
 
     val = stratified_sample(train, val_size, seed + 101) if val_size else []
     val_ids = {ex["id"] for ex in val}
@@ -549,7 +549,7 @@ def interplay_grid(cells: Sequence[dict]) -> dict:
 
 def _same_dims(a: str, b: str) -> bool:
     """Same strategy apart from k."""
-    from components.prompts import Strategy
+    from components.model.prompts import Strategy
 
     return Strategy.parse(a).replace(k=4) == Strategy.parse(b).replace(k=4)
 
