@@ -58,7 +58,7 @@ def run_benchmark(model: str = "smollm2-135m", labels: int = 6, prompt_tokens: i
     import numpy as np
     import torch
 
-    from components.model.decoding import score_candidates, score_candidates_naive
+    from components.model.scoring import score_candidates, score_candidates_naive
 
     lm, tokenizer = load(model)
     prompts = make_prompts(tokenizer, n, prompt_tokens, seed)
@@ -89,7 +89,8 @@ def run_prefix_benchmark(model: str = "smollm2-135m", dataset: str = "20newsgrou
     import torch
 
     from components.data.datasets import load_labels, load_split
-    from components.model.decoding import predict, shared_prefix_length
+    from components.model.decoding import predict
+    from components.model.scoring import shared_prefix_length
     from components.evaluate.evaluation import build_retriever
     from components.model.prompts import PromptBuilder, Strategy
 

@@ -110,7 +110,7 @@ def sft_rate(model_name: str, rows: list[dict], engine: str, batch_size: int, se
     """Examples/s of `gencls train sft`'s Trainer with `engine`, steps 2.. of one epoch over `rows`."""
     from components.model.models import load_model
     from components.train.sft import build_trainer
-    from components.train.training_common import load_config
+    from components.train.configs import load_config
 
     model, tokenizer = load_model(model_name)
     model.train()
@@ -133,7 +133,7 @@ def grpo_rate(model_name: str, dataset: str, strategy: str, n_prompts: int, gene
     from components.train.rewards import build_rewards
     from components.train.rl import build_grpo_trainer, fit_completion_budget, load_policy
     from components.train.sft import load_data, make_builder
-    from components.train.training_common import load_config
+    from components.train.configs import load_config
 
     if sft_dir is not None:
         model, tokenizer, _ = load_policy(sft_dir)
@@ -173,10 +173,10 @@ def run_benchmark(dataset: str = "trec6", strategy: str = "naive", model: str = 
     import torch
     from peft import get_peft_model
 
-    from components.model.decoding import shared_prefix_length
+    from components.model.scoring import shared_prefix_length
     from components.model.models import load_model
     from components.train.sft import lora_config
-    from components.train.training_common import load_config
+    from components.train.configs import load_config
 
     lm, tokenizer = load_model(model)
     rows = _sft_rows(dataset, strategy, n, tokenizer, load_config("sft", "quick", params={}).max_prompt_tokens, seed)

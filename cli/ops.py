@@ -161,7 +161,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Run the retraining flow once."""
     from components.data.datasets import DataError, dataset_dir
-    from components.train.training_common import parse_overrides
+    from components.train.configs import parse_overrides
     from flows import steps
 
     try:  # bad input is refused here, before Prefect starts and before any model loads

@@ -110,7 +110,7 @@ def retrain(dataset: str = "trec6", profile: str = "quick", overrides: dict[str,
     if "gencls" not in evaluations:
         evaluations.append("gencls")
     configs = steps.resolve_configs(profile, overrides)
-    from components.train.training_common import asdict_config
+    from components.train.configs import asdict_config
 
     config_dicts = {k: asdict_config(v) for k, v in configs.items()}
     inference = steps.eval_settings("gencls", profile=profile)["strategy"]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set rl.learning_rate=1e-5 (repeatable)")
     args = parser.parse_args(argv)
-    from components.train.training_common import parse_overrides
+    from components.train.configs import parse_overrides
 
     retrain(args.dataset, args.profile, parse_overrides(args.overrides))
     return 0

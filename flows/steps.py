@@ -24,9 +24,12 @@ from components.ops import tracking
 STEP_FILE = ".gencls_step.json"
 SUMMARY_ROWS = (("zeroshot", "zero-shot"), ("sft", "naive SFT"), ("gencls", "GenCLS++ (SFT+RL)"))
 COMPONENT_SOURCES = {  # code each step depends on (its source is part of the fingerprint)
-    "sft": ("train/sft.py", "train/training_common.py", "model/prompts.py", "model/models.py"),
-    "rl": ("train/rl.py", "train/rewards.py", "train/training_common.py", "model/prompts.py", "model/models.py"),
-    "evaluate": ("evaluate/evaluation.py", "model/decoding.py", "model/prompts.py", "model/models.py", "model/retrieval.py"),
+    "sft": ("train/sft.py", "train/configs.py", "train/sampling.py", "train/checkpoints.py", "train/callbacks.py",
+            "model/prompts.py", "model/models.py"),
+    "rl": ("train/rl.py", "train/rewards.py", "train/configs.py", "train/sampling.py", "train/checkpoints.py",
+           "train/callbacks.py", "model/prompts.py", "model/models.py"),
+    "evaluate": ("evaluate/evaluation.py", "model/decoding.py", "model/prompts.py", "model/models.py",
+                 "model/retrieval.py"),
 }
 
 
@@ -172,7 +175,7 @@ def step_render(dataset: str, strategies: dict[str, str], model: str, n: int = 3
 
 def resolve_configs(profile: str, overrides: dict | None = None, params_data: dict | None = None) -> dict:
     """Resolved SFT and RL configs (dataclasses) for a profile."""
-    from components.train.training_common import load_config
+    from components.train.configs import load_config
 
     params_data = params() if params_data is None else params_data
     return {kind: load_config(kind, profile, params_data, overrides) for kind in ("sft", "rl")}
@@ -181,7 +184,7 @@ def resolve_configs(profile: str, overrides: dict | None = None, params_data: di
 def step_sft(dataset: str, profile: str = "quick", overrides: dict | None = None, run_id: str | None = None) -> dict:
     """SFT warm-up into checkpoints/<d>/sft (skipped when its fingerprint matches)."""
     from components.train.sft import train_sft
-    from components.train.training_common import asdict_config
+    from components.train.configs import asdict_config
 
     cfg = resolve_configs(profile, overrides)["sft"]
     out = config.checkpoints_dir() / dataset / "sft"
@@ -205,7 +208,7 @@ def step_rl(dataset: str, profile: str = "quick", overrides: dict | None = None,
             sft_fingerprint: str | None = None) -> dict:
     """GRPO from the SFT checkpoint into checkpoints/<d>/rl (skipped when its fingerprint matches)."""
     from components.train.rl import train_rl
-    from components.train.training_common import asdict_config
+    from components.train.configs import asdict_config
 
     cfg = resolve_configs(profile, overrides)["rl"]
     sft_dir = config.checkpoints_dir() / dataset / "sft"
@@ -305,7 +308,7 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
     summary = summary_table(dataset)
     with run_scope(dataset, "register", run_id, {"strategy": settings["strategy"]}) as rid:
         if configs is None:
-            from components.train.training_common import asdict_config
+            from components.train.configs import asdict_config
 
             configs = {k: asdict_config(v) for k, v in resolve_configs(profile).items()}
         tracking.log_config(rid, {"profile": profile, **configs, "evaluate": settings})

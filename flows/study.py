@@ -93,7 +93,7 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     """
     from components.data.datasets import dataset_dir, load_split
     from components.model.models import load_tokenizer
-    from components.train.training_common import asdict_config, load_config
+    from components.train.configs import asdict_config, load_config
 
     settings = _profile_settings(profile, overrides)
     train = load_split(dataset, "train")
@@ -258,7 +258,7 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
 
     from components.train.rl import train_rl
     from components.train.sft import train_sft
-    from components.train.training_common import load_config
+    from components.train.configs import load_config
 
     kind = "rl" if rl else "sft"
     train_key = S.settings_fingerprint({"train": train, "model": ctx["model"], "fp": ctx["fingerprint"]})[:12]

@@ -23,7 +23,7 @@ def test_adapter_names_its_base(tiny_model_dir, tmp_path):
     import numpy as np
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from components.model.decoding import score_candidates, score_candidates_naive
+    from components.model.scoring import score_candidates, score_candidates_naive
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

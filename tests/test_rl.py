@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from components.train.training_common import RLConfig, SFTConfig
+from components.train.configs import RLConfig, SFTConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_sft import make_toy_data  # noqa: E402  (shared toy dataset layout)
@@ -109,7 +109,7 @@ def test_no_signal_chance_counts_reward_classes():
 def test_focus_keeps_the_prompts_with_learning_signal(sft_run, monkeypatch):
     import numpy as np
 
-    import components.model.decoding as decoding
+    import components.model.scoring as scoring
     from components.model.prompts import Strategy
     from components.train.rl import focus_examples, load_policy
     from components.train.sft import load_data, make_builder
@@ -132,7 +132,7 @@ def test_focus_keeps_the_prompts_with_learning_signal(sft_run, monkeypatch):
             probs[i, (gold[i] + 1) % 2] = 1.0 - p_gold[ex["id"]]  # the other real label
         return np.log(np.maximum(probs, 1e-300)), gold
 
-    monkeypatch.setattr(decoding, "score_gold", fake_scores)
+    monkeypatch.setattr(scoring, "score_gold", fake_scores)
     informative = {i for i, p in p_gold.items() if p == 0.6}
     likely = {i for i, p in p_gold.items() if p == 0.9}
     config = rl_config(max_steps=len(informative) + len(likely), batch_size=4, num_generations=4,

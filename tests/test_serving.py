@@ -46,7 +46,7 @@ PARITY_BUDGET = 40  # a prompt budget far from serving's old default (384), so a
 def registered(tiny_model_dir, tmp_path_factory):
     """A 1-step SFT adapter of the tiny model, logged as a pyfunc and registered as champion."""
     from components.train.sft import train_sft
-    from components.train.training_common import SFTConfig
+    from components.train.configs import SFTConfig
 
     root = tmp_path_factory.mktemp("serving_root")
     patch = pytest.MonkeyPatch()

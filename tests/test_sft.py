@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.train.training_common import (
+from components.train.configs import (
     SFTConfig,
     load_config,
     parse_overrides,
+)
+from components.train.sampling import (
     rebalance,
     split_train_eval,
     stratified_sample,
@@ -214,7 +216,7 @@ def test_real_smollm2_few_sft_steps(tmp_path):
 def test_stratified_sample_floor_keeps_rare_labels():
     from collections import Counter
 
-    from components.train.training_common import stratified_sample
+    from components.train.sampling import stratified_sample
 
     rows = [{"id": f"a{i}", "label": "common"} for i in range(950)] + [{"id": f"r{i}", "label": "rare"} for i in range(50)]
     plain = Counter(ex["label"] for ex in stratified_sample(rows, 100, seed=0))
@@ -228,7 +230,7 @@ KILL_DURING_SAVE = """
 import dataclasses, json, os, sys
 import transformers
 from components.train.sft import train_sft
-from components.train.training_common import SFTConfig
+from components.train.configs import SFTConfig
 
 original = transformers.Trainer._save_optimizer_and_scheduler
 
@@ -288,7 +290,7 @@ def test_resume_skips_a_truncated_checkpoint_for_the_previous_one(tiny_model_dir
 def test_training_logs_are_one_short_line_per_step(tiny_model_dir, toy_data, tmp_path, capsys):
     """In a file (no terminal) a run prints a few one-line summaries, not a dict per step."""
     from components.train.sft import train_sft
-    from components.train.training_common import format_step
+    from components.train.callbacks import format_step
 
     train_sft("toy", tiny_config(tiny_model_dir, max_steps=20, save_steps=100, eval_every_steps=0, logging_steps=1),
               out_dir=tmp_path / "sft", data_dir=toy_data)

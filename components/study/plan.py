@@ -293,7 +293,7 @@ def subsample(train: Sequence[dict], test: Sequence[dict], train_size: int | Non
     Returns:
         ({"train", "val", "test"} example lists, record with sizes, seed and ids hashes).
     """
-    from components.train.training_common import stratified_sample
+    from components.train.sampling import stratified_sample
 
     val = stratified_sample(train, val_size, seed + 101) if val_size else []
     val_ids = {ex["id"] for ex in val}

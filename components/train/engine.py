@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from components.model.decoding import MIN_SHARED_PREFIX, _cache_kwarg, _output_cache, shared_prefix_length
+from components.model.scoring import MIN_SHARED_PREFIX, _cache_kwarg, _output_cache, shared_prefix_length
 
 IGNORE = -100  # label of a position that carries no loss (prompt, padding)
 

@@ -38,27 +38,31 @@ from typing import Any
 
 import numpy as np
 
-from components.train.training_common import (
+from components.train.checkpoints import (
     CONFIG_FILE,
     METRICS_FILE,
-    GenerativeEval,
-    LogFn,
-    RLConfig,
-    asdict_config,
-    eval_mode,
-    trainer_settings,
-    use_compact_progress,
     fingerprint,
     library_versions,
-    load_config,
-    make_callbacks,
-    plot_curves,
-    printer,
     read_json,
     resume_checkpoint,
     save_final,
     with_atomic_checkpoints,
     write_json,
+)
+from components.train.callbacks import (
+    GenerativeEval,
+    LogFn,
+    eval_mode,
+    use_compact_progress,
+    make_callbacks,
+    plot_curves,
+    printer,
+)
+from components.train.configs import (
+    RLConfig,
+    asdict_config,
+    trainer_settings,
+    load_config,
 )
 
 FOCUS_FILE = "focus.json"  # the prompts the focus kept (reused when a run resumes)
@@ -147,7 +151,7 @@ def focus_examples(model: Any, tokenizer: Any, builder: Any, examples: list[dict
     larger than the run needs, or for reasoning strategies (the policy thinks before answering,
     so a bare answer's probability says little).
     """
-    from components.model.decoding import score_gold
+    from components.model.scoring import score_gold
     from components.train.rewards import make_label_reward
 
     need = prompts_per_run(config)
@@ -190,7 +194,7 @@ def cached_focus(model: Any, tokenizer: Any, builder: Any, examples: list[dict],
 def fit_completion_budget(config: RLConfig, tokenizer: Any, builder: Any, log: Any = print) -> RLConfig:
     """The config with max_completion_length raised to the longest answer (+ end of turn) when a
     direct-answer budget is too short to write it (20newsgroups' comp.sys.ibm.pc.hardware is 10 tokens)."""
-    from components.model.decoding import candidate_ids
+    from components.model.scoring import candidate_ids
 
     longest = max(len(ids) for ids in candidate_ids(tokenizer, builder.space.answers))
     if builder.strategy.reasoning or config.max_completion_length >= longest:

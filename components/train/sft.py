@@ -25,30 +25,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.train.training_common import (
+from components.train.checkpoints import (
     CONFIG_FILE,
     METRICS_FILE,
-    GenerativeEval,
-    LogFn,
-    SFTConfig,
-    asdict_config,
-    eval_mode,
-    trainer_settings,
-    use_compact_progress,
     fingerprint,
     library_versions,
-    load_config,
+    read_json,
+    resume_checkpoint,
+    save_final,
+    with_atomic_checkpoints,
+    write_json,
+)
+from components.train.callbacks import (
+    GenerativeEval,
+    LogFn,
+    eval_mode,
+    use_compact_progress,
     make_callbacks,
     plot_curves,
     printer,
-    read_json,
+)
+from components.train.configs import (
+    SFTConfig,
+    asdict_config,
+    trainer_settings,
+    load_config,
+)
+from components.train.sampling import (
     rebalance,
-    resume_checkpoint,
-    save_final,
     split_train_eval,
     stratified_sample,
-    with_atomic_checkpoints,
-    write_json,
 )
 
 __all__ = ["SFTConfig", "load_config", "train_sft", "select_uncertain", "build_sft_rows", "require_valid_data"]
@@ -138,7 +144,7 @@ def select_uncertain(model: Any, tokenizer: Any, builder: Any, examples: list[di
     """
     import numpy as np
 
-    from components.model.decoding import score_gold
+    from components.model.scoring import score_gold
 
     start = time.time()
     scored = examples[: config.uncertain_max_scored] if config.uncertain_max_scored > 0 else list(examples)
