@@ -112,7 +112,8 @@ def _guard(handler):
 
 def _check_dataset(name: str, data_dir: Path | None) -> None:
     """Fail with the list of available datasets when `name` is not built."""
-    from components.data.datasets import DATASETS, DataError, dataset_dir
+    from components.data.sources import DATASETS
+    from components.data.datasets import DataError, dataset_dir
 
     folder = dataset_dir(name, data_dir)
     if not (folder / "labels.yaml").exists():

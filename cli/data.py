@@ -18,7 +18,10 @@ from typing import Callable
 import yaml
 
 from components import config
-from components.data.datasets import DATASETS, DataError, build_dataset, dataset_dir, import_dataset
+from components.data.sources import DATASETS
+from components.data.datasets import DataError, dataset_dir
+from components.data.build import build_dataset
+from components.data.importer import import_dataset
 from components.data.packages import PackageError
 
 EXIT_BAD_INPUT = 2  # bad input: a clear one-line message, no traceback

@@ -111,7 +111,7 @@ def reports(dataset: str) -> Path:
 # ----------------------------------------------------------------------------- steps
 def step_data(dataset: str) -> dict:
     """Build the dataset from its registry package when missing; write reports/<d>/data.json (hashes)."""
-    from components.data.datasets import build_dataset
+    from components.data.build import build_dataset
 
     folder = config.data_dir() / dataset
     built = False

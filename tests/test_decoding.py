@@ -153,6 +153,7 @@ def test_contextual_calibration_changes_only_probs_shape(model_and_tokenizer):
 @pytest.mark.slow
 def test_real_smollm2_on_trec6(tmp_path):
     """Real SmolLM2 on 50 trec6 test questions with both decoders."""
+    from components.data.build import build_dataset
     from components.data import datasets
     from components.evaluate.evaluation import select_examples
     from components.model.models import load_model
@@ -162,7 +163,7 @@ def test_real_smollm2_on_trec6(tmp_path):
         datasets.load_labels("trec6")
     except datasets.DataError:
         data_dir = tmp_path / "data"
-        datasets.build_dataset("trec6", data_dir=data_dir)
+        build_dataset("trec6", data_dir=data_dir)
     labels = datasets.load_labels("trec6", data_dir)
     train = datasets.load_split("trec6", "train", data_dir)
     test = select_examples(datasets.load_split("trec6", "test", data_dir), 50, seed=0)

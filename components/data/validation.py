@@ -23,7 +23,9 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from components import config
-from components.data.datasets import DATASETS, SPLITS, DataError, dataset_dir, load_labels, normalise_text
+from components.data.sources import DATASETS
+from components.data.datasets import SPLITS, DataError, dataset_dir, load_labels
+from components.data.build import normalise_text
 
 DEFAULT_THRESHOLDS: dict[str, Any] = {
     "min_per_label": 10,     # fewer training examples than this per label is too few to learn from
