@@ -87,6 +87,19 @@ def test_logged_model_names_base_and_holds_no_base_weights(registered):
     reqs = (local / "requirements.txt").read_text()
     assert "torchvision" not in reqs and "mlflow==" in reqs
     assert info.signature.inputs.input_names() == ["text"]
+    code = local / "code" / "components"  # the whole package ships with the model (a fresh process imports it)
+    assert (code / "config.py").is_file() and (code / "ops" / "serving.py").is_file()
+
+
+def test_models_logged_before_the_subpackages_still_load_their_class():
+    """A pyfunc model pickled as `components.serving.GenclsClassifier` (before components/ had subpackages)
+    finds its class in a process that has already imported this components/ package."""
+    import pickle
+
+    from components.ops import serving
+
+    old_reference = b"ccomponents.serving\nGenclsClassifier\n."  # pickle: GLOBAL 'components.serving GenclsClassifier'
+    assert pickle.loads(old_reference) is serving.GenclsClassifier
 
 
 def test_rest_answers_label_and_probs_and_400_on_bad_requests(registered):
