@@ -140,7 +140,7 @@ STAGE_ENTRY = {  # dvc stage -> the flows.steps functions `python -m flows.stage
 
 
 def _repo_module_file(name: str) -> Path | None:
-    """components.sft -> components/sft.py (None outside the repo's packages)."""
+    """components.train.sft -> components/train/sft.py (None outside the repo's packages)."""
     if not name.startswith(("components", "flows")):
         return None
     path = REPO / (name.replace(".", "/") + ".py")

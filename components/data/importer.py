@@ -42,7 +42,7 @@ def import_dataset(file: str | Path, name: str, text_col: str = "text", label_co
         data_dir: Folder holding all datasets; default `config.data_dir()`.
         overwrite: Replace an imported dataset of the same name (built-in names are never replaced).
         min_per_label: Fewest training examples a label may keep after cleaning (default: the
-            validation minimum, `components.validation.DEFAULT_THRESHOLDS`).
+            validation minimum, `components.data.validation.DEFAULT_THRESHOLDS`).
 
     Returns:
         The dataset folder.

@@ -1,6 +1,6 @@
 """Discriminative baseline every study reports: TF-IDF (word 1-2 grams) + logistic regression.
 
-    python -c "from components.baselines import tfidf_baseline; print(tfidf_baseline('trec6'))"
+    python -c "from components.evaluate.baselines import tfidf_baseline; print(tfidf_baseline('trec6'))"
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Base models: the embedded registry models, Hugging Face ids and local folders.
 
 Usage:
-    from components.models import load_model
+    from components.model.models import load_model
     model, tokenizer = load_model("smollm2-135m")              # embedded default
     model, tokenizer = load_model(None, adapter="checkpoints/trec6/sft")  # base named by the adapter
 

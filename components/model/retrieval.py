@@ -1,7 +1,7 @@
 """Semantic demo retrieval: nearest training examples by all-MiniLM-L6-v2 embedding.
 
 Usage:
-    from components.retrieval import Retriever
+    from components.model.retrieval import Retriever
     retriever = Retriever(train_examples)            # embeds the training split once (cached)
     ids = retriever.nearest("who wrote hamlet", k=4, exclude_ids={"abc"})
 

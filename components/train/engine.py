@@ -1,6 +1,6 @@
 """Training engine: answer-only SFT loss over a shared prompt prefix, group-shared GRPO passes.
 
-    from components.engine import SharedPrefixCollator, AnswerOnlySFTTrainer, GroupSharedGRPOTrainer
+    from components.train.engine import SharedPrefixCollator, AnswerOnlySFTTrainer, GroupSharedGRPOTrainer
 
 Three exact rewrites of what TRL computes, each cheaper on the same numbers:
 

@@ -8,7 +8,7 @@ against the SFT policy (not the raw base model), and the result is again one ada
 the base model: `gencls evaluate --adapter checkpoints/<d>/rl` works like for SFT. (A
 full-fine-tuned SFT folder is trained in full, with a reference copy when beta > 0.)
 
-Rewards (components.rewards): 1 gold label, `uncertain_reward` for `uncertain` when the
+Rewards (components.train.rewards): 1 gold label, `uncertain_reward` for `uncertain` when the
 strategy offers it, `wrong_reward` for another label, `invalid_penalty` otherwise; in
 reasoning mode a weighted format reward for `<think>...</think>` then the answer. The share
 of prompt groups with zero reward variance (no learning signal) is logged as
@@ -207,7 +207,7 @@ def fit_completion_budget(config: RLConfig, tokenizer: Any, builder: Any, log: A
 def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_funcs: list, weights: list[float],
                        config: RLConfig, trainer_dir: Path, callbacks: list = ()):
     """A GRPOTrainer over prompt rows (`prompt`, `label`); `config.engine='group-shared'` (default) runs each
-    prompt once for its group (`components.engine`), 'trl' is TRL's own trainer."""
+    prompt once for its group (`components.train.engine`), 'trl' is TRL's own trainer."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 

@@ -3,7 +3,7 @@
     gencls train sft --dataset trec6 --profile quick [--strategy definitions] [--set sft.lora_r=8]
 
 What it does, in order:
-    1. validates the dataset (components.validation.require_valid, when present);
+    1. validates the dataset (components.data.validation.require_valid, when present);
     2. takes a stratified held-out slice of the training split (eval_size) and a stratified,
        seeded training subsample from the rest (train_size); optional class-weighted resampling;
     3. renders prompt/completion pairs with the training strategy (PromptBuilder truncates the
@@ -64,7 +64,7 @@ GATE_FILE = "gate.json"  # ids of the champion gate's validation slice (read by 
 
 
 def require_valid_data(dataset: str, data_dir: Any = None) -> None:
-    """Run components.validation.require_valid(dataset) when the data area provides it.
+    """Run components.data.validation.require_valid(dataset) when the data area provides it.
 
     Raises:
         DataValidationError: when the dataset fails validation (nothing gets trained).
@@ -190,7 +190,7 @@ def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfi
     """An SFTTrainer on prompt/completion rows with completion-only loss.
 
     `config.engine` picks the step: 'shared-prefix' (default) and 'answer-only' use
-    `components.engine` (exact; logits at answer positions only, the first also runs the batch's
+    `components.train.engine` (exact; logits at answer positions only, the first also runs the batch's
     common prompt prefix once); 'trl' is TRL's own SFTTrainer loss.
     """
     from datasets import Dataset
@@ -237,7 +237,7 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
         data_dir: folder holding the datasets; default data/.
 
     Returns:
-        out_dir, loadable with `components.models.load_model(adapter=out_dir)` (LoRA) or as a
+        out_dir, loadable with `components.model.models.load_model(adapter=out_dir)` (LoRA) or as a
         model folder (full fine-tuning).
     """
     from components import config as project_config
