@@ -133,3 +133,13 @@ def test_no_module_is_too_long():
     long = [f"{p.relative_to(REPO)}: {n} lines" for package in ("components", "flows", "cli")
             for p in sorted((REPO / package).rglob("*.py")) if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not long, f"modules over {MAX_LINES} lines (split them by concern):\n" + "\n".join(long)
+
+
+def test_pyproject_installs_every_package():
+    """setuptools' explicit `packages` list names every package folder (a new subpackage is not left out of a wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for package in PACKAGES
+             for p in (REPO / package).rglob("__init__.py")}
+    assert listed == found
