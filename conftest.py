@@ -17,7 +17,7 @@ TINY_TEXTS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama + ChatML tokenizer saved on disk (built once per session)."""
-    from components.tiny_model import build_tiny_model
+    from components.model.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), texts=TINY_TEXTS)
 

@@ -43,10 +43,10 @@ def make_prompts(tokenizer, n: int, prompt_tokens: int, seed: int = 0) -> list[s
 
 def load(model: str):
     """(model, tokenizer): `tiny` builds a random tiny model, anything else goes to load_model."""
-    from components.models import load_model
+    from components.model.models import load_model
 
     if model == "tiny":
-        from components.tiny_model import build_tiny_model
+        from components.model.tiny_model import build_tiny_model
 
         return load_model(build_tiny_model(Path(tempfile.mkdtemp(prefix="gencls-tiny-")), hidden_size=64))
     return load_model(model)
@@ -58,7 +58,7 @@ def run_benchmark(model: str = "smollm2-135m", labels: int = 6, prompt_tokens: i
     import numpy as np
     import torch
 
-    from components.decoding import score_candidates, score_candidates_naive
+    from components.model.scoring import score_candidates, score_candidates_naive
 
     lm, tokenizer = load(model)
     prompts = make_prompts(tokenizer, n, prompt_tokens, seed)
@@ -88,10 +88,11 @@ def run_prefix_benchmark(model: str = "smollm2-135m", dataset: str = "20newsgrou
     import numpy as np
     import torch
 
-    from components.datasets import load_labels, load_split
-    from components.decoding import predict, shared_prefix_length
-    from components.evaluation import build_retriever
-    from components.prompts import PromptBuilder, Strategy
+    from components.data.datasets import load_labels, load_split
+    from components.model.decoding import predict
+    from components.model.scoring import shared_prefix_length
+    from components.evaluate.evaluation import build_retriever
+    from components.model.prompts import PromptBuilder, Strategy
 
     lm, tokenizer = load(model)
     train, test = load_split(dataset, "train"), load_split(dataset, "test")[:n]

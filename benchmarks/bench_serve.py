@@ -45,7 +45,7 @@ def run_benchmark(dataset: str = "trec6", alias: str = "champion", batch: int = 
                   workers: int = 1, startup_timeout: float = 300.0) -> dict:
     """Start the server, time the requests, stop it; returns the figures."""
     from components.config import wait_healthy
-    from components.datasets import load_split
+    from components.data.datasets import load_split
     from components.threads import available_cores, thread_budget
 
     texts = [ex["text"] for ex in load_split(dataset, "test")]

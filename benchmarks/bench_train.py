@@ -30,8 +30,8 @@ SFT_ENGINES = ("trl", "answer-only", "shared-prefix")
 
 def _sft_rows(dataset: str, strategy: str, n: int, tokenizer: Any, max_prompt_tokens: int, seed: int) -> list[dict]:
     """Prompt/completion rows of `n` training examples, rendered as `train_sft` renders them."""
-    from components.prompts import Strategy
-    from components.sft import build_sft_rows, load_data, make_builder
+    from components.model.prompts import Strategy
+    from components.train.sft import build_sft_rows, load_data, make_builder
 
     labels, train, _, pool = load_data(dataset, None, n, 0, seed)
     builder = make_builder(tokenizer, labels, Strategy.parse(strategy), pool, max_prompt_tokens, seed)
@@ -108,9 +108,9 @@ class StepTimer:
 
 def sft_rate(model_name: str, rows: list[dict], engine: str, batch_size: int, seed: int) -> dict:
     """Examples/s of `gencls train sft`'s Trainer with `engine`, steps 2.. of one epoch over `rows`."""
-    from components.models import load_model
-    from components.sft import build_trainer
-    from components.training_common import load_config
+    from components.model.models import load_model
+    from components.train.sft import build_trainer
+    from components.train.configs import load_config
 
     model, tokenizer = load_model(model_name)
     model.train()
@@ -129,19 +129,19 @@ def sft_rate(model_name: str, rows: list[dict], engine: str, batch_size: int, se
 def grpo_rate(model_name: str, dataset: str, strategy: str, n_prompts: int, generations: int, steps: int,
               engine: str, sft_dir: Path | None, seed: int) -> dict:
     """Completions/s of GRPO steps 2..steps+1 with `engine` (2 prompts x `generations` per step)."""
-    from components.prompts import Strategy
-    from components.rewards import build_rewards
-    from components.rl import build_grpo_trainer, fit_completion_budget, load_policy
-    from components.sft import load_data, make_builder
-    from components.training_common import load_config
+    from components.model.prompts import Strategy
+    from components.train.rewards import build_rewards
+    from components.train.rl import build_grpo_trainer, fit_completion_budget, load_policy
+    from components.train.sft import load_data, make_builder
+    from components.train.configs import load_config
 
     if sft_dir is not None:
         model, tokenizer, _ = load_policy(sft_dir)
     else:
         from peft import get_peft_model
 
-        from components.models import load_model
-        from components.sft import lora_config
+        from components.model.models import load_model
+        from components.train.sft import lora_config
 
         model, tokenizer = load_model(model_name)
         model = get_peft_model(model, lora_config(load_config("sft", "quick", params={})))
@@ -173,10 +173,10 @@ def run_benchmark(dataset: str = "trec6", strategy: str = "naive", model: str = 
     import torch
     from peft import get_peft_model
 
-    from components.decoding import shared_prefix_length
-    from components.models import load_model
-    from components.sft import lora_config
-    from components.training_common import load_config
+    from components.model.scoring import shared_prefix_length
+    from components.model.models import load_model
+    from components.train.sft import lora_config
+    from components.train.configs import load_config
 
     lm, tokenizer = load_model(model)
     rows = _sft_rows(dataset, strategy, n, tokenizer, load_config("sft", "quick", params={}).max_prompt_tokens, seed)

@@ -98,8 +98,8 @@ def _guard(handler):
     """Turn expected input errors into one line on stderr and exit code 2."""
 
     def run(args: argparse.Namespace) -> int:
-        from components.datasets import DataError
-        from components.models import ModelError
+        from components.data.datasets import DataError
+        from components.model.models import ModelError
 
         try:
             return handler(args)
@@ -112,7 +112,8 @@ def _guard(handler):
 
 def _check_dataset(name: str, data_dir: Path | None) -> None:
     """Fail with the list of available datasets when `name` is not built."""
-    from components.datasets import DATASETS, DataError, dataset_dir
+    from components.data.sources import DATASETS
+    from components.data.datasets import DataError, dataset_dir
 
     folder = dataset_dir(name, data_dir)
     if not (folder / "labels.yaml").exists():
@@ -127,10 +128,10 @@ def _check_dataset(name: str, data_dir: Path | None) -> None:
 
 def cmd_prompt_show(args: argparse.Namespace) -> int:
     """Print the rendered prompt of one example (and the target for a training example)."""
-    from components.datasets import load_labels, load_split
-    from components.evaluation import build_retriever
-    from components.models import load_tokenizer
-    from components.prompts import PromptBuilder, Strategy
+    from components.data.datasets import load_labels, load_split
+    from components.evaluate.evaluation import build_retriever
+    from components.model.models import load_tokenizer
+    from components.model.prompts import PromptBuilder, Strategy
 
     strategy = Strategy.parse(args.strategy)
     _check_dataset(args.dataset, args.data_dir)
@@ -158,8 +159,8 @@ def cmd_prompt_show(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate and print a summary table."""
-    from components.evaluation import evaluate
-    from components.prompts import Strategy
+    from components.evaluate.evaluation import evaluate
+    from components.model.prompts import Strategy
 
     strategy = Strategy.parse(args.strategy)
     _check_dataset(args.dataset, args.data_dir)

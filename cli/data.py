@@ -18,8 +18,11 @@ from typing import Callable
 import yaml
 
 from components import config
-from components.datasets import DATASETS, DataError, build_dataset, dataset_dir, import_dataset
-from components.packages import PackageError
+from components.data.sources import DATASETS
+from components.data.datasets import DataError, dataset_dir
+from components.data.build import build_dataset
+from components.data.importer import import_dataset
+from components.data.packages import PackageError
 
 EXIT_BAD_INPUT = 2  # bad input: a clear one-line message, no traceback
 
@@ -141,7 +144,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Validate datasets; print failed expectations with sample rows; 1 when any fails."""
-    from components.validation import validate_dataset
+    from components.data.validation import validate_dataset
     console, failed = _console(), 0
     for name in args.names:
         docs = args.docs_dir / name if args.docs_dir and len(args.names) > 1 else args.docs_dir

@@ -115,7 +115,7 @@ def _start(name: str, cmd: list[str], env: dict, health: str) -> tuple[bool, Pat
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start (or stop) the Prefect server and the MLflow tracking server."""
-    from components import tracking
+    from components.ops import tracking
     from components.config import project_root
 
     if args.stop:
@@ -165,8 +165,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- flows
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Run the retraining flow once."""
-    from components.datasets import DataError, dataset_dir
-    from components.training_common import parse_overrides
+    from components.data.datasets import DataError, dataset_dir
+    from components.train.configs import parse_overrides
     from flows import steps
 
     try:  # bad input is refused here, before Prefect starts and before any model loads
@@ -209,7 +209,7 @@ def cmd_serve_deployments(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- registry
 def cmd_registry_show(args: argparse.Namespace) -> int:
     """Print versions with figures, decisions, champion and history."""
-    from components import registry
+    from components.ops import registry
 
     info = registry.show(args.dataset)
     if args.json:
@@ -228,7 +228,7 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Manual promotion (no gate), recorded with who and why."""
-    from components import registry
+    from components.ops import registry
 
     try:
         out = registry.promote(args.dataset, args.version, reason=args.reason, force=args.force)
@@ -242,7 +242,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Back to the previous champion."""
-    from components import registry
+    from components.ops import registry
 
     try:
         out = registry.rollback(args.dataset, reason=args.reason)
@@ -255,8 +255,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Batch prediction of a file with a registered model (the served model's own predict)."""
-    from components import registry, tracking
-    from components.serving import predict_file
+    from components.ops import registry, tracking
+    from components.ops.serving import predict_file
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking.configure()
     name = registry.model_name(args.dataset)
@@ -284,7 +284,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def serve_command(dataset: str, port: int, alias: str = "champion", workers: int = 1,
                   timeout: int | None = None) -> list[str]:
     """The `mlflow models serve` command line for a dataset's aliased model."""
-    from components.serving import SERVE_TIMEOUT_S
+    from components.ops.serving import SERVE_TIMEOUT_S
 
     return [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/gencls-{dataset}@{alias}",
             "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", str(workers),
@@ -293,7 +293,7 @@ def serve_command(dataset: str, port: int, alias: str = "champion", workers: int
 
 def _require_served_model(dataset: str, alias: str) -> None:
     """ValueError (one line) when `gencls-<dataset>@<alias>` is not in the registry."""
-    from components import registry, tracking
+    from components.ops import registry, tracking
 
     try:
         tracking.client().get_model_version_by_alias(registry.model_name(dataset), alias)
@@ -305,8 +305,8 @@ def _require_served_model(dataset: str, alias: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a registered model over REST (foreground); SIGTERM / Ctrl-C stop the server and its workers."""
-    from components import tracking
-    from components.serving import MAX_ROWS_ENV, SERVE_WORKERS_ENV
+    from components.ops import tracking
+    from components.ops.serving import MAX_ROWS_ENV, SERVE_WORKERS_ENV
     from components.threads import apply_thread_policy
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking.configure()

@@ -56,7 +56,7 @@ def parse_settings(items: list[str]) -> dict:
     """`["test_size=100", "sft.max_steps=20"]` -> {"test_size": 100, "sft.max_steps": "20"} (YAML-typed)."""
     import yaml
 
-    from components.training_common import parse_overrides
+    from components.train.configs import parse_overrides
 
     out = {}
     for key, value in parse_overrides(items).items():

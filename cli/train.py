@@ -16,7 +16,7 @@ from pathlib import Path
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `train sft` and `train rl`."""
-    from components.training_common import config_help
+    from components.train.configs import config_help
 
     train = sub.add_parser("train", help="train a classifier: SFT warm-up, then GRPO")
     kinds = train.add_subparsers(dest="train_kind", required=True)
@@ -42,7 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def resolve_config(args: argparse.Namespace):
     """The resolved SFTConfig/RLConfig for parsed CLI arguments."""
     from components.config import load_params
-    from components.training_common import load_config, parse_overrides
+    from components.train.configs import load_config, parse_overrides
 
     overrides = parse_overrides(args.overrides)
     if getattr(args, "model", None):
@@ -54,7 +54,7 @@ def resolve_config(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of `gencls train sft|rl`: train, then print where the adapter went and its metrics."""
-    from components.training_common import read_json
+    from components.train.checkpoints import read_json
 
     try:
         config = resolve_config(args)
@@ -63,11 +63,11 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.train_kind == "sft":
-            from components.sft import train_sft
+            from components.train.sft import train_sft
 
             out = train_sft(args.dataset, config, out_dir=args.out)
         else:
-            from components.rl import train_rl
+            from components.train.rl import train_rl
 
             out = train_rl(args.dataset, config, sft_dir=args.from_sft, out_dir=args.out)
     except Exception as exc:  # data validation / missing data: report, nothing trained

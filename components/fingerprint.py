@@ -1,6 +1,6 @@
 """Fingerprints of a step's inputs: hashes of files, of JSON-able data, and of the code a module runs.
 
-    key = fingerprint({"config": cfg, "data": sha256_files(files), "src": source_hash("components.sft")})
+    key = fingerprint({"config": cfg, "data": sha256_files(files), "src": source_hash("components.train.sft")})
 
 `source_hash` follows the module's imports (module level and inside functions, found with `ast`)
 through the project's own packages, so a change to any module the step can run (engine.py for SFT,
@@ -37,7 +37,7 @@ def fingerprint(data: Any) -> str:
 
 
 def module_file(name: str) -> Path | None:
-    """`components.sft` -> components/sft.py (a package's __init__.py); None outside PACKAGES or missing."""
+    """`components.train.sft` -> components/train/sft.py (a package's __init__.py); None outside PACKAGES or missing."""
     if name.split(".")[0] not in PACKAGES:
         return None
     base = REPO_ROOT / name.replace(".", "/")

@@ -23,7 +23,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from components import tracking
+from components.evaluate.summary import format_table, summary_table
+from components.ops import tracking
 from components.config import set_offline_env
 from components.threads import apply_thread_policy
 from flows import steps
@@ -110,7 +111,7 @@ def retrain(dataset: str = "trec6", profile: str = "quick", overrides: dict[str,
     if "gencls" not in evaluations:
         evaluations.append("gencls")
     configs = steps.resolve_configs(profile, overrides)
-    from components.training_common import asdict_config
+    from components.train.configs import asdict_config
 
     config_dicts = {k: asdict_config(v) for k, v in configs.items()}
     inference = steps.eval_settings("gencls", profile=profile)["strategy"]
@@ -127,8 +128,8 @@ def retrain(dataset: str = "trec6", profile: str = "quick", overrides: dict[str,
             evaluate_task(dataset, name, configs["sft"].model if name == "zeroshot" else None, profile, run_id,
                           dict(eval_overrides or {}))
         decision = register_task(dataset, run_id, profile, config_dicts)
-        summary = steps.summary_table(dataset)
-        print(steps.format_table(summary))
+        summary = summary_table(dataset)
+        print(format_table(summary))
         print(f"{decision['model']} v{decision['version']}: {decision['decision']} ({decision['reason']})")
         create_markdown_artifact(
             key=artifact_key(dataset), description=f"retrain {dataset}: results, gate decision, MLflow run",
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set rl.learning_rate=1e-5 (repeatable)")
     args = parser.parse_args(argv)
-    from components.training_common import parse_overrides
+    from components.train.configs import parse_overrides
 
     retrain(args.dataset, args.profile, parse_overrides(args.overrides))
     return 0

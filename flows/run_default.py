@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from components import tracking
+from components.evaluate.summary import format_table, summary_table
+from components.ops import tracking
 from components.config import load_params, project_root, reports_dir, set_offline_env
 
 
@@ -72,7 +73,7 @@ def print_summary(dataset: str, minutes: float) -> None:
     from flows import steps
 
     print(f"\n== GenCLS++ on {dataset} ({minutes:.1f} min)")
-    print(steps.format_table(steps.summary_table(dataset)))
+    print(format_table(summary_table(dataset)))
     register = reports_dir() / dataset / "register.json"
     if register.is_file():
         d = json.loads(register.read_text())

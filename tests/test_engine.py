@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.engine import (
+from components.train.engine import (
     IGNORE,
     SharedPrefixCollator,
     answer_loss,

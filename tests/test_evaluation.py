@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.prompts import Strategy
-from components.evaluation import compute_metrics, evaluate, expected_calibration_error, plot_confusion, select_examples
+from components.model.prompts import Strategy
+from components.evaluate.evaluation import (
+    compute_metrics,
+    evaluate,
+    expected_calibration_error,
+    plot_confusion,
+    select_examples,
+)
 
 
 def _rec(label, pred, probs=None, abstained=False):

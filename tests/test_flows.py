@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import registry, tracking
+from components.ops import registry, tracking
 
 LABELS = {"negative": "The text expresses an unfavourable opinion.",
           "neutral": "The text states facts without an opinion.",

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from components import models
-from components.models import MODELS, ModelError, load_model, model_provenance, resolve_model
+from components.model import models
+from components.model.models import MODELS, ModelError, load_model, model_provenance, resolve_model
 
 
 def test_load_local_folder_ready_for_inference(tiny_model_dir):
@@ -23,7 +23,7 @@ def test_adapter_names_its_base(tiny_model_dir, tmp_path):
     import numpy as np
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from components.decoding import score_candidates, score_candidates_naive
+    from components.model.scoring import score_candidates, score_candidates_naive
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 
-from components.prompts import UNCERTAIN, LabelSpace, PromptBuilder, Strategy
-from components.retrieval import Retriever, hashed_bow_encode
+from components.model.prompts import UNCERTAIN, LabelSpace, PromptBuilder, Strategy
+from components.model.retrieval import Retriever, hashed_bow_encode
 
 LABELS = {
     "positive": "The text expresses a favourable opinion.",

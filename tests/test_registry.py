@@ -6,7 +6,7 @@ import threading
 import mlflow.pyfunc
 import pytest
 
-from components import registry, tracking
+from components.ops import registry, tracking
 
 DATASET = "toy"
 _MODEL_URI: list[str] = []
@@ -183,7 +183,7 @@ def test_experiment_opens_on_runs_and_stages_of_one_dvc_repro_share_a_parent(sto
     exp = tracking.client().get_experiment(tracking.experiment_id(DATASET))
     assert exp.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
     assert tracking.dvc_ancestor() is None  # pytest does not run under dvc
-    code = ("from components import tracking\n"
+    code = ("from components.ops import tracking\n"
             "ids = []\n"
             "for stage in ('sft', 'rl'):\n"
             f"    with tracking.start_run({DATASET!r}, run_name=stage) as run:\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components.retrieval import Retriever, hashed_bow_encode
+from components.model.retrieval import Retriever, hashed_bow_encode
 
 TRAIN = [
     {"id": "a", "text": "who wrote hamlet"},

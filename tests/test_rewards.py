@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from components.prompts import LabelSpace, PromptBuilder, Strategy
-from components.rewards import (
+from components.model.prompts import LabelSpace, PromptBuilder, Strategy
+from components.train.rewards import (
     build_rewards,
     completion_text,
     make_format_reward,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from components.training_common import RLConfig, SFTConfig
+from components.train.configs import RLConfig, SFTConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_sft import make_toy_data  # noqa: E402  (shared toy dataset layout)
@@ -15,7 +15,7 @@ from test_sft import make_toy_data  # noqa: E402  (shared toy dataset layout)
 
 @pytest.fixture(scope="module")
 def sft_run(tiny_model_dir, tmp_path_factory):
-    from components.sft import train_sft
+    from components.train.sft import train_sft
 
     root = tmp_path_factory.mktemp("rl")
     data = make_toy_data(root / "data")
@@ -32,8 +32,8 @@ def rl_config(**changes) -> RLConfig:
 
 
 def test_grpo_two_steps_from_sft_checkpoint(sft_run, tmp_path):
-    from components.models import load_model
-    from components.rl import train_rl
+    from components.model.models import load_model
+    from components.train.rl import train_rl
 
     data, sft_dir = sft_run
     logged = []
@@ -61,7 +61,7 @@ class Interrupt(Exception):
 
 
 def test_grpo_resumes_after_interruption(sft_run, tmp_path):
-    from components.rl import train_rl
+    from components.train.rl import train_rl
 
     data, sft_dir = sft_run
     config = rl_config(max_steps=3, eval_size=0)
@@ -82,7 +82,7 @@ def test_grpo_resumes_after_interruption(sft_run, tmp_path):
 def test_no_signal_chance_counts_reward_classes():
     import numpy as np
 
-    from components.rl import no_signal_chance, pick_informative, prompts_per_run
+    from components.train.rl import no_signal_chance, pick_informative, prompts_per_run
 
     # answers: gold (1), uncertain (0.5), two wrong labels (0); the rest of the mass is invalid text (-0.5)
     rewards = np.array([[1.0, 0.5, 0.0, 0.0]] * 4)
@@ -109,10 +109,10 @@ def test_no_signal_chance_counts_reward_classes():
 def test_focus_keeps_the_prompts_with_learning_signal(sft_run, monkeypatch):
     import numpy as np
 
-    import components.decoding as decoding
-    from components.prompts import Strategy
-    from components.rl import focus_examples, load_policy
-    from components.sft import load_data, make_builder
+    import components.model.scoring as scoring
+    from components.model.prompts import Strategy
+    from components.train.rl import focus_examples, load_policy
+    from components.train.sft import load_data, make_builder
 
     data, sft_dir = sft_run
     model, tokenizer, _ = load_policy(sft_dir)
@@ -132,7 +132,7 @@ def test_focus_keeps_the_prompts_with_learning_signal(sft_run, monkeypatch):
             probs[i, (gold[i] + 1) % 2] = 1.0 - p_gold[ex["id"]]  # the other real label
         return np.log(np.maximum(probs, 1e-300)), gold
 
-    monkeypatch.setattr(decoding, "score_gold", fake_scores)
+    monkeypatch.setattr(scoring, "score_gold", fake_scores)
     informative = {i for i, p in p_gold.items() if p == 0.6}
     likely = {i for i, p in p_gold.items() if p == 0.9}
     config = rl_config(max_steps=len(informative) + len(likely), batch_size=4, num_generations=4,
@@ -156,7 +156,7 @@ def test_focus_keeps_the_prompts_with_learning_signal(sft_run, monkeypatch):
 
 
 def test_rl_run_records_focus_and_a_completion_budget_that_fits_the_labels(sft_run, tmp_path):
-    from components.rl import FOCUS_FILE, train_rl
+    from components.train.rl import FOCUS_FILE, train_rl
 
     data, sft_dir = sft_run
     logged = []

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import registry, serving, tracking
+from components.ops import registry, serving, tracking
 
 LABELS = {"negative": "The text expresses an unfavourable opinion.",
           "neutral": "The text states facts without an opinion.",
@@ -45,8 +45,8 @@ PARITY_BUDGET = 40  # a prompt budget far from serving's old default (384), so a
 @pytest.fixture(scope="module")
 def registered(tiny_model_dir, tmp_path_factory):
     """A 1-step SFT adapter of the tiny model, logged as a pyfunc and registered as champion."""
-    from components.sft import train_sft
-    from components.training_common import SFTConfig
+    from components.train.sft import train_sft
+    from components.train.configs import SFTConfig
 
     root = tmp_path_factory.mktemp("serving_root")
     patch = pytest.MonkeyPatch()
@@ -87,6 +87,19 @@ def test_logged_model_names_base_and_holds_no_base_weights(registered):
     reqs = (local / "requirements.txt").read_text()
     assert "torchvision" not in reqs and "mlflow==" in reqs
     assert info.signature.inputs.input_names() == ["text"]
+    code = local / "code" / "components"  # the whole package ships with the model (a fresh process imports it)
+    assert (code / "config.py").is_file() and (code / "ops" / "serving.py").is_file()
+
+
+def test_models_logged_before_the_subpackages_still_load_their_class():
+    """A pyfunc model pickled as `components.serving.GenclsClassifier` (before components/ had subpackages)
+    finds its class in a process that has already imported this components/ package."""
+    import pickle
+
+    from components.ops import serving
+
+    old_reference = b"ccomponents.serving\nGenclsClassifier\n."  # pickle: GLOBAL 'components.serving GenclsClassifier'
+    assert pickle.loads(old_reference) is serving.GenclsClassifier
 
 
 def test_rest_answers_label_and_probs_and_400_on_bad_requests(registered):
@@ -158,8 +171,8 @@ def test_served_predictions_equal_gencls_evaluate(registered):
     import mlflow
     import pandas as pd
 
-    from components.datasets import load_split
-    from components.evaluation import evaluate
+    from components.data.datasets import load_split
+    from components.evaluate.evaluation import evaluate
 
     root, info = registered
     adapter = root / "checkpoints" / "toy" / "sft"
@@ -184,7 +197,7 @@ def test_gate_scorer_scores_the_served_model_on_validation_examples(registered):
     import mlflow
     import pandas as pd
 
-    from components.datasets import load_split
+    from components.data.datasets import load_split
 
     examples = load_split("toy", "train")[:9]
     correct = registry.gate_scorer(examples)("models:/gencls-toy@champion")
@@ -199,7 +212,7 @@ def test_gencls_predict_classifies_a_file_like_the_served_model(registered, tmp_
     import pandas as pd
 
     from cli.main import main
-    from components.datasets import load_split
+    from components.data.datasets import load_split
 
     rows = load_split("toy", "test")[:7]
     pd.DataFrame({"id": [r["id"] for r in rows], "message": [r["text"] for r in rows]}).to_csv(

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.training_common import (
+from components.train.configs import (
     SFTConfig,
     load_config,
     parse_overrides,
+)
+from components.train.sampling import (
     rebalance,
     split_train_eval,
     stratified_sample,
@@ -51,9 +53,9 @@ def tiny_config(model_dir: Path, **changes) -> SFTConfig:
 
 
 def _rows(model_dir, toy_data, n=4, strategy="naive"):
-    from components.models import load_model
-    from components.prompts import Strategy
-    from components.sft import build_sft_rows, load_data, make_builder
+    from components.model.models import load_model
+    from components.model.prompts import Strategy
+    from components.train.sft import build_sft_rows, load_data, make_builder
 
     model, tok = load_model(str(model_dir))
     labels, train, held, pool = load_data("toy", toy_data, n, 0, 0)
@@ -62,7 +64,7 @@ def _rows(model_dir, toy_data, n=4, strategy="naive"):
 
 
 def test_loss_mask_covers_exactly_the_label_and_eos(tiny_model_dir, toy_data, tmp_path):
-    from components.sft import build_trainer
+    from components.train.sft import build_trainer
 
     model, tok, builder, train, rows = _rows(tiny_model_dir, toy_data)
     trainer = build_trainer(model, tok, rows, tiny_config(tiny_model_dir), tmp_path / "t")
@@ -85,8 +87,8 @@ def test_loss_mask_covers_exactly_the_label_and_eos(tiny_model_dir, toy_data, tm
 def test_one_step_changes_only_adapter_and_lowers_loss(tiny_model_dir, toy_data, tmp_path):
     import torch
 
-    from components.engine import answer_loss
-    from components.sft import build_trainer
+    from components.train.engine import answer_loss
+    from components.train.sft import build_trainer
 
     model, tok, builder, train, rows = _rows(tiny_model_dir, toy_data)
     config = tiny_config(tiny_model_dir, max_steps=1, warmup_ratio=0.0, lora_dropout=0.0)
@@ -108,8 +110,8 @@ def test_one_step_changes_only_adapter_and_lowers_loss(tiny_model_dir, toy_data,
 
 
 def test_train_sft_end_to_end_writes_checkpoint(tiny_model_dir, toy_data, tmp_path):
-    from components.models import load_model
-    from components.sft import train_sft
+    from components.model.models import load_model
+    from components.train.sft import train_sft
 
     logged = []
     out = train_sft("toy", tiny_config(tiny_model_dir), out_dir=tmp_path / "sft",
@@ -135,7 +137,7 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption(tiny_model_dir, toy_data, tmp_path):
-    from components.sft import train_sft
+    from components.train.sft import train_sft
 
     config = tiny_config(tiny_model_dir, max_steps=4, save_steps=2, eval_every_steps=0)
 
@@ -157,8 +159,8 @@ def test_resume_after_interruption(tiny_model_dir, toy_data, tmp_path):
 
 
 def test_uncertain_margin_rule_relabels_a_capped_share(tiny_model_dir, toy_data):
-    from components.prompts import UNCERTAIN
-    from components.sft import build_sft_rows, select_uncertain
+    from components.model.prompts import UNCERTAIN
+    from components.train.sft import build_sft_rows, select_uncertain
 
     model, tok, builder, train, _ = _rows(tiny_model_dir, toy_data, n=20, strategy="uncertain")
     config = tiny_config(tiny_model_dir, uncertain_max_share=0.25, uncertain_max_scored=0, uncertain_margin=99.0)
@@ -200,7 +202,7 @@ def test_stratified_subsample_and_rebalance():
 
 @pytest.mark.slow
 def test_real_smollm2_few_sft_steps(tmp_path):
-    from components.sft import train_sft
+    from components.train.sft import train_sft
 
     make_toy_data(tmp_path / "data")
     config = SFTConfig(train_size=8, eval_size=4, batch_size=4, max_steps=2, eval_every_steps=2, save_steps=2,
@@ -214,7 +216,7 @@ def test_real_smollm2_few_sft_steps(tmp_path):
 def test_stratified_sample_floor_keeps_rare_labels():
     from collections import Counter
 
-    from components.training_common import stratified_sample
+    from components.train.sampling import stratified_sample
 
     rows = [{"id": f"a{i}", "label": "common"} for i in range(950)] + [{"id": f"r{i}", "label": "rare"} for i in range(50)]
     plain = Counter(ex["label"] for ex in stratified_sample(rows, 100, seed=0))
@@ -227,8 +229,8 @@ def test_stratified_sample_floor_keeps_rare_labels():
 KILL_DURING_SAVE = """
 import dataclasses, json, os, sys
 import transformers
-from components.sft import train_sft
-from components.training_common import SFTConfig
+from components.train.sft import train_sft
+from components.train.configs import SFTConfig
 
 original = transformers.Trainer._save_optimizer_and_scheduler
 
@@ -249,7 +251,7 @@ def test_kill_during_a_save_leaves_no_checkpoint_and_resume_uses_the_last_good_o
     import subprocess
     import sys
 
-    from components.sft import train_sft
+    from components.train.sft import train_sft
 
     config = tiny_config(tiny_model_dir, max_steps=4, save_steps=1, eval_every_steps=0)
     out = tmp_path / "sft"
@@ -267,7 +269,7 @@ def test_kill_during_a_save_leaves_no_checkpoint_and_resume_uses_the_last_good_o
 
 
 def test_resume_skips_a_truncated_checkpoint_for_the_previous_one(tiny_model_dir, toy_data, tmp_path, capsys):
-    from components.sft import train_sft
+    from components.train.sft import train_sft
 
     config = tiny_config(tiny_model_dir, max_steps=5, save_steps=1, eval_every_steps=0)
 
@@ -287,8 +289,8 @@ def test_resume_skips_a_truncated_checkpoint_for_the_previous_one(tiny_model_dir
 
 def test_training_logs_are_one_short_line_per_step(tiny_model_dir, toy_data, tmp_path, capsys):
     """In a file (no terminal) a run prints a few one-line summaries, not a dict per step."""
-    from components.sft import train_sft
-    from components.training_common import format_step
+    from components.train.sft import train_sft
+    from components.train.callbacks import format_step
 
     train_sft("toy", tiny_config(tiny_model_dir, max_steps=20, save_steps=100, eval_every_steps=0, logging_steps=1),
               out_dir=tmp_path / "sft", data_dir=toy_data)

@@ -9,7 +9,7 @@ import os
 import pytest
 import yaml
 
-from components import study as S
+from components.study import plan, prepare, report
 
 LABELS = {"negative": "The text expresses an unfavourable opinion.",
           "neutral": "The text states facts without an opinion.",
@@ -29,52 +29,52 @@ def write_dataset(data_dir, name, n_train=16, n_test=4):
 
 # ----------------------------------------------------------------------------- pure helpers
 def test_cell_key_is_stable_and_sensitive():
-    cell = S.Cell("trained", "definitions", "definitions", False, "cpu", MODEL)
-    assert cell.key("fp") == S.Cell("trained", "definitions", "definitions", False, "cpu", MODEL).key("fp")
+    cell = plan.Cell("trained", "definitions", "definitions", False, "cpu", MODEL)
+    assert cell.key("fp") == plan.Cell("trained", "definitions", "definitions", False, "cpu", MODEL).key("fp")
     assert len(cell.key("fp")) == 12
-    others = [S.Cell("trained", "definitions", "definitions", True, "cpu", MODEL).key("fp"),  # rl
-              S.Cell("trained", "definitions", "naive", False, "cpu", MODEL).key("fp"),  # inference strategy
-              S.Cell("trained", "definitions", "definitions", False, "gpu", MODEL).key("fp"),  # profile
+    others = [plan.Cell("trained", "definitions", "definitions", True, "cpu", MODEL).key("fp"),  # rl
+              plan.Cell("trained", "definitions", "naive", False, "cpu", MODEL).key("fp"),  # inference strategy
+              plan.Cell("trained", "definitions", "definitions", False, "gpu", MODEL).key("fp"),  # profile
               cell.key("other-settings")]  # budget / subsample changed
     assert len({cell.key("fp"), *others}) == 5
 
 
 def test_strategy_combination_and_canonical_slugs():
-    assert S.canonical("icl=semantic", k=2) == "icl=semantic,k=2"
-    assert S.combine("definitions", "numeric", "decoding=perplexity") == "definitions,numeric,decoding=perplexity"
+    assert plan.canonical("icl=semantic", k=2) == "icl=semantic,k=2"
+    assert plan.combine("definitions", "numeric", "decoding=perplexity") == "definitions,numeric,decoding=perplexity"
     # reasoning forces generative decoding (perplexity scores a direct answer)
-    assert S.combine("definitions,decoding=perplexity", "reasoning") == "definitions,reasoning"
-    assert S.without_decoding("numeric,decoding=perplexity") == "numeric"
+    assert plan.combine("definitions,decoding=perplexity", "reasoning") == "definitions,reasoning"
+    assert plan.without_decoding("numeric,decoding=perplexity") == "numeric"
 
 
 def test_plan_covers_baselines_dimensions_grid_and_best():
-    headline = S.roles_by_cell(S.phase1_cells("headline", "cpu", MODEL, 2))
+    headline = plan.roles_by_cell(plan.phase1_cells("headline", "cpu", MODEL, 2))
     assert {r for roles in headline.values() for r in roles} == {"naive_sft", "tfidf", "zeroshot"}
-    ablation = S.phase1_cells("ablation", "cpu", MODEL, 2)
-    roles = S.roles_by_cell(ablation)
+    ablation = plan.phase1_cells("ablation", "cpu", MODEL, 2)
+    roles = plan.roles_by_cell(ablation)
     # naive SFT is measured on the validation slice only where it is the choice's reference (ablation)
-    naive = S.Cell("trained", "naive", "naive", False, "cpu", MODEL)
-    assert not S.needs_validation(headline[naive]) and S.needs_validation(roles[naive])
-    assert any(c.kind == "zeroshot" and c.infer == S.PERPLEXITY for c in roles)
+    naive = plan.Cell("trained", "naive", "naive", False, "cpu", MODEL)
+    assert not plan.needs_validation(headline[naive]) and plan.needs_validation(roles[naive])
+    assert any(c.kind == "zeroshot" and c.infer == plan.PERPLEXITY for c in roles)
     grid = [r for r, _ in ablation if r.startswith("grid:")]
-    assert len(grid) == len(S.INTERPLAY) ** 2
+    assert len(grid) == len(plan.INTERPLAY) ** 2
     dims = {r for r, _ in ablation if r.startswith("dim:")}
-    assert len(dims) == 3 * len(S.TRAIN_DIMS) + len(S.INFER_ONLY_DIMS)
+    assert len(dims) == 3 * len(plan.TRAIN_DIMS) + len(plan.INFER_ONLY_DIMS)
     # one adapter per training strategy: naive + the five dimensions
     trained = {c.train for c in roles if c.kind == "trained"}
     assert trained == {"naive", "definitions", "uncertain", "numeric", "icl=random,k=2", "icl=semantic,k=2"}
     # cells shared between the grid and the single-dimension rows are measured once
-    both = S.Cell("trained", "definitions", "definitions", False, "cpu", MODEL)
+    both = plan.Cell("trained", "definitions", "definitions", False, "cpu", MODEL)
     assert set(roles[both]) == {"dim:definitions:both", "grid:definitions|definitions"}
     # decoding is inference-only: never a training strategy
     assert not any("decoding" in c.train for c in roles)
-    phase2 = dict(S.phase2_cells("all", "cpu", MODEL, ("numeric", "numeric,decoding=perplexity")))
+    phase2 = dict(plan.phase2_cells("all", "cpu", MODEL, ("numeric", "numeric,decoding=perplexity")))
     assert phase2["gencls"].rl and phase2["gencls"].infer == "numeric,decoding=perplexity"
     assert not phase2["best_sft"].rl
     assert phase2["reasoning"].train == "numeric,reasoning" and phase2["reasoning"].infer == "numeric,reasoning"
-    assert [r for r, _ in S.phase2_cells("headline", "cpu", MODEL, ("naive", "naive"))] == ["gencls"]
+    assert [r for r, _ in plan.phase2_cells("headline", "cpu", MODEL, ("naive", "naive"))] == ["gencls"]
     with pytest.raises(ValueError, match="headline, ablation, all"):
-        S.phase1_cells("everything", "cpu", MODEL, 2)
+        plan.phase1_cells("everything", "cpu", MODEL, 2)
 
 
 def _val(train, infer, acc, rl=False):
@@ -87,26 +87,26 @@ def test_select_best_uses_validation_gains_not_test():
                _val("icl=semantic,k=2", "icl=semantic,k=2", 0.58), _val("naive", "decoding=perplexity", 0.52),
                # a test-set number must not influence the choice
                {"kind": "trained", "train": "numeric", "infer": "numeric", "rl": False, "accuracy": 0.99}]
-    best = S.select_best(results, k=2)
+    best = plan.select_best(results, k=2)
     assert best["source"] == "validation"
     assert best["train"] == "icl=semantic,k=2,definitions"  # numeric (-5) and uncertain (0) stay off; better icl
     assert best["infer"] == "icl=semantic,k=2,definitions,decoding=perplexity"
     assert best["gains"]["numeric"] == pytest.approx(-0.05)
-    default = S.select_best([], k=2)
-    assert default["source"] == "default" and default["train"] == S.canonical(S.DEFAULT_BEST[0], 2)
+    default = plan.select_best([], k=2)
+    assert default["source"] == "default" and default["train"] == plan.canonical(plan.DEFAULT_BEST[0], 2)
 
 
 def test_subsample_records_exactly_what_it_took():
     train = [{"id": f"t{i}", "text": f"x {i}", "label": "ab"[i % 2]} for i in range(40)]
     test = [{"id": f"s{i}", "text": f"y {i}", "label": "ab"[i % 2]} for i in range(20)]
-    splits, record = S.subsample(train, test, train_size=10, val_size=6, test_size=8, seed=3)
+    splits, record = prepare.subsample(train, test, train_size=10, val_size=6, test_size=8, seed=3)
     assert record["sizes"] == {"train": 10, "val": 6, "test": 8} and record["seed"] == 3
     # no leak between the validation slice and the training pool
     assert not {e["id"] for e in splits["train"]} & {e["id"] for e in splits["val"]}
-    assert record["ids_sha256"]["train"] == S.ids_hash(splits["train"])
-    again, record2 = S.subsample(train, test, 10, 6, 8, seed=3)
+    assert record["ids_sha256"]["train"] == prepare.ids_hash(splits["train"])
+    again, record2 = prepare.subsample(train, test, 10, 6, 8, seed=3)
     assert record2 == record and again == splits  # seeded, reproducible
-    full, rec_full = S.subsample(train, test, None, 0, None, seed=0)
+    full, rec_full = prepare.subsample(train, test, None, 0, None, seed=0)
     assert rec_full["sizes"] == {"train": 40, "val": 0, "test": 20}
 
 
@@ -120,11 +120,11 @@ def test_aggregate_markdown_and_plots(tmp_path):
              _result("c", ["naive_sft", "grid:naive|naive"], "naive", "naive", 0.6),
              _result("d", ["grid:naive|numeric"], "naive", "numeric", 0.3),
              _result("e", ["gencls"], "definitions", "definitions", 0.7, rl=True)]
-    study = S.aggregate({"ds1": {"cells": cells, "best": {"train": "definitions", "infer": "definitions",
+    study = report.aggregate({"ds1": {"cells": cells, "best": {"train": "definitions", "infer": "definitions",
                                                           "source": "default", "gains": {}, "rule": "r"}},
                          "ds2": {"cells": [_result("f", ["naive_sft"], "naive", "naive", 0.5),
                                            _result("g", ["gencls"], "definitions", "definitions", 0.55, rl=True)]}},
-                        {"profile": "cpu", "cells": "all", "model": MODEL, "machine": S.machine_info(), "seconds": 1.0})
+                        {"profile": "cpu", "cells": "all", "model": MODEL, "machine": report.machine_info(), "seconds": 1.0})
     summary = study["summary"]
     assert summary["gain_over_naive_sft"] == {"ds1": pytest.approx(0.1), "ds2": pytest.approx(0.05)}
     assert summary["mean_gain_over_naive_sft_points"] == pytest.approx(7.5)
@@ -132,15 +132,15 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert summary["target_met"] == {"gain_over_naive_sft": True, "beats_tfidf_mean": False}
     grid = study["datasets"]["ds1"]["grid"]
     assert grid["axis"] == ["naive", "numeric"] and grid["accuracy"] == [[0.6, 0.3], [None, None]]
-    text = S.render_markdown(study)
+    text = report.render_markdown(study)
     # no dataset has a zero-shot perplexity cell: its column is left out; ds2 has no tfidf: "-"
     assert "| ds1 | 80.0 / 70.0 | 20.0 / 10.0 | 60.0 / 50.0 | 70.0 / 60.0 | +10.0 |" in text
     assert "| ds2 | - / - | - / - | 50.0 / 40.0 | 55.0 / 45.0 | +5.0 |" in text and "zero-shot (perplexity)" not in text
     assert "+7.50" in text and "NOT met" in text and "cpu_count" not in text
     assert "median gain +7.5 points, range +5.0 to +10.0, GenCLS++ ahead on 2 of 2 datasets" in text
-    assert S.plot_heatmap(grid, tmp_path / "h.png", "t").stat().st_size > 0
-    assert S.plot_headline(study, tmp_path / "b.png").stat().st_size > 0
-    assert S.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
+    assert report.plot_heatmap(grid, tmp_path / "h.png", "t").stat().st_size > 0
+    assert report.plot_headline(study, tmp_path / "b.png").stat().st_size > 0
+    assert report.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
 
 
 def test_cli_registers_study_command():
@@ -157,9 +157,9 @@ def test_cli_registers_study_command():
 
 
 def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
-    from components.models import load_tokenizer
-    from components.prompts import instruction_tokens
-    from flows.study import _fit_prompt_budgets
+    from components.model.models import load_tokenizer
+    from components.model.prompts import instruction_tokens
+    from components.study.prepare import fit_prompt_budgets
 
     short = {"spam": "unwanted", "ham": "wanted"}
     long = {f"comp.sys.group{i}.hardware.misc": f"posts about hardware {i}" for i in range(20)}
@@ -169,7 +169,7 @@ def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
         settings = {"text_room": 64, "sft": {"max_prompt_tokens": 128},
                     "rl": {"max_prompt_tokens": 128, "max_steps": 8, "eval_every": 8, "save_steps": 4},
                     "eval": {"max_prompt_tokens": 128, "batch_size": 4}}
-        _fit_prompt_budgets(settings, tokenizer, labels)
+        fit_prompt_budgets(settings, tokenizer, labels)
         want = max(128, instruction_tokens(tokenizer, labels) + 64)
         assert [settings[p]["max_prompt_tokens"] for p in ("sft", "rl", "eval")] == [want] * 3
         assert (want > 128) == (labels is long)
@@ -177,16 +177,16 @@ def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
         assert settings["rl"]["max_steps"] == settings["rl"]["eval_every"] == steps
         assert settings["rl"]["save_steps"] == min(4, steps) and (steps < 8) == (labels is long)
     mine = {"text_room": 64, "rl": {"max_prompt_tokens": 128, "max_steps": 8, "eval_every": 8}}
-    _fit_prompt_budgets(mine, tokenizer, long, {"rl.max_steps": "20"})  # the user's steps: nothing scaled
+    fit_prompt_budgets(mine, tokenizer, long, {"rl.max_steps": "20"})  # the user's steps: nothing scaled
     assert mine["rl"]["max_steps"] == 8 and mine["rl"]["eval_every"] == 8
     off = {"sft": {"max_prompt_tokens": 128}, "rl": {}, "eval": {"max_prompt_tokens": 128}}
-    _fit_prompt_budgets(off, tokenizer, long)  # no text_room: budgets untouched
+    fit_prompt_budgets(off, tokenizer, long)  # no text_room: budgets untouched
     assert off["sft"]["max_prompt_tokens"] == 128 and off["eval"]["max_prompt_tokens"] == 128
 
 
 def test_sft_prompts_fit_a_token_budget(tiny_model_dir):
-    from components.models import load_tokenizer
-    from flows.study import _fit_sft_size
+    from components.model.models import load_tokenizer
+    from components.study.prepare import fit_sft_size
 
     labels = {"spam": "unwanted", "ham": "wanted"}
     short = [{"id": str(i), "text": "win cash", "label": "spam"} for i in range(60)]
@@ -195,7 +195,7 @@ def test_sft_prompts_fit_a_token_budget(tiny_model_dir):
 
     def fit(pool, budget, overrides=None):
         settings = {"sft_tokens": budget, "sft": {"train_size": 50, "max_prompt_tokens": 96}}
-        record = _fit_sft_size(settings, tokenizer, labels, pool, overrides)
+        record = fit_sft_size(settings, tokenizer, labels, pool, overrides)
         assert record["train_size"] == settings["sft"]["train_size"] or overrides
         return record
 
@@ -228,7 +228,7 @@ def test_task_runner_by_flag():
 def project(tmp_path, monkeypatch):
     import torch
 
-    from components import tracking
+    from components.ops import tracking
 
     threads = torch.get_num_threads()  # the flow sets 1 thread per task (tiny model: no oversubscription)
 
@@ -251,7 +251,7 @@ def tiny_settings() -> dict:
 
 def fast_retriever(monkeypatch, root):
     """Semantic demos by hashed bag of words instead of loading MiniLM in every evaluation (in-process only)."""
-    from components import retrieval
+    from components.model import retrieval
 
     fake = root / "minilm"
     fake.mkdir(exist_ok=True)
@@ -268,14 +268,15 @@ def _cell_runs(client):
 
 def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_harness, project, tiny_model_dir,
                                                                        monkeypatch):
-    import components.sft
+    import components.train.sft
     import flows.study as F
-    from components import registry, tracking
+    from components.ops import registry, tracking
+    from components.study import measure
 
-    monkeypatch.setattr(components.sft, "require_valid_data", lambda *a, **k: None)  # speed: GX runs in its own tests
+    monkeypatch.setattr(components.train.sft, "require_valid_data", lambda *a, **k: None)  # speed: GX runs in its own tests
     fast_retriever(monkeypatch, project)
     calls = {"eval": [], "train": 0}
-    real_eval, real_sft = F.evaluate_cell, components.sft.train_sft
+    real_eval, real_sft = measure.evaluate_cell, components.train.sft.train_sft
 
     def faulty_eval(ctx, cell, out, **kw):
         calls["eval"].append((ctx["dataset"], cell.name))
@@ -287,8 +288,8 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
         calls["train"] += 1
         return real_sft(*a, **k)
 
-    monkeypatch.setattr(F, "evaluate_cell", faulty_eval)
-    monkeypatch.setattr(components.sft, "train_sft", counting_sft)
+    monkeypatch.setattr(measure, "evaluate_cell", faulty_eval)
+    monkeypatch.setattr(components.train.sft, "train_sft", counting_sft)
     fault = "tinyb|sft[numeric] -> naive"
     monkeypatch.setenv("STUDY_FAULT", fault)
     state = F.study(["tinya", "tinyb"], "cpu", "local", "all", str(tiny_model_dir), overrides=tiny_settings(),
@@ -318,11 +319,11 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
     assert on_disk["summary"] == json.loads(json.dumps(study["summary"]))
     for name in ("tinya", "tinyb"):
         ds = on_disk["datasets"][name]
-        assert all(ds["headline"][role] for role, _ in S.HEADLINE_ROWS), name
+        assert all(ds["headline"][role] for role, _ in report.HEADLINE_ROWS), name
         assert all(ds["best_variants"].values())
-        assert len(ds["grid"]["axis"]) == len(S.INTERPLAY)
+        assert len(ds["grid"]["axis"]) == len(plan.INTERPLAY)
         assert all(v is not None for row in ds["grid"]["accuracy"] for v in row)
-        assert len(ds["single_dims"]) == 3 * len(S.TRAIN_DIMS) + len(S.INFER_ONLY_DIMS)
+        assert len(ds["single_dims"]) == 3 * len(plan.TRAIN_DIMS) + len(plan.INFER_ONLY_DIMS)
         assert ds["best"]["source"] == "validation"
         assert ds["subsample"]["sizes"] == {"train": 42, "val": 6, "test": 6}
         assert (project / "reports" / "study" / name / "interplay.png").is_file()
@@ -349,7 +350,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
 
 
 def test_two_cells_on_a_local_dask_cluster(prefect_harness, project, tiny_model_dir):
-    from components import tracking
+    from components.ops import tracking
     from flows.study import study
 
     out = study(["tinya"], "cpu", "dask", "headline", str(tiny_model_dir), workers=2, overrides=tiny_settings(),

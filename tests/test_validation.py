@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from cli import main as cli
-from components import validation
-from components.datasets import DataError
-from components.validation import DataValidationError, ValidationReport, require_valid, validate_dataset
+from components.data import validation
+from components.data.datasets import DataError
+from components.data.validation import DataValidationError, ValidationReport, require_valid, validate_dataset
 
 
 def _validate(data_dir: Path, tmp_path: Path, name: str = "tiny", **kwargs) -> ValidationReport:
@@ -268,7 +268,7 @@ def test_data_docs_keep_a_history_of_validations(data_dir, tmp_path, tiny_rows, 
 
 # ----------------------------------------------------------------------------- MLflow
 def test_validate_step_logs_result_and_data_docs_to_mlflow(tmp_path, monkeypatch, tiny_rows, dataset_writer):
-    from components import tracking
+    from components.ops import tracking
     from flows import steps
 
     monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))

@@ -8,7 +8,7 @@ import torch, transformers, trl, peft, accelerate, datasets, sentence_transforme
 print({m.__name__: m.__version__ for m in (torch, transformers, trl, peft, accelerate, datasets, sentence_transformers, prefect, mlflow, great_expectations)})
 import cli.main, flows.study
 from components.config import set_offline_env; set_offline_env()
-from components import tracking; tracking.configure()
+from components.ops import tracking; tracking.configure()
 import mlflow; mlflow.set_experiment("warmup")
 from prefect import flow
 @flow

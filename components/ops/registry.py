@@ -27,16 +27,15 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from components import tracking
+from components.ops import tracking
+from components.ops.gate import DEFAULT_ALPHA, decide, mcnemar_p  # noqa: F401 (the gate's rule)
 
 ALIAS = "champion"
-DEFAULT_ALPHA = 0.05  # significance level of the gate (params.yaml register.alpha)
 ADAPTER_TAG = "adapter_sha256"  # adapter weights + prompt settings: equal hashes = the same served model
 HISTORY_TAG = "champion_history"
 HISTORY_KEEP = 40  # entries kept in the history tag (tag values are limited in size)
@@ -152,43 +151,6 @@ def _set_champion(dataset: str, version: str, by: str, reason: str, figures: dic
     while len(json.dumps(history)) > 4500 and len(history) > 2:
         history = history[1:]
     c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-
-
-def mcnemar_p(candidate_correct: Sequence[bool], champion_correct: Sequence[bool]) -> tuple[float, int, int]:
-    """One-sided exact McNemar test that the candidate is right more often than the champion.
-
-    Returns (p, b, c): b = examples only the candidate gets right, c = only the champion;
-    p = P(X >= b) for X ~ Binomial(b + c, 1/2) (1.0 when b <= c).
-
-    Example:
-        >>> mcnemar_p([True] * 10 + [False] * 2, [False] * 10 + [True] * 2)[0] < 0.05
-        True
-    """
-    if len(candidate_correct) != len(champion_correct):
-        raise ValueError("candidate and champion were scored on different numbers of examples")
-    b = sum(1 for x, y in zip(candidate_correct, champion_correct) if x and not y)
-    c = sum(1 for x, y in zip(candidate_correct, champion_correct) if y and not x)
-    n = b + c
-    if b <= c:
-        return 1.0, b, c
-    return sum(math.comb(n, k) for k in range(b, n + 1)) / 2 ** n, b, c
-
-
-def decide(candidate_correct: Sequence[bool], champion_correct: Sequence[bool] | None,
-           alpha: float = DEFAULT_ALPHA) -> tuple[bool, str, dict]:
-    """Gate rule on paired validation correctness: (promote?, reason, figures)."""
-    n = len(candidate_correct)
-    figures = {"gate_n": n, "candidate_val_accuracy": sum(candidate_correct) / n if n else None}
-    if champion_correct is None:
-        return True, "no champion yet", figures
-    p, b, c = mcnemar_p(candidate_correct, champion_correct)
-    figures.update({"champion_val_accuracy": sum(champion_correct) / n if n else None, "p_value": p,
-                    "only_candidate_right": b, "only_champion_right": c, "alpha": alpha})
-    gap = f"validation accuracy {figures['candidate_val_accuracy']:.4f} vs {figures['champion_val_accuracy']:.4f} " \
-          f"(n={n}; only candidate right {b}, only champion right {c}; McNemar p={p:.3g})"
-    if p < alpha:
-        return True, f"significantly better: {gap} < {alpha}", figures
-    return False, f"not significantly better: {gap} >= {alpha}; champion kept", figures
 
 
 def create_version(run_id: str, dataset: str, metrics: dict, test_hash: str, model_uri: str | None = None,

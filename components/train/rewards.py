@@ -7,7 +7,7 @@ forgiven. So the usual hacks earn the invalid penalty, never a label's reward:
 `uncertain` when the strategy does not offer it, and in reasoning mode an answer without
 `<think>...</think>` or a thought without an answer.
 
-    >>> from components.prompts import Strategy, LabelSpace
+    >>> from components.model.prompts import Strategy, LabelSpace
     >>> space = LabelSpace.from_strategy({"pos": "", "neg": ""}, Strategy())
     >>> label_reward = make_label_reward(space)
     >>> label_reward(["pos", "neg", "pos or neg", ""], label=["pos"] * 4)
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from components.prompts import UNCERTAIN, LabelSpace, split_reasoning
+from components.model.prompts import UNCERTAIN, LabelSpace, split_reasoning
 
 RewardFn = Callable[..., list[float]]
 

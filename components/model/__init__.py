@@ -1,0 +1,1 @@
+"""Model: loading the base LLM, prompts, retrieval of demonstrations, scoring and decoding answers."""

@@ -1,0 +1,1 @@
+"""Ops: MLflow tracking, the model registry and champion gate, the served pyfunc model."""

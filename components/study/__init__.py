@@ -1,0 +1,1 @@
+"""Study: which cells to run (plan), running one cell (run), aggregating and reporting the results (report)."""

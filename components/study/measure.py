@@ -1,0 +1,118 @@
+"""Measuring one study cell and keeping its result: evaluation on the test and validation views,
+the result file that marks a cell finished, and reading the finished results of a dataset back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from components.study.plan import METRIC_KEYS, RESULT_FILE, Cell, roles_by_cell
+
+TRAIN_DONE = ".study_train.json"  # marker next to a finished study adapter (run id, seconds, fingerprint)
+PHASE2_ROLES = ("gencls", "best_sft", "reasoning")
+
+
+# ----------------------------------------------------------------------------- results
+def result_path(reports_root: Path, dataset: str, key: str) -> Path:
+    """reports/study/<dataset>/<cell_key>/result.json."""
+    return Path(reports_root) / dataset / key / RESULT_FILE
+
+
+def read_result(path: Path) -> dict | None:
+    """A finished cell's result, or None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write a cell result atomically (it marks the cell finished)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def metric_subset(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The headline numbers of a metrics dict (finite floats only)."""
+    out = {}
+    for key in METRIC_KEYS + ("n", "seconds"):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def cell_fields(cell: Cell, key: str, ctx: dict) -> dict:
+    return {"key": key, "name": cell.name, "kind": cell.kind, "train": cell.train, "infer": cell.infer,
+            "rl": cell.rl, "profile": cell.profile, "model": cell.model, "dataset": ctx["dataset"],
+            "fingerprint": ctx["fingerprint"]}
+
+
+def evaluate_cell(ctx: dict, cell: Cell, out: Path, loaded: Any = None, adapter: Path | None = None,
+                  views: tuple[str, ...] = ("test", "val")) -> dict:
+    """Measure one cell on the test view (and the validation view); returns {"test": m, "val": m}."""
+    from components.evaluate.baselines import tfidf_records
+    from components.data.datasets import load_labels, load_split
+    from components.evaluate.evaluation import compute_metrics, evaluate, write_reports
+
+    dataset, ev = ctx["dataset"], ctx["settings"]["eval"]
+    out_metrics = {}
+    for view in views:
+        if cell.kind == "tfidf":
+            train = load_split(dataset, "train", ctx["views"][view])
+            test = load_split(dataset, "test", ctx["views"][view])
+            started = time.perf_counter()
+            records = tfidf_records(train, test, seed=ctx["settings"]["seed"])
+            labels = list(load_labels(dataset, ctx["views"][view]))
+            metrics = compute_metrics(records, labels)
+            metrics.update(seconds=round(time.perf_counter() - started, 2), strategy="tfidf", dataset=dataset)
+            write_reports(out / view, records, metrics, labels, [])
+        else:
+            metrics = evaluate(dataset, ctx["model"] if adapter is None else None, cell.infer,
+                               adapter=str(adapter) if adapter else None, out_dir=out / view,
+                               batch_size=int(ev["batch_size"]), max_prompt_tokens=int(ev["max_prompt_tokens"]),
+                               seed=ctx["settings"]["seed"], progress=False, data_dir=ctx["views"][view], loaded=loaded)
+        out_metrics[view] = metrics
+    return out_metrics
+
+
+def dataset_results(ctx: dict) -> list[dict]:
+    """Every finished cell result of this dataset with the current settings fingerprint."""
+    out = []
+    for path in sorted(Path(ctx["results"]).glob(f"*/{RESULT_FILE}")):
+        result = read_result(path)
+        if result and result.get("fingerprint") == ctx["fingerprint"]:
+            out.append(result)
+    return out
+
+
+def report_cells(ctx: dict, planned: list[tuple[str, Cell]]) -> list[dict]:
+    """Finished cells of the dataset with their roles: phase-2 roles only from this run's plan."""
+    roles = roles_by_cell(planned)
+    by_key = {cell.key(ctx["fingerprint"]): r for cell, r in roles.items()}
+    out = []
+    for result in dataset_results(ctx):
+        stored = [r for r in result.get("roles", []) if r not in PHASE2_ROLES]
+        merged = list(dict.fromkeys(by_key.get(result["key"], []) + stored))
+        out.append({**result, "roles": merged})
+    return out
+
+
+def compute_seconds(ctx: dict) -> float:
+    """Training + evaluation seconds spent on this dataset's current cells (model loading excluded)."""
+    total = sum(r.get("seconds", 0.0) + r.get("val_seconds", 0.0) for r in dataset_results(ctx))
+    for marker in Path(ctx["checkpoints"]).glob(f"*/*/{TRAIN_DONE}"):
+        info = json.loads(marker.read_text())
+        if info.get("fingerprint") == ctx["fingerprint"]:
+            total += float(info.get("seconds", 0.0))
+    return round(total, 1)

@@ -1,0 +1,321 @@
+"""The GenCLS++ study plan: the cell grid, the study profiles, and the choice of the best combination.
+
+    gencls study --datasets trec6 movie-sentiment --profile cpu --cells headline
+    # flows/study.py runs the cells; this module decides *which* cells (and, from the validation
+    # results, the best combination); prepare.py subsamples, measure.py measures, report.py reports.
+
+A cell is one measured configuration of one dataset: (kind, train strategy, inference
+strategy, rl on/off, profile, model). Its key is a stable hash of those fields plus the
+dataset's settings fingerprint (subsample ids, resolved training configs, evaluation
+settings), so a changed budget never reuses an old number. Cells that share a training
+strategy and rl switch share one trained adapter ("train once, evaluate many").
+
+Cell kinds (registry; add an entry to add a kind):
+    tfidf     TF-IDF (1-2 grams) + logistic regression on the same training subsample.
+    zeroshot  the base model with an inference strategy, no training.
+    trained   SFT with a training strategy (+ GRPO when rl), evaluated with an inference strategy.
+
+Selections (``--cells``):
+    headline  tfidf, zero-shot (plain and perplexity), naive SFT, best GenCLS++ (+RL).
+    ablation  naive SFT, each dimension alone at training, at inference and at both, the
+              train x inference interplay grid, best (SFT only), best + RL, best + reasoning (+RL).
+    all       both.
+The best combination is chosen on a validation slice carved from the training split (never
+on test): every dimension whose matched (train = inference) cell beats naive SFT on that
+slice is switched on (the better of icl=random/semantic), and perplexity decoding is added
+when it beats generative decoding on the naive adapter. Without those measurements (a
+headline-only run on a fresh dataset) `DEFAULT_BEST` is used and the report says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+
+TRAIN_FLOOR = 20  # rare labels keep this many training examples (the strictest validation minimum, r8's)
+NAIVE = "naive"
+PERPLEXITY = "decoding=perplexity"
+REASONING = "reasoning"
+# strategy dimensions switched on alone at training time (and inference time); spec -> display name
+TRAIN_DIMS = {"definitions": "definitions", "uncertain": "uncertain", "numeric": "numeric",
+              "icl=random": "icl=random", "icl=semantic": "icl=semantic"}
+INFER_ONLY_DIMS = {PERPLEXITY: "decoding=perplexity"}  # decoding has no training-time meaning
+INTERPLAY = ("naive", "definitions", "icl=semantic", "numeric")  # train x inference grid (both axes)
+DEFAULT_BEST = ("icl=semantic", "icl=semantic,decoding=perplexity")  # prior when no validation results exist
+DEFAULT_BEST_WHY = ("(semantically retrieved demonstrations at training and inference, perplexity decoding: fixed "
+                    "for every dataset, chosen from the paper's ablation and our earlier zero-shot trec6 figures, "
+                    "not tuned per dataset)")
+CELL_SETS = ("headline", "ablation", "all")
+RESULT_FILE = "result.json"
+METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "abstention_rate", "answered_accuracy", "ece")
+
+# Profiles: what each study profile subsamples and which training profile/overrides it uses.
+# cpu: headline (tfidf, zero-shot, naive SFT, best SFT + RL) < 15 min per dataset on 2 cores with
+#      SmolLM2-135M. Every cost is proportional to prompt tokens (LoRA training ~100 tokens/s through
+#      SFTTrainer without dropout, evaluation ~2,700 prompt tokens/s of what the prompts do not share,
+#      GRPO ~15 s per step of 8 completions at 128 tokens), so SFT gets a token budget: as many naive prompts of the pool as
+#      fit in `sft_tokens` (at most sft.train_size): 200 short questions, ~95 news articles.
+# gpu: headline over all seven < 10 min on one H100/H200 (goal). Measured on one H100 (2026-11-26, batch 32,
+#      GRPO 24 steps, before the shared-prefix decoding and the retriever fix): SFT ran 3.4 optimizer steps/s
+#      whatever the prompt length (launch-bound: ~110 prompts/s), GenCLS++ SFT spent ~50 s more re-embedding
+#      its prompts one at a time, GRPO 24 steps took 57 s with no learning signal (grad norm ~5e-5 at 98%
+#      held-out accuracy); ~4 min per dataset. Hence batch 128 (lr 5e-4: ~40 steps, as the cpu profile
+#      found for few steps) and 12 GRPO steps: expected ~1.5 min per dataset, not yet re-measured.
+# Both: GRPO trains on the prompts most likely to carry a learning signal (rl.focus=informative, scored by
+#      the SFT policy; components.train.rl.focus_examples).
+STUDY_PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "training_profile": "quick",
+        "train_size": 240,  # stratified, seeded training pool (SFT, RL, TF-IDF and demos all use it)
+        "val_size": 100,  # stratified validation slice of the training split (best-combination choice)
+        "test_size": 200,  # stratified, seeded test subsample (None = the full test split)
+        "icl_k": 2,  # demonstrations per prompt (k=4 doubles prompt length and CPU training time)
+        "seed": 0,
+        "text_room": 64,  # prompt budgets rise to instructions + 64 tokens where 128 is too few (20newsgroups)
+        "sft_tokens": 12_000,  # SFT prompts: as many as fit in this many naive-prompt tokens (0 = sft.train_size)
+        # SFT: the pool minus 40 held-out prompts (model selection), at most 200 and at most sft_tokens' worth;
+        # lr 5e-4 because 25 steps at 2e-4 leave LoRA under-trained; no dropout (-15% time)
+        "sft": {"train_size": 200, "eval_size": 40, "epochs": 1.0, "eval_every_steps": 1000, "save_steps": 25,
+                "max_prompt_tokens": 128, "uncertain_max_scored": 200, "learning_rate": 5e-4, "lora_dropout": 0.0},
+        "rl": {"train_size": 0, "eval_size": 40, "max_steps": 8, "batch_size": 8, "eval_every": 8,
+               "save_steps": 4, "max_prompt_tokens": 128, "learning_rate": 5e-5},
+        "reasoning_rl": {"max_completion_length": 64},  # room for <think>...</think> then the answer
+        "eval": {"batch_size": 16, "max_prompt_tokens": 128},
+    },
+    "gpu": {
+        "training_profile": "full",
+        "train_size": 8000,  # the training pool is capped at 8,000 (tweet-sentiment has 29,748, 20newsgroups 11,262)
+        "val_size": 500,
+        "test_size": 2000,  # stratified; 5 of the 7 test splits are smaller and kept whole
+        "icl_k": 2,  # the cpu profile's prior, so both profiles measure the same GenCLS++ configuration
+        "seed": 0,
+        "text_room": 64,
+        "sft_tokens": 400_000,  # 1 epoch over ~6,000 trec6 questions or ~1,500 newsgroup posts
+        "sft": {"train_size": 8000, "eval_size": 200, "epochs": 1.0, "batch_size": 128, "learning_rate": 5e-4,
+                "eval_every_steps": 100_000, "save_steps": 20, "max_prompt_tokens": 256, "lora_dropout": 0.0,
+                "uncertain_max_scored": 1000},
+        "rl": {"train_size": 0, "eval_size": 200, "max_steps": 12, "num_generations": 8, "batch_size": 64,
+               "eval_every": 12, "save_steps": 6, "max_prompt_tokens": 256},
+        "reasoning_rl": {"max_completion_length": 96},
+        "eval": {"batch_size": 128, "max_prompt_tokens": 256},
+    },
+}
+
+
+# ----------------------------------------------------------------------------- strategies
+def canonical(spec: str, k: int | None = None) -> str:
+    """Canonical slug of a strategy spec, with k set for in-context strategies.
+
+    Example:
+        >>> canonical("icl=semantic", k=2)
+        'icl=semantic,k=2'
+    """
+    from components.model.prompts import Strategy
+
+    strategy = Strategy.parse(spec)
+    if k is not None and strategy.icl != "none":
+        strategy = strategy.replace(k=k)
+    return strategy.slug()
+
+
+def combine(*specs: str, k: int | None = None) -> str:
+    """Merge strategy specs: each spec's non-default dimensions switched on (later wins).
+
+    Example:
+        >>> combine("definitions", "numeric,decoding=perplexity")
+        'definitions,numeric,decoding=perplexity'
+    """
+    from components.model.prompts import Strategy
+
+    default = Strategy()
+    merged: dict[str, Any] = {}
+    for spec in specs:
+        parsed = Strategy.parse(spec)
+        for f in dataclasses.fields(Strategy):
+            if getattr(parsed, f.name) != getattr(default, f.name):
+                merged[f.name] = getattr(parsed, f.name)
+    if merged.get("reasoning"):
+        merged["decoding"] = "generative"  # reasoning is decoded generatively
+    return canonical(Strategy(**merged).slug(), k)
+
+
+def without_decoding(spec: str) -> str:
+    """The training-time part of a strategy (decoding is inference-only)."""
+    from components.model.prompts import Strategy
+
+    return Strategy.parse(spec).replace(decoding="generative").slug()
+
+
+# ----------------------------------------------------------------------------- cells
+@dataclass(frozen=True)
+class Cell:
+    """One measured configuration of a dataset (see module docstring)."""
+
+    kind: str  # "tfidf" | "zeroshot" | "trained"
+    train: str  # training strategy slug ("-" when nothing is trained)
+    infer: str  # inference strategy slug ("-" for tfidf)
+    rl: bool
+    profile: str
+    model: str
+
+    def key(self, settings_fp: str = "") -> str:
+        """Stable 12-hex key of the cell's fields and the dataset's settings fingerprint."""
+        data = json.dumps({**dataclasses.asdict(self), "settings": settings_fp}, sort_keys=True)
+        return hashlib.sha256(data.encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        """Readable name, e.g. `sft[definitions] -> definitions,decoding=perplexity +RL`."""
+        if self.kind == "tfidf":
+            return "tfidf"
+        if self.kind == "zeroshot":
+            return f"zero-shot -> {self.infer}"
+        return f"sft[{self.train}] -> {self.infer}{' +RL' if self.rl else ''}"
+
+    @property
+    def group(self) -> tuple[str, str, bool]:
+        """Cells with the same group share one trained adapter (or none)."""
+        return (self.kind, self.train, self.rl)
+
+
+def slug_dir(spec: str) -> str:
+    """File-system friendly strategy name: `icl=semantic,k=2` -> `icl-semantic-k-2`."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._]+", "-", spec).strip("-") or NAIVE
+
+
+def single_dim_cells(profile: str, model: str, k: int) -> list[tuple[str, Cell]]:
+    """Each training dimension alone at training, at inference and at both; decoding at inference."""
+    naive = NAIVE
+    out: list[tuple[str, Cell]] = []
+    for spec, title in TRAIN_DIMS.items():
+        dim = canonical(spec, k)
+        out += [(f"dim:{title}:both", Cell("trained", dim, dim, False, profile, model)),
+                (f"dim:{title}:train", Cell("trained", dim, naive, False, profile, model)),
+                (f"dim:{title}:inference", Cell("trained", naive, dim, False, profile, model))]
+    for spec, title in INFER_ONLY_DIMS.items():
+        out.append((f"dim:{title}:inference", Cell("trained", naive, canonical(spec), False, profile, model)))
+    return out
+
+
+def interplay_cells(profile: str, model: str, k: int) -> list[tuple[str, Cell]]:
+    """The train x inference grid over INTERPLAY strategies."""
+    axis = [canonical(s, k) for s in INTERPLAY]
+    return [(f"grid:{t}|{i}", Cell("trained", t, i, False, profile, model)) for t in axis for i in axis]
+
+
+def phase1_cells(selection: str, profile: str, model: str, k: int) -> list[tuple[str, Cell]]:
+    """Cells that do not depend on the best combination, as (role, cell); a cell may appear under several roles."""
+    if selection not in CELL_SETS:
+        raise ValueError(f"cells {selection!r}: expected one of {', '.join(CELL_SETS)}")
+    naive = Cell("trained", NAIVE, NAIVE, False, profile, model)
+    out: list[tuple[str, Cell]] = [("naive_sft", naive)]
+    if selection in ("headline", "all"):
+        out += [("tfidf", Cell("tfidf", "-", "-", False, profile, model)),
+                ("zeroshot", Cell("zeroshot", "-", NAIVE, False, profile, model))]
+    if selection in ("ablation", "all"):
+        out += [("baseline", naive),  # the validation reference of the best-combination choice
+                ("zeroshot_perplexity", Cell("zeroshot", "-", PERPLEXITY, False, profile, model))]
+        out += single_dim_cells(profile, model, k) + interplay_cells(profile, model, k)
+    return out
+
+
+def phase2_cells(selection: str, profile: str, model: str, best: tuple[str, str]) -> list[tuple[str, Cell]]:
+    """Cells built on the best combination (train strategy, inference strategy)."""
+    train, infer = best
+    out = [("gencls", Cell("trained", train, infer, True, profile, model))]
+    if selection in ("ablation", "all"):
+        reasoning_train = combine(train, REASONING)
+        out += [("best_sft", Cell("trained", train, infer, False, profile, model)),
+                ("reasoning", Cell("trained", reasoning_train, combine(infer, REASONING), True, profile, model))]
+    return out
+
+
+def keep_roles(cells: list[tuple[str, Cell]], only: Sequence[str] | None) -> list[tuple[str, Cell]]:
+    """The planned (role, cell) pairs whose role is in `only` or starts with one of its prefixes (all when None)."""
+    if not only:
+        return cells
+    return [(role, cell) for role, cell in cells if any(role == o or role.startswith(o) for o in only)]
+
+
+def needs_validation(roles: Sequence[str]) -> bool:
+    """Whether a cell is also measured on the validation slice (it feeds the best-combination choice)."""
+    return any(role == "baseline" or (role.startswith("dim:") and role.endswith((":both", f"{PERPLEXITY}:inference")))
+               for role in roles)
+
+
+def dedupe(cells: Iterable[tuple[str, Cell]]) -> list[tuple[str, Cell]]:
+    """Keep the first role of every distinct cell (order kept)."""
+    seen: set[Cell] = set()
+    out = []
+    for role, cell in cells:
+        if cell not in seen:
+            seen.add(cell)
+            out.append((role, cell))
+    return out
+
+
+def group_cells(cells: Sequence[Cell]) -> dict[tuple[str, str, bool], list[Cell]]:
+    """Cells by shared adapter (kind, train strategy, rl); insertion order kept."""
+    groups: dict[tuple[str, str, bool], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.group, []).append(cell)
+    return groups
+
+
+# ----------------------------------------------------------------------------- best combination
+def select_best(results: Sequence[dict], k: int, metric: str = "val_accuracy") -> dict:
+    """Pick the best combination from single-dimension gains on the validation slice.
+
+    Args:
+        results: cell results (dicts with kind, train, infer, rl and `metric`).
+        k: demonstrations per prompt for in-context strategies.
+        metric: the validation metric compared (default validation accuracy).
+
+    Returns:
+        {"train", "infer", "source": "validation"|"default", "gains": {dim: gain}, "base": value, "rule"}.
+    """
+    val = {(r["train"], r["infer"]): r.get(metric) for r in results
+           if r.get("kind") == "trained" and not r.get("rl") and r.get(metric) is not None}
+    naive = NAIVE
+    base = val.get((naive, naive))
+    rule = ("dimension on if its matched train=inference cell beats naive SFT on the validation slice "
+            "(better of icl=random/semantic); perplexity decoding on if it beats generative on the naive adapter")
+    def prior(reason: str) -> dict:
+        return {"train": canonical(DEFAULT_BEST[0], k), "infer": canonical(DEFAULT_BEST[1], k), "source": "default",
+                "gains": {}, "base": base, "rule": f"{reason}: DEFAULT_BEST prior {DEFAULT_BEST_WHY}"}
+
+    if base is None:
+        return prior("no validation results")
+    gains: dict[str, float] = {}
+    for spec, title in TRAIN_DIMS.items():
+        dim = canonical(spec, k)
+        if val.get((dim, dim)) is not None:
+            gains[title] = val[(dim, dim)] - base
+    for spec, title in INFER_ONLY_DIMS.items():
+        if val.get((naive, canonical(spec))) is not None:
+            gains[title] = val[(naive, canonical(spec))] - base
+    if not gains:
+        return prior("no single-dimension validation results")
+    chosen = [t for t in TRAIN_DIMS.values() if not t.startswith("icl=") and gains.get(t, 0) > 0]
+    icl = max((t for t in TRAIN_DIMS.values() if t.startswith("icl=") and gains.get(t, 0) > 0),
+              key=lambda t: gains[t], default=None)
+    train_specs = chosen + ([icl] if icl else [])
+    train = combine(*train_specs, k=k) if train_specs else naive
+    infer_extra = [t for t in INFER_ONLY_DIMS.values() if gains.get(t, 0) > 0]
+    infer = combine(train, *infer_extra, k=k) if infer_extra else train
+    return {"train": train, "infer": infer, "source": "validation", "gains": gains, "base": base, "rule": rule}
+
+
+def roles_by_cell(planned: Sequence[tuple[str, Cell]]) -> dict[Cell, list[str]]:
+    """Every role of each cell (a cell can be both a grid point and a single-dimension point)."""
+    out: dict[Cell, list[str]] = defaultdict(list)
+    for role, cell in planned:
+        if role not in out[cell]:
+            out[cell].append(role)
+    return dict(out)

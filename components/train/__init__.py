@@ -1,0 +1,1 @@
+"""Train: configs, SFT, GRPO (rewards), the fast training passes, checkpoints and callbacks."""
