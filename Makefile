@@ -8,7 +8,7 @@ export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_T
        TOKENIZERS_PARALLELISM=false
 export PREFECT_HOME ?= $(HOME)/.cache/gencls/prefect
 
-.PHONY: install run test test-fast ui clean-venv
+.PHONY: install run test test-fast ui browser-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,30 @@ test-fast: $(STAMP)
 
 ui: $(STAMP)  ## Prefect server + MLflow server on 127.0.0.1
 	$(BIN)/gencls ui
+
+# The browser check (tests/test_browser.py, marker `browser`, left out of `make test` and CI): the tiny
+# pipeline, then the Prefect, MLflow and Data Docs pages in headless Chromium; screenshots in reports/browser/.
+# Playwright comes from the `browser` extra and drives Debian's chromium (no `playwright install` download).
+CHROMIUM ?= /usr/bin/chromium
+BROWSER_STAMP := $(VENV)/.browser-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+$(BROWSER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,browser]'
+	rm -f $(VENV)/.browser-* && touch $@
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+	  echo "$(CHROMIUM) is missing: run 'sudo apt-get install -y chromium' (Debian/Ubuntu), or point" \
+	       "CHROMIUM=/path/to/chromium at an installed Chromium, then run make browser-check again" >&2; \
+	  exit 1; \
+	fi
+	@test -x $(CHROMIUM) || { echo "chromium installed, but not at $(CHROMIUM); set CHROMIUM=..." >&2; exit 1; }
+
+browser-check: $(BROWSER_STAMP) $(CHROMIUM)  ## headless-Chromium check of the three UIs (a few minutes)
+	GENCLS_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q -m browser tests/test_browser.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -140,6 +140,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     artifacts = tracking.artifact_root(project_root())
     artifacts.mkdir(parents=True, exist_ok=True)
     prefect_url = f"http://{HOST}:{args.prefect_port}"
+    # the UI finds its API from these settings, not from `server start --port` (else it calls :4200)
+    env.update({"PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": str(args.prefect_port),
+                "PREFECT_UI_API_URL": f"{prefect_url}/api"})
     mlflow_url = f"http://{HOST}:{args.mlflow_port}"
     ok_p, log_p = _start("prefect", [str(bin_dir / "prefect"), "server", "start", "--host", HOST,
                                      "--port", str(args.prefect_port)], env, f"{prefect_url}/api/health")
