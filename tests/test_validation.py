@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cli import main as cli
-from components.data import validation
+from components.data import datadocs, validation
 from components.data.datasets import DataError
 from components.data.validation import DataValidationError, ValidationReport, require_valid, validate_dataset
 
@@ -214,7 +214,7 @@ def test_data_docs_render_offline(data_dir, tmp_path, tiny_rows, dataset_writer)
     report = _validate(data_dir, tmp_path)
     docs = report.docs_path.parent
     _assert_renders_offline(docs)
-    assert validation.offline_problems(docs) == []
+    assert datadocs.offline_problems(docs) == []
     index = report.docs_path.read_text(encoding="utf-8")
     assert 'src="./static/vendor/jquery.min.js"' in index and 'src="./static/vendor/bootstrap-table.min.js"' in index
     assert "crossorigin" not in index  # file:// pages cannot satisfy CORS
@@ -223,7 +223,7 @@ def test_data_docs_render_offline(data_dir, tmp_path, tiny_rows, dataset_writer)
     page = docs / "probe.html"
     page.write_text('<script src="https://code.jquery.com/jquery-3.7.1.min.js"></script>'
                     '<link rel="stylesheet" href="static/vendor/nope.css">', encoding="utf-8")
-    assert len(validation.offline_problems(docs)) == 2
+    assert len(datadocs.offline_problems(docs)) == 2
     with pytest.raises(AssertionError):
         _assert_renders_offline(docs)
 
@@ -238,10 +238,10 @@ def test_every_cdn_url_of_the_gx_templates_is_handled():
         urls |= set(re.findall(r"""(?:src|href)=["'](https://[^"'{]+)["']""", template.read_text(encoding="utf-8")))
     loaded = {u for u in urls if re.search(r"\.(js|css)$|/npm/vega", u)}
     assert loaded, "the templates changed shape"
-    unhandled = {u for u in loaded if u not in validation.CDN_ASSETS and not validation.VEGA_TAG.search(
+    unhandled = {u for u in loaded if u not in datadocs.CDN_ASSETS and not datadocs.VEGA_TAG.search(
         f'<script src="{u}"></script>')}
     assert not unhandled
-    assert all((validation.ASSETS_DIR / local).is_file() for local in validation.CDN_ASSETS.values())
+    assert all((datadocs.ASSETS_DIR / local).is_file() for local in datadocs.CDN_ASSETS.values())
 
 
 def test_data_docs_keep_a_history_of_validations(data_dir, tmp_path, tiny_rows, dataset_writer, monkeypatch):
@@ -251,7 +251,7 @@ def test_data_docs_keep_a_history_of_validations(data_dir, tmp_path, tiny_rows, 
     second = _validate(data_dir, tmp_path)
     assert first.success and not second.success
     docs = second.docs_path.parent
-    runs = validation.validation_runs(docs)
+    runs = datadocs.validation_runs(docs)
     assert len(runs) == 2 and runs[0][2] != runs[1][2]  # two runs, named by their data's hash
     pages = sorted((docs / "validations").rglob("*.html"))
     assert len(pages) == 2
@@ -261,7 +261,7 @@ def test_data_docs_keep_a_history_of_validations(data_dir, tmp_path, tiny_rows, 
     _assert_renders_offline(docs)
     monkeypatch.setattr(validation, "HISTORY", 2)  # the cap: the oldest run goes
     third = _validate(data_dir, tmp_path)
-    kept = validation.validation_runs(third.docs_path.parent)
+    kept = datadocs.validation_runs(third.docs_path.parent)
     assert len(kept) == 2 and runs[0] not in kept and runs[1] in kept
     assert not list((docs / "validations").rglob(f"{runs[0][0]}"))
 

@@ -33,16 +33,9 @@ import pandas as pd
 from components import config
 from components.data.sources import DATASETS
 from components.data.datasets import SPLITS, DataError, dataset_dir, load_labels
-from components.data.expectations import BLANK_TEXT, build_expectations  # noqa: F401
-from components.data.frame import add_check_columns, read_split_frame  # noqa: F401
-from components.data.datadocs import (  # noqa: F401 (the site's API, re-exported)
-    HISTORY,
-    RESULTS_DIR,
-    make_offline,
-    offline_problems,
-    prune_history,
-    validation_runs,
-)
+from components.data.expectations import build_expectations
+from components.data.frame import add_check_columns, read_split_frame
+from components.data.datadocs import HISTORY, RESULTS_DIR, make_offline, prune_history
 
 DEFAULT_THRESHOLDS: dict[str, Any] = {
     "min_per_label": 10,     # fewer training examples than this per label is too few to learn from
