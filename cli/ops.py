@@ -20,6 +20,7 @@ import sys
 
 from components.config import wait_healthy
 from pathlib import Path
+from cli.args import profile_arg
 
 PREFECT_PORT = 4200
 MLFLOW_PORT = 5000
@@ -36,7 +37,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     retrain = sub.add_parser("retrain", help="run the Prefect retraining flow once for a dataset")
     retrain.add_argument("--dataset", default="trec6")
-    retrain.add_argument("--profile", default="quick", choices=["quick", "full"])
+    retrain.add_argument("--profile", default="quick", type=profile_arg("sft"))
     retrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="config override, e.g. rl.learning_rate=1e-5 (repeatable)")
     retrain.set_defaults(func=cmd_retrain)

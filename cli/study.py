@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from cli.args import profile_arg
 
 ALL_DATASETS = ("movie-sentiment", "tweet-sentiment", "sms-spam", "trec6", "bbc-news", "r8", "20newsgroups")  # = DATASETS
 
@@ -21,7 +22,7 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `gencls study` ."""
     parser.add_argument("--datasets", nargs="+", default=["trec6"], metavar="NAME",
                         help=f"datasets to study (built under data/); 'all' = {' '.join(ALL_DATASETS)}")
-    parser.add_argument("--profile", default="cpu", choices=["cpu", "gpu"],
+    parser.add_argument("--profile", default="cpu", type=profile_arg("study"),
                         help="cpu: subsampled, headline < 15 min/dataset on 2 cores; gpu: training pool capped at "
                              "8,000, test at 2,000, SFT by a 400k-token budget (one H100/H200)")
     parser.add_argument("--runner", default="local", choices=["local", "dask"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from cli.args import profile_arg
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         parser = kinds.add_parser(kind, help=what, formatter_class=argparse.RawDescriptionHelpFormatter,
                                   epilog=f"config keys for --set ({kind}.KEY=VALUE or KEY=VALUE):\n{config_help(kind)}")
         parser.add_argument("--dataset", required=True, help="dataset name (data/<name>/ built)")
-        parser.add_argument("--profile", default="quick", choices=["quick", "full"],
+        parser.add_argument("--profile", default="quick", type=profile_arg("sft"),
                             help="quick: 2 CPU cores, trec6 SFT+RL+eval < 15 min; full: GPU, all data")
         parser.add_argument("--strategy", default=None, help="training prompt strategy (default: naive / the SFT one)")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

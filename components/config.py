@@ -106,6 +106,33 @@ def portable(path: str | Path | None) -> str | None:
         return str(path)
 
 
+def default_params() -> dict[str, Any]:
+    """The project's own params.yaml (beside components/): the profiles when a root has no params.yaml."""
+    return load_params(REPO_ROOT / "params.yaml")
+
+
+def profile_section(profile: str, section: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`profiles.<profile>.<section>` of params.yaml: the one place profiles are defined.
+
+    Args:
+        profile: quick | full (training) or cpu | gpu (study).
+        section: sft | rl | evaluate | study.
+        params: params.yaml content; None reads the root's. Without a `profiles:` table (an empty
+            dict, a root without params.yaml) the project's own params.yaml supplies it.
+
+    Raises:
+        ValueError: unknown profile, or one that does not define `section`.
+    """
+    params = load_params() if params is None else params
+    table = params.get("profiles") or default_params().get("profiles") or {}
+    if profile not in table:
+        raise ValueError(f"profile {profile!r}: expected one of {', '.join(table)} (params.yaml profiles)")
+    if section not in (table[profile] or {}):
+        having = [name for name, spec in table.items() if section in (spec or {})]
+        raise ValueError(f"profile {profile!r} defines no {section} settings; profiles that do: {', '.join(having)}")
+    return dict(table[profile][section] or {})
+
+
 def wait_healthy(url: str, timeout: float = 120.0, proc: Any = None) -> bool:
     """Poll `url` until it answers 200 (False on timeout or when `proc` exits)."""
     deadline = time.time() + timeout

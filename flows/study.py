@@ -4,7 +4,7 @@
     gencls study --datasets trec6 --cells ablation --runner dask --dask-address tcp://10.0.0.5:8786
     python -m cli study --datasets trec6 --profile cpu --cells all   # the same, without the console script
 
-Per dataset: the study subsamples the splits (components.study.plan.STUDY_PROFILES; recorded
+Per dataset: the study subsamples the splits (params.yaml profiles.<p>.study; recorded
 exactly), writes two dataset views under reports/study/<d>/data/ (test view: training pool +
 test subsample; val view: training pool + validation slice), then runs its cells in two
 phases. Phase 1 holds everything that does not depend on the best combination (baselines,
@@ -232,7 +232,7 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
                 "study_run_id": run_id, "study_key": study_key, "machine": report.machine_info(),
                 "seconds": round(time.time() - started, 1), "cells_reused": reused,
                 "cells_run": sum(len(v) for v in results.values()) - reused,
-                "subsampling": {k: plan.STUDY_PROFILES[profile][k] for k in ("train_size", "val_size", "test_size", "seed")}
+                "subsampling": {k: prepare.profile_settings(profile, None)[k] for k in ("train_size", "val_size", "test_size", "seed")}
                 | {k: v for k, v in (overrides or {}).items() if k in ("train_size", "val_size", "test_size", "seed")},
                 "sft_config_summary": report.config_summary(next(iter(ctxs.values()))["configs"]["sft"]) if ctxs else {},
                 "rl_config_summary": report.config_summary(next(iter(ctxs.values()))["configs"]["rl"]) if ctxs else {},

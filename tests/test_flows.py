@@ -122,3 +122,32 @@ def test_schedule_runs_as_a_service_units(tmp_path, monkeypatch, capsys):
         assert Path(exe).is_file(), exe  # the venv's own prefect / gencls
     assert "--host 127.0.0.1" in server and "serve-deployments" in schedule and "Requires=gencls-prefect" in schedule
     assert "systemctl --user" in capsys.readouterr().out
+
+
+def test_dill_output_capture_inside_a_logging_task_stays_out_of_the_log(prefect_harness):
+    """Inside a log_prints task, dill's stdout capture (HF datasets' fingerprint of TRL's map function)
+    would go to the run log as bytecode; python_print keeps it captured."""
+    import contextlib
+    import dis
+    import io
+
+    from prefect import flow
+
+    from components.train.callbacks import python_print
+
+    def captured() -> str:
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            dis.dis(lambda x: x + 1)
+        return buffer.getvalue()
+
+    @flow(log_prints=True)
+    def probe() -> tuple[str, str]:
+        bare = captured()
+        with python_print():
+            fixed = captured()
+        return bare, fixed
+
+    bare, fixed = probe()
+    assert "LOAD_FAST" not in bare  # what Prefect's print patch does to a captured dis.dis
+    assert "LOAD_FAST" in fixed

@@ -301,3 +301,33 @@ def test_training_logs_are_one_short_line_per_step(tiny_model_dir, toy_data, tmp
     assert all(len(line) < 100 and "{" not in line for line in lines)
     assert format_step("rl", 3, 16, {"reward": 0.5, "zero_variance_groups": 0.25, "kl": 0.001, "x": 1}) == \
         "[rl 3/16] reward 0.5  no-signal 0.25  kl 0.001"
+
+
+def test_profiles_are_defined_once_in_params_yaml():
+    """quick/full/cpu/gpu come from params.yaml through one loader; no profile table lives in code."""
+    import ast
+    from pathlib import Path
+
+    import yaml
+
+    from components.study.prepare import profile_settings
+
+    repo = Path(__file__).resolve().parent.parent
+    table = yaml.safe_load((repo / "params.yaml").read_text())["profiles"]
+    assert set(table) == {"quick", "full", "cpu", "gpu"}
+    for profile in ("quick", "full"):
+        for kind in ("sft", "rl"):
+            cfg = load_config(kind, profile, params={})
+            assert all(getattr(cfg, key) == pytest.approx(value) for key, value in table[profile][kind].items())
+    assert profile_settings("gpu", None)["train_size"] == table["gpu"]["study"]["train_size"]
+    with pytest.raises(ValueError, match="defines no sft settings; profiles that do: quick, full"):
+        load_config("sft", "cpu", params={})
+    with pytest.raises(ValueError, match="defines no study settings"):
+        profile_settings("quick", None)
+    tables = [f"{path.relative_to(repo)}: {node.targets[0].id}" for path in (repo / "components").rglob("*.py")
+              for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Assign)
+              and isinstance(node.targets[0], ast.Name) and node.targets[0].id.endswith("PROFILES")]
+    tables += [f"{path.relative_to(repo)}: {node.target.id}" for path in (repo / "components").rglob("*.py")
+               for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.AnnAssign)
+               and isinstance(node.target, ast.Name) and node.target.id.endswith("PROFILES")]
+    assert not tables, tables

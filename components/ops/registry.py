@@ -188,6 +188,7 @@ def version_metadata(base: dict, train_strategy: str, inference_strategy: str, p
             "base_model.version": base.get("version") or "", "base_model.sha256": base.get("sha256") or "",
             "strategy.train": train_strategy, "strategy.inference": inference_strategy, "profile": profile,
             "data_hash": data_hash}
+    tags = {k: v for k, v in tags.items() if v}  # a local base model has no package, version or sha256
     description = (
         f"GenCLS++ classifier for {dataset}: a LoRA adapter on {base.get('base_model')} ({package}"
         f"{', sha256 ' + str(base['sha256'])[:12] if base.get('sha256') else ''}), trained by SFT then GRPO "

@@ -4,6 +4,8 @@
     # flows/study.py runs the cells; this module decides *which* cells (and, from the validation
     # results, the best combination); prepare.py subsamples, measure.py measures, report.py reports.
 
+The study profiles (cpu, gpu) live in params.yaml `profiles.<p>.study`.
+
 A cell is one measured configuration of one dataset: (kind, train strategy, inference
 strategy, rl on/off, profile, model). Its key is a stable hash of those fields plus the
 dataset's settings fingerprint (subsample ids, resolved training configs, evaluation
@@ -52,59 +54,6 @@ DEFAULT_BEST_WHY = ("(semantically retrieved demonstrations at training and infe
 CELL_SETS = ("headline", "ablation", "all")
 RESULT_FILE = "result.json"
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "abstention_rate", "answered_accuracy", "ece")
-
-# Profiles: what each study profile subsamples and which training profile/overrides it uses.
-# cpu: headline (tfidf, zero-shot, naive SFT, best SFT + RL) < 15 min per dataset on 2 cores with
-#      SmolLM2-135M. Every cost is proportional to prompt tokens (LoRA training ~100 tokens/s through
-#      SFTTrainer without dropout, evaluation ~2,700 prompt tokens/s of what the prompts do not share,
-#      GRPO ~15 s per step of 8 completions at 128 tokens), so SFT gets a token budget: as many naive prompts of the pool as
-#      fit in `sft_tokens` (at most sft.train_size): 200 short questions, ~95 news articles.
-# gpu: headline over all seven < 10 min on one H100/H200 (goal). Measured on one H100 (2026-11-26, batch 32,
-#      GRPO 24 steps, before the shared-prefix decoding and the retriever fix): SFT ran 3.4 optimizer steps/s
-#      whatever the prompt length (launch-bound: ~110 prompts/s), GenCLS++ SFT spent ~50 s more re-embedding
-#      its prompts one at a time, GRPO 24 steps took 57 s with no learning signal (grad norm ~5e-5 at 98%
-#      held-out accuracy); ~4 min per dataset. Hence batch 128 (lr 5e-4: ~40 steps, as the cpu profile
-#      found for few steps) and 12 GRPO steps: expected ~1.5 min per dataset, not yet re-measured.
-# Both: GRPO trains on the prompts most likely to carry a learning signal (rl.focus=informative, scored by
-#      the SFT policy; components.train.rl.focus_examples).
-STUDY_PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "training_profile": "quick",
-        "train_size": 240,  # stratified, seeded training pool (SFT, RL, TF-IDF and demos all use it)
-        "val_size": 100,  # stratified validation slice of the training split (best-combination choice)
-        "test_size": 200,  # stratified, seeded test subsample (None = the full test split)
-        "icl_k": 2,  # demonstrations per prompt (k=4 doubles prompt length and CPU training time)
-        "seed": 0,
-        "text_room": 64,  # prompt budgets rise to instructions + 64 tokens where 128 is too few (20newsgroups)
-        "sft_tokens": 12_000,  # SFT prompts: as many as fit in this many naive-prompt tokens (0 = sft.train_size)
-        # SFT: the pool minus 40 held-out prompts (model selection), at most 200 and at most sft_tokens' worth;
-        # lr 5e-4 because 25 steps at 2e-4 leave LoRA under-trained; no dropout (-15% time)
-        "sft": {"train_size": 200, "eval_size": 40, "epochs": 1.0, "eval_every_steps": 1000, "save_steps": 25,
-                "max_prompt_tokens": 128, "uncertain_max_scored": 200, "learning_rate": 5e-4, "lora_dropout": 0.0},
-        "rl": {"train_size": 0, "eval_size": 40, "max_steps": 8, "batch_size": 8, "eval_every": 8,
-               "save_steps": 4, "max_prompt_tokens": 128, "learning_rate": 5e-5},
-        "reasoning_rl": {"max_completion_length": 64},  # room for <think>...</think> then the answer
-        "eval": {"batch_size": 16, "max_prompt_tokens": 128},
-    },
-    "gpu": {
-        "training_profile": "full",
-        "train_size": 8000,  # the training pool is capped at 8,000 (tweet-sentiment has 29,748, 20newsgroups 11,262)
-        "val_size": 500,
-        "test_size": 2000,  # stratified; 5 of the 7 test splits are smaller and kept whole
-        "icl_k": 2,  # the cpu profile's prior, so both profiles measure the same GenCLS++ configuration
-        "seed": 0,
-        "text_room": 64,
-        "sft_tokens": 400_000,  # 1 epoch over ~6,000 trec6 questions or ~1,500 newsgroup posts
-        "sft": {"train_size": 8000, "eval_size": 200, "epochs": 1.0, "batch_size": 128, "learning_rate": 5e-4,
-                "eval_every_steps": 100_000, "save_steps": 20, "max_prompt_tokens": 256, "lora_dropout": 0.0,
-                "uncertain_max_scored": 1000},
-        "rl": {"train_size": 0, "eval_size": 200, "max_steps": 12, "num_generations": 8, "batch_size": 64,
-               "eval_every": 12, "save_steps": 6, "max_prompt_tokens": 256},
-        "reasoning_rl": {"max_completion_length": 96},
-        "eval": {"batch_size": 128, "max_prompt_tokens": 256},
-    },
-}
-
 
 # ----------------------------------------------------------------------------- strategies
 def canonical(spec: str, k: int | None = None) -> str:

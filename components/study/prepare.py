@@ -9,14 +9,14 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from components.study.plan import STUDY_PROFILES, TRAIN_FLOOR
+from components.study.plan import TRAIN_FLOOR
 
 
-def profile_settings(profile: str, overrides: dict | None) -> dict:
-    """STUDY_PROFILES[profile] with flat overrides (`train_size`, `eval.batch_size`, ...) applied."""
-    if profile not in STUDY_PROFILES:
-        raise ValueError(f"profile {profile!r}: expected one of {', '.join(STUDY_PROFILES)}")
-    settings = json.loads(json.dumps(STUDY_PROFILES[profile]))
+def profile_settings(profile: str, overrides: dict | None, params: dict | None = None) -> dict:
+    """params.yaml `profiles.<profile>.study` with flat overrides (`train_size`, `eval.batch_size`, ...) applied."""
+    from components.config import profile_section
+
+    settings = json.loads(json.dumps(profile_section(profile, "study", params)))
     for key, value in (overrides or {}).items():
         head, _, tail = key.partition(".")
         if head in ("sft", "rl"):

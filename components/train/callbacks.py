@@ -213,3 +213,32 @@ def printer(log_fn: LogFn | None = None) -> Callable[[str], None]:
     def _log(message: str) -> None:
         print(message, flush=True)
     return _log
+
+
+@contextlib.contextmanager
+def python_print() -> Iterator[None]:
+    """Python's own `print` inside the block, also inside a Prefect task with log_prints.
+
+    Building a TRL trainer maps the dataset; HF datasets fingerprints the map function with dill,
+    which reads the function's globals from `dis.dis` output captured by swapping sys.stdout.
+    Prefect's print patch forwards `print(..., file=None)` to the run log whatever sys.stdout is, so
+    hundreds of bytecode lines landed in the flow log (and dill saw no globals). Outside Prefect
+    this is a no-op.
+    """
+    import builtins
+    import sys
+    import types
+
+    patched = builtins.print
+    if isinstance(patched, types.BuiltinFunctionType):
+        yield
+        return
+    original = getattr(sys.modules.get("prefect.logging.loggers"), "print", None)
+    if not isinstance(original, types.BuiltinFunctionType):
+        yield
+        return
+    builtins.print = original
+    try:
+        yield
+    finally:
+        builtins.print = patched

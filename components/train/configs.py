@@ -2,9 +2,10 @@
 
 `load_config` resolves an SFTConfig or RLConfig in this order (later wins):
 
-    1. built-in profile defaults (`PROFILES["quick"|"full"][kind]`, below)
+    1. the dataclass defaults below (each field with its help)
     2. params.yaml section `sft:` / `rl:`           (flat `field: value`)
-    3. params.yaml `profiles: {<profile>: {sft: {...}, rl: {...}}}`
+    3. params.yaml `profiles: {<profile>: {sft: {...}, rl: {...}}}` (the only place profiles are defined;
+       `components.config.profile_section`)
     4. overrides (`--set sft.learning_rate=1e-4` or `--set learning_rate=1e-4`)
 
 Unknown keys in params.yaml are ignored with a warning (the file is shared with other
@@ -111,24 +112,6 @@ class RLConfig:
 
 CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rl": RLConfig}
 
-# Built-in profiles. quick: trec6 on SmolLM2, 2 CPU cores, `make run` <= 10 min. Measured with the
-# shared-prefix engine (`gencls bench train`, idle 2-core machine): ~1.9 s per SFT step of 8 trec6
-# prompts (TRL's own loss: ~4.7 s), so 1,000 examples = 125 steps ~ 4 min; a group-shared GRPO
-# step of 8 completions ~4 s (TRL's: ~9.5 s): 16 steps ~ 1 min.
-# full: a GPU, all training data, more RL steps.
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "quick": {"sft": {"train_size": 1000},
-              "rl": {"max_steps": 16, "batch_size": 8, "eval_every": 8, "eval_size": 60}},
-    "full": {
-        "sft": {"train_size": 0, "eval_size": 500, "epochs": 2.0, "batch_size": 32, "eval_every_steps": 200,
-                "eval_batch_size": 64, "save_steps": 200, "bf16": True, "uncertain_max_scored": 0,
-                "logging_steps": 10},
-        "rl": {"train_size": 0, "eval_size": 500, "max_steps": 500, "num_generations": 8, "batch_size": 64,
-               "eval_every": 100, "eval_batch_size": 64, "save_steps": 100, "bf16": True, "logging_steps": 5},
-    },
-}
-
-
 def _coerce(cls: type, key: str, value: Any) -> Any:
     """Coerce an override/params value to the declared type of `cls.key`; ValueError naming the key otherwise.
 
@@ -189,7 +172,7 @@ def load_config(kind: str, profile: str = "quick", params: dict | None = None,
 
     Args:
         kind: "sft" or "rl".
-        profile: "quick" (2 CPU cores) or "full" (GPU).
+        profile: a params.yaml profile with a `kind` section: "quick" (2 CPU cores) or "full" (GPU).
         params: params.yaml content; None reads `<root>/params.yaml` if present.
         overrides: `{"learning_rate": "1e-4"}` or `{"sft.learning_rate": ...}`; keys for the
             other kind (e.g. `rl.beta` while resolving sft) are skipped.
@@ -203,15 +186,13 @@ def load_config(kind: str, profile: str = "quick", params: dict | None = None,
     """
     if kind not in CONFIG_CLASSES:
         raise ValueError(f"config kind {kind!r}: expected one of {', '.join(CONFIG_CLASSES)}")
-    if profile not in PROFILES:
-        raise ValueError(f"profile {profile!r}: expected one of {', '.join(PROFILES)}")
     from components import config as project_config
 
     cls = CONFIG_CLASSES[kind]
     names = {f.name for f in fields(cls)}
     params = project_config.load_params() if params is None else params
-    values: dict[str, Any] = dict(PROFILES[profile][kind])
-    layers = [params.get(kind) or {}, ((params.get("profiles") or {}).get(profile) or {}).get(kind) or {}]
+    values: dict[str, Any] = {}
+    layers = [params.get(kind) or {}, project_config.profile_section(profile, kind, params)]
     for layer in layers:
         for key, value in layer.items():
             if key in names:

@@ -58,6 +58,7 @@ from components.train.callbacks import (
     make_callbacks,
     plot_curves,
     printer,
+    python_print,
 )
 from components.train.configs import (
     RLConfig,
@@ -229,8 +230,10 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_func
 
         trainer_class = make_grpo_trainer_class()
     trainer_class = with_atomic_checkpoints(trainer_class)
-    return trainer_class(model=model, reward_funcs=reward_funcs, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=list(callbacks))
+    with python_print():  # TRL maps the dataset: no bytecode in a Prefect run's log
+        return trainer_class(model=model, reward_funcs=reward_funcs, args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                             callbacks=list(callbacks))
 
 
 def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path | None = None,

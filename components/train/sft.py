@@ -45,6 +45,7 @@ from components.train.callbacks import (
     make_callbacks,
     plot_curves,
     printer,
+    python_print,
 )
 from components.train.configs import (
     SFTConfig,
@@ -221,9 +222,10 @@ def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfi
         kwargs["data_collator"] = SharedPrefixCollator(pad_id=tokenizer.pad_token_id,
                                                        share=config.engine == "shared-prefix")
     trainer_class = with_atomic_checkpoints(trainer_class)
-    return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=lora_config(config) if config.lora else None, callbacks=list(callbacks),
-                         **kwargs)
+    with python_print():  # TRL maps the dataset: no bytecode in a Prefect run's log
+        return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, peft_config=lora_config(config) if config.lora else None,
+                             callbacks=list(callbacks), **kwargs)
 
 
 def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path | None = None,
