@@ -2,6 +2,11 @@
 
     key = fingerprint({"config": cfg, "data": sha256_files(files), "src": source_hash("components.train.sft")})
 
+Every skip of finished work goes through here: a folder's record (`write_record`, `.gencls_step.json`:
+the fingerprint of the inputs that made it, plus run id and seconds) says it is done for those inputs
+(`finished`). The pipeline steps (flows/steps.py), the study's trained adapters and its cell keys use
+it; DVC decides with the same code closure (tests/test_dvc.py).
+
 `source_hash` follows the module's imports (module level and inside functions, found with `ast`)
 through the project's own packages, so a change to any module the step can run (engine.py for SFT,
 decoding.py for an evaluation) changes the key. flows/steps.py keys every step's skip record with it
@@ -13,12 +18,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("components", "flows")  # the code a step can run (cli/ and benchmarks/ are never imported by steps)
+PACKAGES = ("components", "flows")
+RECORD_FILE = ".gencls_step.json"  # in an output folder: the fingerprint of its inputs, run id, seconds  # the code a step can run (cli/ and benchmarks/ are never imported by steps)
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
@@ -31,9 +38,36 @@ def sha256_files(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(data: Any) -> str:
-    """Stable short hash of JSON-able data."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+def fingerprint(data: Any, length: int = 20) -> str:
+    """Stable short hash of JSON-able data (the first `length` hex digits of its sha256)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+# ----------------------------------------------------------------------------- skip records
+def read_record(folder: str | Path) -> dict:
+    """The record of an output folder: what made it ({} when absent or unreadable)."""
+    path = Path(folder) / RECORD_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        return {}  # a torn write: the output is not finished
+
+
+def write_record(folder: str | Path, record: dict) -> None:
+    """Write the record last and atomically (written aside, renamed): a crash leaves no record."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (RECORD_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / RECORD_FILE)
+
+
+def finished(folder: str | Path, key: str, needs: tuple[str, ...] = ()) -> dict | None:
+    """The record when `folder` was made from inputs with fingerprint `key` and holds the files `needs`."""
+    record = read_record(folder)
+    if record.get("fingerprint") != key or not all((Path(folder) / name).exists() for name in needs):
+        return None
+    return record
 
 
 def module_file(name: str) -> Path | None:

@@ -3,10 +3,10 @@
 Each step calls components/, writes its outputs under data/, checkpoints/ or reports/,
 logs to MLflow through components.ops.tracking and returns plain values. No Prefect here.
 
-Resume: the training and evaluation steps write ``.gencls_step.json`` with a fingerprint
-of their inputs (resolved config, data hashes, upstream fingerprint, and the source of every
-module the step's component can import: components.fingerprint) next to their outputs; when the fingerprint matches, the step is skipped and
-its recorded result returned. This works across processes (a flow started again after a
+Resume: the training and evaluation steps write a record (components.fingerprint.write_record,
+``.gencls_step.json``) with a fingerprint of their inputs (resolved config, data hashes, upstream
+fingerprint, the source of every module the step's component can import) next to their outputs;
+when the fingerprint matches, the step is skipped and its recorded result returned. This works across processes (a flow started again after a
 failure resumes at the failed step) and matches what dvc does for `dvc repro`.
 """
 from __future__ import annotations
@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from components import config
-from components.fingerprint import fingerprint, sha256_files, source_hash
+from components.fingerprint import fingerprint, finished, read_record, sha256_files, source_hash, write_record
 from components.evaluate.summary import SUMMARY_ROWS, summary_table
 from components.ops import tracking
 
-STEP_FILE = ".gencls_step.json"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -36,26 +35,6 @@ def data_hash(dataset: str, splits: tuple[str, ...] = ("train", "test")) -> str:
     """Hash of a dataset's split files and labels.yaml."""
     folder = config.data_dir() / dataset
     return sha256_files([folder / f"{s}.jsonl" for s in splits] + [folder / "labels.yaml"])
-
-
-def read_step(folder: Path) -> dict:
-    """The step record of an output folder ({} when absent)."""
-    path = Path(folder) / STEP_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_step(folder: Path, record: dict) -> None:
-    """Write the step record last, so a crash mid-step leaves no record."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / STEP_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def is_done(folder: Path, key: str, needs: tuple[str, ...] = ()) -> dict | None:
-    """The record when ``folder`` holds a finished step with fingerprint ``key`` and the files ``needs``."""
-    record = read_step(folder)
-    if record.get("fingerprint") != key or not all((Path(folder) / name).exists() for name in needs):
-        return None
-    return record
 
 
 @contextmanager
@@ -174,7 +153,7 @@ def step_sft(dataset: str, profile: str = "quick", overrides: dict | None = None
                        "src": source_hash(train_sft.__module__)})
     with run_scope(dataset, "sft", run_id, {"strategy.train": cfg.train_strategy}) as rid:
         tracking.log_config(rid, asdict_config(cfg), prefix="sft.")
-        done = is_done(out, key, ("gencls_config.json",))
+        done = finished(out, key, ("gencls_config.json",))
         if done:
             print(f"[sft] {out} is up to date (fingerprint {key}); skipped")
             tracking.set_tags(rid, {"sft.skipped": "true"})
@@ -185,7 +164,7 @@ def step_sft(dataset: str, profile: str = "quick", overrides: dict | None = None
         _log_training_outputs(rid, out, "sft")
         write_curves(dataset, "sft", out)
         record = {"fingerprint": key, "path": str(out), "run_id": rid, "seconds": round(time.time() - started, 1)}
-        write_step(out, record)
+        write_record(out, record)
     return record
 
 
@@ -198,12 +177,12 @@ def step_rl(dataset: str, profile: str = "quick", overrides: dict | None = None,
     cfg = resolve_configs(profile, overrides)["rl"]
     sft_dir = config.checkpoints_dir() / dataset / "sft"
     out = config.checkpoints_dir() / dataset / "rl"
-    upstream = sft_fingerprint or read_step(sft_dir).get("fingerprint") or sha256_files(sorted(sft_dir.glob("*.json")))
+    upstream = sft_fingerprint or read_record(sft_dir).get("fingerprint") or sha256_files(sorted(sft_dir.glob("*.json")))
     key = fingerprint({"config": asdict_config(cfg), "sft": upstream, "src": source_hash(train_rl.__module__),
                        "data": data_hash(dataset, ("train",))})
     with run_scope(dataset, "rl", run_id) as rid:
         tracking.log_config(rid, asdict_config(cfg), prefix="rl.")
-        done = is_done(out, key, ("gencls_config.json",))
+        done = finished(out, key, ("gencls_config.json",))
         if done:
             print(f"[rl] {out} is up to date (fingerprint {key}); skipped")
             tracking.set_tags(rid, {"rl.skipped": "true"})
@@ -214,7 +193,7 @@ def step_rl(dataset: str, profile: str = "quick", overrides: dict | None = None,
         _log_training_outputs(rid, out, "rl")
         write_curves(dataset, "rl", out)
         record = {"fingerprint": key, "path": str(out), "run_id": rid, "seconds": round(time.time() - started, 1)}
-        write_step(out, record)
+        write_record(out, record)
     return record
 
 
@@ -270,11 +249,11 @@ def step_evaluate(dataset: str, name: str, model: str | None = None, profile: st
     if model is None and adapter is None:
         model = resolve_configs(profile)["sft"].model
     out = reports(dataset) / name
-    upstream = read_step(adapter).get("fingerprint") if adapter else None
+    upstream = read_record(adapter).get("fingerprint") if adapter else None
     key = fingerprint({"settings": settings, "model": model, "adapter": str(adapter), "upstream": upstream,
                        "test": data_hash(dataset, ("test",)), "src": source_hash(evaluate.__module__)})
     with run_scope(dataset, f"evaluate-{name}", run_id, {"strategy": settings["strategy"]}) as rid:
-        done = is_done(out, key, ("metrics.json", "predictions.jsonl", "confusion.png"))
+        done = finished(out, key, ("metrics.json", "predictions.jsonl", "confusion.png"))
         if done:
             print(f"[evaluate:{name}] {out} is up to date; skipped")
             metrics = json.loads((out / "metrics.json").read_text())
@@ -282,7 +261,7 @@ def step_evaluate(dataset: str, name: str, model: str | None = None, profile: st
             metrics = evaluate(dataset, model, settings["strategy"], adapter=str(adapter) if adapter else None,
                                limit=settings["limit"], out_dir=out, batch_size=settings["batch_size"],
                                max_prompt_tokens=settings["max_prompt_tokens"], progress=False)
-            write_step(out, {"fingerprint": key, "run_id": rid})
+            write_record(out, {"fingerprint": key, "run_id": rid})
         tracking.log_metrics(rid, {k: v for k, v in metrics.items() if k not in ("confusion", "seed", "limit")},
                              prefix=f"{name}/")
         for file in ("metrics.json", "predictions.jsonl", "confusion.png", "prompts_sample.txt"):
@@ -317,8 +296,8 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
         tracking.log_config(rid, {"profile": profile, **configs, "evaluate": settings})
         tracking.set_tags(rid, {"strategy.train": configs.get("sft", {}).get("train_strategy", ""),
                                 "strategy.inference": settings["strategy"],
-                                "sft_run_id": read_step(adapter.parent / "sft").get("run_id", ""),
-                                "rl_run_id": read_step(adapter).get("run_id", "")})
+                                "sft_run_id": read_record(adapter.parent / "sft").get("run_id", ""),
+                                "rl_run_id": read_record(adapter).get("run_id", "")})
         for name, _ in SUMMARY_ROWS:
             path = reports(dataset) / name / "metrics.json"
             if path.is_file():

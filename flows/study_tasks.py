@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from components.config import set_offline_env
 from components.ops import tracking
 from components.study import measure, plan, prepare
-from components.study.measure import TRAIN_DONE
+from components.fingerprint import fingerprint, finished, source_hash, write_record
 
 EXPERIMENT = "study"  # tracking.experiment_id("study") -> MLflow experiment "gencls-study"
 
@@ -68,7 +68,7 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
     """The trained adapter for (training strategy, rl): trained once, reused by every cell and rerun.
 
     A file lock per adapter keeps two workers from training the same one; a finished training
-    leaves a marker (TRAIN_DONE) and is never repeated. RL first ensures its SFT adapter.
+    leaves a record (components.fingerprint: settings + training code) and is not repeated while both hold. RL first ensures its SFT adapter.
     """
     from filelock import FileLock
 
@@ -80,8 +80,10 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
     train_key = prepare.settings_fingerprint({"train": train, "model": ctx["model"], "fp": ctx["fingerprint"]})[:12]
     out = Path(ctx["checkpoints"]) / f"{plan.slug_dir(train)}-{train_key}" / kind
     out.parent.mkdir(parents=True, exist_ok=True)
+    done_key = fingerprint({"settings": ctx["fingerprint"], "train": train, "model": ctx["model"],
+                            "src": source_hash((train_rl if rl else train_sft).__module__)})
     with FileLock(str(out.parent / f".{kind}.lock")):
-        if (out / TRAIN_DONE).is_file():
+        if finished(out, done_key, ("gencls_config.json",)):
             return out
         sft_dir = ensure_adapter(ctx, train, False) if rl else None
         view = ctx["views"]["test"]  # train.jsonl = the training pool (same in both views)
@@ -102,8 +104,8 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
                 train_sft(ctx["dataset"], config, out_dir=out, log_fn=log_fn, data_dir=view)
             for name in ("gencls_config.json", "metrics.json", "loss_curve.png", "reward_curve.png"):
                 tracking.log_artifact(rid, out / name, kind)
-        (out / TRAIN_DONE).write_text(json.dumps({"run_id": rid, "seconds": round(time.time() - started, 1),
-                                                  "fingerprint": ctx["fingerprint"], "train": train}) + "\n")
+        write_record(out, {"fingerprint": done_key, "settings": ctx["fingerprint"], "train": train, "run_id": rid,
+                           "seconds": round(time.time() - started, 1)})
     return out
 
 

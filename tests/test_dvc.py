@@ -218,3 +218,18 @@ def test_a_step_fingerprint_covers_all_the_code_it_can_run():
     assert {"sft.py", "engine.py", "prompts.py", "models.py", "config.py"} <= files
     assert "serving.py" not in files and "registry.py" not in files
     assert source_hash("components.train.sft") != source_hash("components.train.rl")
+
+
+def test_skip_records_are_one_mechanism(tmp_path):
+    """A folder is finished for a key only with its record (written last, atomically) and the files it needs."""
+    from components.fingerprint import RECORD_FILE, fingerprint, finished, read_record, write_record
+
+    key = fingerprint({"config": {"lr": 1e-4}, "data": "abc"})
+    assert finished(tmp_path, key) is None and read_record(tmp_path) == {}
+    write_record(tmp_path, {"fingerprint": key, "run_id": "r1"})
+    assert finished(tmp_path, key)["run_id"] == "r1"
+    assert finished(tmp_path, fingerprint({"config": {"lr": 2e-4}, "data": "abc"})) is None  # other inputs
+    assert finished(tmp_path, key, ("adapter_model.safetensors",)) is None  # an output is missing
+    (tmp_path / RECORD_FILE).write_text('{"fingerprint": "')  # torn by a kill
+    assert finished(tmp_path, key) is None and not list(tmp_path.glob("*.tmp"))
+    assert fingerprint({"a": 1}, 16) == fingerprint({"a": 1})[:16]  # resume ids and study keys: the same hash

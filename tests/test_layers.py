@@ -1,7 +1,7 @@
 """The layers in the folder names hold: cli/ above flows/ above components/; benchmarks beside flows; no circles.
 
 Inside components/ the lifecycle subpackages are layered too: data < model < evaluate < train < study,
-with ops beside study; config.py and threads.py (process-wide settings) sit below them all.
+with ops beside study; config.py, threads.py and fingerprint.py (process-wide settings, hashing) sit below them all.
 No module of components/, flows/ or cli/ is longer than MAX_LINES.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ COMPONENT_LAYERS = {  # a components subpackage may import itself and the ones l
     "study": {"data", "model", "evaluate", "train"},
     "ops": {"data", "model", "evaluate", "train"},
 }
-BASE = {"components", "components.config", "components.threads"}  # below every subpackage; import nothing else
+BASE_MODULES = ("config", "threads", "fingerprint")  # process-wide settings and hashing: below every subpackage
+BASE = {"components", *(f"components.{m}" for m in BASE_MODULES)}  # they import no subpackage
 LEGACY = {"components.serving"}  # the old pickled class path of logged pyfunc models (see the module)
 MAX_LINES = 400
 
@@ -98,8 +99,8 @@ def _component_crossings(name: str, targets: set[str]) -> list[str]:
     allowed = COMPONENT_LAYERS[home] | {home} if home else set()
     bad = []
     for target in targets:
-        if not target.startswith("components") or target in BASE or target.split(".")[:2] == ["components", "config"] \
-                or target.split(".")[:2] == ["components", "threads"]:
+        if not target.startswith("components") or target in BASE or (
+                target.split(".")[0] == "components" and target.split(".")[1] in BASE_MODULES):
             continue
         sub = target.split(".")[1]
         if sub not in allowed:

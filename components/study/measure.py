@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from components.fingerprint import RECORD_FILE, read_record
 from components.study.plan import METRIC_KEYS, RESULT_FILE, Cell, roles_by_cell
 
-TRAIN_DONE = ".study_train.json"  # marker next to a finished study adapter (run id, seconds, fingerprint)
 PHASE2_ROLES = ("gencls", "best_sft", "reasoning")
 
 
@@ -111,8 +111,8 @@ def report_cells(ctx: dict, planned: list[tuple[str, Cell]]) -> list[dict]:
 def compute_seconds(ctx: dict) -> float:
     """Training + evaluation seconds spent on this dataset's current cells (model loading excluded)."""
     total = sum(r.get("seconds", 0.0) + r.get("val_seconds", 0.0) for r in dataset_results(ctx))
-    for marker in Path(ctx["checkpoints"]).glob(f"*/*/{TRAIN_DONE}"):
-        info = json.loads(marker.read_text())
-        if info.get("fingerprint") == ctx["fingerprint"]:
+    for record in Path(ctx["checkpoints"]).glob(f"*/*/{RECORD_FILE}"):
+        info = read_record(record.parent)
+        if info.get("settings") == ctx["fingerprint"]:
             total += float(info.get("seconds", 0.0))
     return round(total, 1)

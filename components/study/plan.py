@@ -31,8 +31,6 @@ headline-only run on a fresh dataset) `DEFAULT_BEST` is used and the report says
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -113,8 +111,9 @@ class Cell:
 
     def key(self, settings_fp: str = "") -> str:
         """Stable 12-hex key of the cell's fields and the dataset's settings fingerprint."""
-        data = json.dumps({**dataclasses.asdict(self), "settings": settings_fp}, sort_keys=True)
-        return hashlib.sha256(data.encode()).hexdigest()[:12]
+        from components.fingerprint import fingerprint
+
+        return fingerprint({**dataclasses.asdict(self), "settings": settings_fp}, 12)
 
     @property
     def name(self) -> str:

@@ -167,4 +167,6 @@ def files_sha256(*folders: Path) -> str:
 
 def settings_fingerprint(data: Any) -> str:
     """Short sha256 of the settings a dataset's cells depend on."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from components.fingerprint import fingerprint
+
+    return fingerprint(data, 16)

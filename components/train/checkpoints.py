@@ -8,7 +8,6 @@ unreadable ones (a kill mid-save, a truncated file) and falling back to the prev
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -53,8 +52,10 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 def fingerprint(data: Any) -> str:
-    """Short sha256 of a JSON-serialisable object (config identity for resume)."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Short sha256 of a JSON-serialisable object (config identity for resume): components.fingerprint's, 16 digits."""
+    from components.fingerprint import fingerprint as full
+
+    return full(data, 16)
 
 
 def checkpoint_problem(folder: Path) -> str | None:
