@@ -56,7 +56,7 @@ def build_expectations(labels: list[str], thresholds: dict[str, Any]) -> list[An
                 "text_length", "all", "text length is within bounds",
                 f"Every text is {thresholds['min_chars']:,} to {thresholds['max_chars']:,} characters long.",
                 "A text far longer than the dataset's longest means records were merged (e.g. by broken CSV "
-                "quoting); the bound is set per dataset in components/datasets.py (DATASETS)."))
+                "quoting); the bound is set per dataset in components/data/sources.py (DATASETS)."))
     ] + [
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels, **about(
             "labels_known", "all", "labels are those of labels.yaml",
