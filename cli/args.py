@@ -6,8 +6,8 @@ from typing import Callable
 
 
 def profile_arg(section: str) -> Callable[[str], str]:
-    """An argparse `type` accepting the params.yaml profiles that define `section` (sft, study ...):
-    the profiles are listed once, in params.yaml, and a wrong name is one line and exit code 2."""
+    """An argparse `type` accepting the conf/params.yaml profiles that define `section` (sft, study ...):
+    the profiles are listed once, in conf/params.yaml, and a wrong name is one line and exit code 2."""
     def check(name: str) -> str:
         from components.config import profile_section
 

@@ -3,7 +3,7 @@
     gencls ui                                   # Prefect :4200 + MLflow :5000 on 127.0.0.1, in the background
     gencls ui --stop                            # stop them
     gencls retrain --dataset trec6 [--set rl.learning_rate=1e-5]
-    gencls serve-deployments                    # cron deployments from params.yaml `retrain:`
+    gencls serve-deployments                    # cron deployments from conf/params.yaml `retrain:`
     gencls registry show --dataset trec6
     gencls promote --dataset trec6 --version 3 --reason "..."
     gencls rollback --dataset trec6

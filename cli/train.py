@@ -4,7 +4,7 @@
     gencls train rl  --dataset trec6 --profile quick --from-sft checkpoints/trec6/sft
     gencls train sft --dataset trec6 --strategy definitions,numeric --set sft.lora_r=8 --set epochs=2
 
-Config keys: `gencls train sft --help` lists them; params.yaml `sft:`/`rl:` sections and
+Config keys: `gencls train sft --help` lists them; conf/params.yaml `sft:`/`rl:` sections and
 `profiles: {quick|full: {sft: ..., rl: ...}}` are read when present; `--set` wins.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config key, e.g. sft.learning_rate=1e-4 (repeatable)")
         parser.add_argument("--out", default=None, help=f"output folder (default checkpoints/<dataset>/{kind})")
-        parser.add_argument("--params", default=None, help="params.yaml path (default <root>/params.yaml)")
+        parser.add_argument("--params", default=None, help="config file (default <root>/conf/params.yaml)")
         if kind == "sft":
             parser.add_argument("--model", default=None, help="base model name or folder (default smollm2-135m)")
         else:

@@ -1,4 +1,4 @@
-"""Project paths, offline switches and params.yaml loading (no side effects at import)."""
+"""Project paths, offline switches and conf/params.yaml loading (no side effects at import)."""
 from __future__ import annotations
 
 import os
@@ -44,7 +44,7 @@ def set_offline_env() -> None:
 
 
 def project_root() -> Path:
-    """Directory holding data/, checkpoints/, params.yaml (GENCLS_ROOT or the current directory)."""
+    """Directory holding data/, checkpoints/, conf/params.yaml (GENCLS_ROOT or the current directory)."""
     return Path(os.environ.get("GENCLS_ROOT", os.getcwd())).resolve()
 
 
@@ -68,9 +68,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GENCLS_CACHE", Path.home() / ".cache" / "gencls")).expanduser()
 
 
+PARAMS_FILE = Path("conf") / "params.yaml"  # the one config file, relative to a project root
+
+
 def load_params(path: str | Path | None = None) -> dict[str, Any]:
-    """Read params.yaml (default: <root>/params.yaml); empty dict when absent."""
-    path = Path(path) if path else project_root() / "params.yaml"
+    """Read the config file (default: <root>/conf/params.yaml); empty dict when absent."""
+    path = Path(path) if path else project_root() / PARAMS_FILE
     if not path.exists():
         return {}
     with open(path, encoding="utf-8") as fh:
@@ -107,18 +110,18 @@ def portable(path: str | Path | None) -> str | None:
 
 
 def default_params() -> dict[str, Any]:
-    """The project's own params.yaml (beside components/): the profiles when a root has no params.yaml."""
-    return load_params(REPO_ROOT / "params.yaml")
+    """The project's own conf/params.yaml (beside components/): the profiles when a root has no conf/params.yaml."""
+    return load_params(REPO_ROOT / PARAMS_FILE)
 
 
 def profile_section(profile: str, section: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`profiles.<profile>.<section>` of params.yaml: the one place profiles are defined.
+    """`profiles.<profile>.<section>` of conf/params.yaml: the one place profiles are defined.
 
     Args:
         profile: quick | full (training) or cpu | gpu (study).
         section: sft | rl | evaluate | study.
-        params: params.yaml content; None reads the root's. Without a `profiles:` table (an empty
-            dict, a root without params.yaml) the project's own params.yaml supplies it.
+        params: conf/params.yaml content; None reads the root's. Without a `profiles:` table (an empty
+            dict, a root without conf/params.yaml) the project's own conf/params.yaml supplies it.
 
     Raises:
         ValueError: unknown profile, or one that does not define `section`.
@@ -126,7 +129,7 @@ def profile_section(profile: str, section: str, params: dict[str, Any] | None = 
     params = load_params() if params is None else params
     table = params.get("profiles") or default_params().get("profiles") or {}
     if profile not in table:
-        raise ValueError(f"profile {profile!r}: expected one of {', '.join(table)} (params.yaml profiles)")
+        raise ValueError(f"profile {profile!r}: expected one of {', '.join(table)} (conf/params.yaml profiles)")
     if section not in (table[profile] or {}):
         having = [name for name, spec in table.items() if section in (spec or {})]
         raise ValueError(f"profile {profile!r} defines no {section} settings; profiles that do: {', '.join(having)}")

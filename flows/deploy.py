@@ -1,4 +1,4 @@
-"""Scheduled retraining: one Prefect deployment per dataset in params.yaml `retrain:`.
+"""Scheduled retraining: one Prefect deployment per dataset in conf/params.yaml `retrain:`.
 
     gencls ui                     # Prefect server (127.0.0.1:4200) + MLflow server (127.0.0.1:5000)
     gencls serve-deployments      # registers `retrain/retrain-<dataset>` with its cron and runs them

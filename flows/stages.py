@@ -3,7 +3,7 @@
     python -m flows.stages data|validate|render|sft|rl|register
     python -m flows.stages evaluate zeroshot|sft|gencls
 
-The dataset and profile come from params.yaml (`data.dataset`, `profile`); each stage
+The dataset and profile come from conf/params.yaml (`data.dataset`, `profile`); each stage
 opens its own MLflow run (tag `stage`), marked FAILED when the stage raises.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one stage for the dataset and profile named in params.yaml."""
+    """Run one stage for the dataset and profile named in conf/params.yaml."""
     set_offline_env()
     apply_thread_policy()  # one process on the cores (GENCLS_THREADS overrides)
     signal.signal(signal.SIGTERM, _interrupt)

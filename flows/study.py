@@ -4,7 +4,7 @@
     gencls study --datasets trec6 --cells ablation --runner dask --dask-address tcp://10.0.0.5:8786
     python -m cli study --datasets trec6 --profile cpu --cells all   # the same, without the console script
 
-Per dataset: the study subsamples the splits (params.yaml profiles.<p>.study; recorded
+Per dataset: the study subsamples the splits (conf/params.yaml profiles.<p>.study; recorded
 exactly), writes two dataset views under reports/study/<d>/data/ (test view: training pool +
 test subsample; val view: training pool + validation slice), then runs its cells in two
 phases. Phase 1 holds everything that does not depend on the best combination (baselines,

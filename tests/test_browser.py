@@ -142,7 +142,7 @@ def test_uis_show_schedule_champion_and_validation(project, tiny_model_dir, tmp_
                DO_NOT_TRACK="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     logs = tmp_path / "logs"
     logs.mkdir()
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params = yaml.safe_load((REPO / "conf" / "params.yaml").read_text(encoding="utf-8"))
     params["retrain"] = {**params.get("retrain", {}), "datasets": ["tiny"]}
     assert deployment_specs(params)[0]["cron"] == "0 3 * * 1", "SCHEDULE_TEXT assumes the Monday 03:00 cron"
 

@@ -43,10 +43,10 @@ with open("ran.log", "a") as fh:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
-    """A git + dvc repo with the real dvc.yaml (commands swapped for stubs that write the outs) and params.yaml."""
+    """A git + dvc repo with the real dvc.yaml (commands swapped for stubs that write the outs) and conf/params.yaml."""
     root = tmp_path_factory.mktemp("dvc_repo")
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load((REPO / "conf/params.yaml").read_text())
     subst = {"${data.dataset}": params["data"]["dataset"], "${profile}": params["profile"]}
 
     def path_of(entry) -> str:
@@ -71,7 +71,8 @@ def pipeline(tmp_path_factory) -> Path:
                 path.mkdir(parents=True, exist_ok=True)
                 (path / "train.jsonl").write_text("{}\n")
     (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    (root / "conf").mkdir()
+    shutil.copy(REPO / "conf/params.yaml", root / "conf/params.yaml")
     (root / "stub.py").write_text(STUB)
     (root / ".gitignore").write_text("ran.log\n")
     _run(["git", "init", "-q"], root)
@@ -88,9 +89,9 @@ def _after_change(pipeline: Path, tmp_path: Path, section: str, key: str, value)
     """(stages `dvc repro --dry` names, stages `dvc repro` actually runs) after one param change, in a copy."""
     root = tmp_path / "repo"
     shutil.copytree(pipeline, root, symlinks=True)
-    data = yaml.safe_load((root / "params.yaml").read_text())
+    data = yaml.safe_load((root / "conf/params.yaml").read_text())
     data[section][key] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (root / "conf/params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     dry = _stages(_run([DVC, "repro", "--dry"], root))
     (root / "ran.log").write_text("")
     _run([DVC, "repro", "-q"], root)
@@ -117,8 +118,14 @@ def test_eval_param_reruns_only_evaluations(pipeline, tmp_path):
 def test_exp_run_sweeps_a_param(pipeline, tmp_path):
     root = tmp_path / "repo"
     shutil.copytree(pipeline, root, symlinks=True)
-    out = _run([DVC, "exp", "run", "-S", "rl.learning_rate=3e-5"], root)
+    out = _run([DVC, "exp", "run", "-S", "conf/params.yaml:rl.learning_rate=3e-5"], root)
     assert "Running stage 'rl'" in out and "Running stage 'sft'" not in out
+    columns = _run([DVC, "exp", "show", "--csv"], root).splitlines()[0].split(",")
+    params = [c for c in columns if "/" not in c and ":" not in c and c not in ("Experiment", "rev", "typ", "Created",
+                                                                               "parent")]
+    assert "rl.learning_rate" in params and "sft.lora_r" in params and "profiles.quick.sft.train_size" in params
+    unread = [c for c in params if c.startswith(("profiles.full", "profiles.cpu", "profiles.gpu", "retrain"))]
+    assert not unread, f"dvc exp show lists params no stage reads: {unread}"
 
 
 def test_every_stage_lists_its_script_and_params():
@@ -128,8 +135,9 @@ def test_every_stage_lists_its_script_and_params():
         deps = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
         assert "flows/stages.py" in deps and "flows/steps.py" in deps, name
         assert stage.get("params"), name
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load((REPO / "conf/params.yaml").read_text())
     assert {"data", "sft", "rl", "evaluate", "register", "profiles", "retrain"} <= set(params)
+    assert not (REPO / "params.yaml").exists()  # DVC's default file would put every key in `dvc exp show`
 
 
 # ----------------------------------------------------------------------------- deps derived from the code

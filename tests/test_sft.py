@@ -304,7 +304,7 @@ def test_training_logs_are_one_short_line_per_step(tiny_model_dir, toy_data, tmp
 
 
 def test_profiles_are_defined_once_in_params_yaml():
-    """quick/full/cpu/gpu come from params.yaml through one loader; no profile table lives in code."""
+    """quick/full/cpu/gpu come from conf/params.yaml through one loader; no profile table lives in code."""
     import ast
     from pathlib import Path
 
@@ -313,7 +313,7 @@ def test_profiles_are_defined_once_in_params_yaml():
     from components.study.prepare import profile_settings
 
     repo = Path(__file__).resolve().parent.parent
-    table = yaml.safe_load((repo / "params.yaml").read_text())["profiles"]
+    table = yaml.safe_load((repo / "conf" / "params.yaml").read_text())["profiles"]
     assert set(table) == {"quick", "full", "cpu", "gpu"}
     for profile in ("quick", "full"):
         for kind in ("sft", "rl"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-DEFAULT_ALPHA = 0.05  # significance level of the gate (params.yaml register.alpha)
+DEFAULT_ALPHA = 0.05  # significance level of the gate (conf/params.yaml register.alpha)
 
 
 def mcnemar_p(candidate_correct: Sequence[bool], champion_correct: Sequence[bool]) -> tuple[float, int, int]:

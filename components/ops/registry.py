@@ -9,7 +9,7 @@ served (their logged pyfunc models, each with its own prompt settings), on the s
 validation slice of the training split that neither trained nor chose checkpoints on (the
 SFT run's ``gate.json``; never the test split). The alias moves only when the candidate is
 significantly better: a one-sided exact McNemar test on the examples where exactly one of
-the two is right, p < ``register.alpha`` in params.yaml (default 0.05). The test metrics
+the two is right, p < ``register.alpha`` in conf/params.yaml (default 0.05). The test metrics
 are tags for reporting only. A candidate whose adapter and prompt settings are identical
 to an existing version registers nothing new (decision ``unchanged``). A champion that
 was evaluated on another test set (hash of test.jsonl + labels.yaml, a tag on every

@@ -4,7 +4,7 @@
     # flows/study.py runs the cells; this module decides *which* cells (and, from the validation
     # results, the best combination); prepare.py subsamples, measure.py measures, report.py reports.
 
-The study profiles (cpu, gpu) live in params.yaml `profiles.<p>.study`.
+The study profiles (cpu, gpu) live in conf/params.yaml `profiles.<p>.study`.
 
 A cell is one measured configuration of one dataset: (kind, train strategy, inference
 strategy, rl on/off, profile, model). Its key is a stable hash of those fields plus the

@@ -3,12 +3,12 @@
 `load_config` resolves an SFTConfig or RLConfig in this order (later wins):
 
     1. the dataclass defaults below (each field with its help)
-    2. params.yaml section `sft:` / `rl:`           (flat `field: value`)
-    3. params.yaml `profiles: {<profile>: {sft: {...}, rl: {...}}}` (the only place profiles are defined;
+    2. conf/params.yaml section `sft:` / `rl:`           (flat `field: value`)
+    3. conf/params.yaml `profiles: {<profile>: {sft: {...}, rl: {...}}}` (the only place profiles are defined;
        `components.config.profile_section`)
     4. overrides (`--set sft.learning_rate=1e-4` or `--set learning_rate=1e-4`)
 
-Unknown keys in params.yaml are ignored with a warning (the file is shared with other
+Unknown keys in conf/params.yaml are ignored with a warning (the file is shared with other
 stages); unknown override keys are an error that lists the valid ones. `trainer_settings`
 turns a config into the TrainingArguments fields SFT and GRPO share.
 
@@ -168,12 +168,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 def load_config(kind: str, profile: str = "quick", params: dict | None = None,
                 overrides: dict[str, Any] | None = None) -> Any:
-    """Resolve an SFTConfig or RLConfig from profile defaults, params.yaml and overrides.
+    """Resolve an SFTConfig or RLConfig from profile defaults, conf/params.yaml and overrides.
 
     Args:
         kind: "sft" or "rl".
-        profile: a params.yaml profile with a `kind` section: "quick" (2 CPU cores) or "full" (GPU).
-        params: params.yaml content; None reads `<root>/params.yaml` if present.
+        profile: a conf/params.yaml profile with a `kind` section: "quick" (2 CPU cores) or "full" (GPU).
+        params: conf/params.yaml content; None reads `<root>/params.yaml` if present.
         overrides: `{"learning_rate": "1e-4"}` or `{"sft.learning_rate": ...}`; keys for the
             other kind (e.g. `rl.beta` while resolving sft) are skipped.
 

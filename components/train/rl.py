@@ -243,7 +243,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
 
     Args:
         dataset: dataset name.
-        config: RLConfig; default: the quick profile (with params.yaml).
+        config: RLConfig; default: the quick profile (with conf/params.yaml).
         sft_dir: SFT output folder; default checkpoints/<dataset>/sft.
         out_dir: output folder; default checkpoints/<dataset>/rl.
         log_fn: `log_fn(metrics, step)` receives rewards, KL, zero-variance share, held-out metrics.

@@ -234,7 +234,7 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
 
     Args:
         dataset: dataset name (data/<dataset>/ must be built).
-        config: SFTConfig; default: the quick profile (with params.yaml).
+        config: SFTConfig; default: the quick profile (with conf/params.yaml).
         out_dir: output folder; default checkpoints/<dataset>/sft.
         log_fn: `log_fn(metrics, step)` receives losses and held-out metrics (e.g. MLflow).
         data_dir: folder holding the datasets; default data/.
