@@ -93,36 +93,48 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     from components.train.configs import asdict_config, load_config
 
     settings = prepare.profile_settings(profile, overrides)
-    train = load_split(dataset, "train")
-    test = load_split(dataset, "test")
+    tokenizer = load_tokenizer(model)
+    text_tokens = int(settings["text_tokens"])
+    train, cut_train = prepare.truncate_texts(load_split(dataset, "train"), tokenizer, text_tokens)
+    test, cut_test = prepare.truncate_texts(load_split(dataset, "test"), tokenizer, text_tokens)
+    heldout = int((overrides or {}).get("sft.eval_size", settings["sft"].get("eval_size", 0)) or 0)
     splits, record = prepare.subsample(train, test, settings["train_size"], settings["val_size"],
-                                       settings["test_size"], settings["seed"])
+                                       settings["test_size"], settings["seed"], heldout=heldout)
+    record["text_tokens"] = {"max": text_tokens, "cut_train_split": cut_train, "cut_test_split": cut_test}
     labels_yaml = (dataset_dir(dataset) / "labels.yaml").read_bytes()
     labels = yaml.safe_load(labels_yaml)
-    tokenizer = load_tokenizer(model)
-    prepare.fit_prompt_budgets(settings, tokenizer, labels, overrides)
-    record["sft_budget"] = prepare.fit_sft_size(settings, tokenizer, labels, splits["train"], overrides)
+    record["max_prompt_tokens"] = prepare.fit_prompt_budgets(settings, tokenizer, labels)
     views = prepare.write_views(study_root() / dataset / "data", dataset, splits, labels_yaml)
     params = load_params()
     configs = {}
     for kind in ("sft", "rl"):
         layer = {f"{kind}.{k}": v for k, v in settings[kind].items()}
+        layer[f"{kind}.seed"] = settings["seed"]  # SFT's held-out carve must match prepare.subsample's
         if kind == "sft":
             layer["sft.model"] = model
         layer.update({k: v for k, v in (overrides or {}).items() if k.startswith(f"{kind}.")})
         configs[kind] = asdict_config(load_config(kind, settings["training_profile"], params, layer))
-    data_sha256 = prepare.files_sha256(Path(views["test"]) / dataset, Path(views["val"]) / dataset)
-    fp_data = {"dataset": dataset, "data_sha256": data_sha256,
-               "subsample": record, "sft": configs["sft"], "rl": configs["rl"], "eval": settings["eval"],
-               "icl_k": settings["icl_k"], "reasoning_rl": settings["reasoning_rl"], "prompt_format": PROMPT_FORMAT}
+    view_dirs = [Path(v) / dataset for v in views.values()]
+    data_sha256 = prepare.files_sha256(*view_dirs)
+    train_fp = {"dataset": dataset, "train_view_sha256": prepare.files_sha256(Path(views["train"]) / dataset),
+                "sft": configs["sft"], "rl": configs["rl"], "icl_k": settings["icl_k"],
+                "reasoning_rl": settings["reasoning_rl"], "prompt_format": PROMPT_FORMAT}
+    fp_data = {**train_fp, "data_sha256": data_sha256, "subsample": record, "eval": settings["eval"]}
     return {
         "dataset": dataset, "profile": profile, "model": model, "settings": settings, "subsample": record,
-        "configs": configs, "fingerprint": prepare.settings_fingerprint(fp_data), "k": settings["icl_k"],
+        "configs": configs, "fingerprint": prepare.settings_fingerprint(fp_data),
+        "train_fingerprint": prepare.settings_fingerprint(train_fp), "k": settings["icl_k"],
         "views": {k: str(v) for k, v in views.items()}, "results": str(study_root() / dataset),
+        "cells": str(cells_root(profile) / dataset),
         "checkpoints": str(checkpoints_dir() / "study" / dataset), "study_run_id": study_run_id,
         "env": {"GENCLS_ROOT": str(project_root()), "MLFLOW_TRACKING_URI": tracking.tracking_uri()},
         "torch_threads": torch_threads,
     }
+
+
+def cells_root(profile: str) -> Path:
+    """reports/study/cells/<profile>/: one committed JSON per finished cell (result + predictions)."""
+    return study_root() / "cells" / profile
 
 
 # ----------------------------------------------------------------------------- flow

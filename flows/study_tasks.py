@@ -33,21 +33,29 @@ def _apply_env(ctx: dict) -> None:
 
 # ----------------------------------------------------------------------------- resume
 def find_finished(ctx: dict, cell: plan.Cell) -> dict | None:
-    """A finished cell's result: from disk, else rebuilt from a FINISHED MLflow run (then saved)."""
+    """A finished cell's result: from its committed cell file, else rebuilt from a FINISHED MLflow run and its
+    logged predictions (then the cell file is written)."""
     key = cell.key(ctx["fingerprint"])
-    path = measure.result_path(Path(ctx["results"]).parent, ctx["dataset"], key)
-    result = measure.read_result(path)
-    if result is not None:
-        return result
+    done = measure.read_result(measure.cell_path(ctx, key))
+    if done is not None and done.get("result"):
+        return done["result"]
     run = _finished_run(key, ctx["dataset"])
     if run is None:
         return None
     result = json.loads(run.data.tags.get("study.result", "{}") or "{}")
     if not result:
-        metrics = run.data.metrics
-        result = {**measure.cell_fields(cell, key, ctx), **{k: v for k, v in metrics.items() if "/" not in k},
-                  "run_id": run.info.run_id}
-    measure.write_result(path, result)
+        return None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for view in ("test", "val"):
+            try:
+                tracking.client().download_artifacts(run.info.run_id, f"{view}/predictions.jsonl", tmp)
+            except Exception:  # noqa: BLE001 - a view that was not measured has no predictions
+                continue
+        if not (Path(tmp) / "test" / "predictions.jsonl").is_file():
+            return None  # without its predictions the cell cannot give intervals: measure it again
+        measure.write_cell(ctx, result, Path(tmp))
     return result
 
 
@@ -77,16 +85,16 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
     from components.train.configs import load_config
 
     kind = "rl" if rl else "sft"
-    train_key = prepare.settings_fingerprint({"train": train, "model": ctx["model"], "fp": ctx["fingerprint"]})[:12]
+    train_key = prepare.settings_fingerprint({"train": train, "model": ctx["model"], "fp": ctx["train_fingerprint"]})[:12]
     out = Path(ctx["checkpoints"]) / f"{plan.slug_dir(train)}-{train_key}" / kind
     out.parent.mkdir(parents=True, exist_ok=True)
-    done_key = fingerprint({"settings": ctx["fingerprint"], "train": train, "model": ctx["model"],
+    done_key = fingerprint({"settings": ctx["train_fingerprint"], "train": train, "model": ctx["model"],
                             "src": source_hash((train_rl if rl else train_sft).__module__)})
     with FileLock(str(out.parent / f".{kind}.lock")):
         if finished(out, done_key, ("gencls_config.json",)):
             return out
         sft_dir = ensure_adapter(ctx, train, False) if rl else None
-        view = ctx["views"]["test"]  # train.jsonl = the training pool (same in both views)
+        view = ctx["views"]["train"]  # train.jsonl = the pool: N trained + SFT's held-out slice
         cfg = dict(ctx["configs"][kind], train_strategy=train)
         if rl and "reasoning" in train.split(","):
             cfg.update(ctx["settings"]["reasoning_rl"])
@@ -104,7 +112,7 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
                 train_sft(ctx["dataset"], config, out_dir=out, log_fn=log_fn, data_dir=view)
             for name in ("gencls_config.json", "metrics.json", "loss_curve.png", "reward_curve.png"):
                 tracking.log_artifact(rid, out / name, kind)
-        write_record(out, {"fingerprint": done_key, "settings": ctx["fingerprint"], "train": train, "run_id": rid,
+        write_record(out, {"fingerprint": done_key, "settings": ctx["train_fingerprint"], "train": train, "run_id": rid,
                            "seconds": round(time.time() - started, 1)})
     return out
 
@@ -128,9 +136,10 @@ def run_cell(ctx: dict, cell: plan.Cell, roles: list[str], loaded: Any = None, a
         tracking.log_metrics(rid, {k: v for k, v in result.items() if isinstance(v, float)})
         for name in ("metrics.json", "confusion.png", "predictions.jsonl", "prompts_sample.txt"):
             tracking.log_artifact(rid, out / "test" / name, "test")
-        tracking.log_artifact(rid, out / "val" / "metrics.json", "val")
+        for name in ("metrics.json", "predictions.jsonl"):
+            tracking.log_artifact(rid, out / "val" / name, "val")
         tracking.set_tags(rid, {"study.result": json.dumps(result, default=str)[:5000]})
-        measure.write_result(out / plan.RESULT_FILE, result)
+        measure.write_cell(ctx, result, out)
     return result
 
 
@@ -152,7 +161,7 @@ def cell_group_task(ctx: dict, cells: list[tuple[plan.Cell, list[str]]]) -> list
         return results
     first = todo[0][0]
     loaded, adapter = None, None
-    if first.kind != "tfidf":
+    if first.kind not in measure.BASELINE_KINDS:
         from components.model.models import load_model
 
         adapter = ensure_adapter(ctx, first.train, first.rl) if first.kind == "trained" else None

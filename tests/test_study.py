@@ -49,13 +49,16 @@ def test_strategy_combination_and_canonical_slugs():
 
 def test_plan_covers_baselines_dimensions_grid_and_best():
     headline = plan.roles_by_cell(plan.phase1_cells("headline", "cpu", MODEL, 2))
-    assert {r for roles in headline.values() for r in roles} == {"naive_sft", "tfidf", "zeroshot"}
+    assert {r for roles in headline.values() for r in roles} == {
+        "naive_sft", "naive_sft_perplexity", "tfidf", "tfidf_all", "minilm", "zeroshot", "zeroshot_perplexity"}
+    assert {c.kind for c in headline} == {"trained", "tfidf", "tfidf_all", "minilm", "zeroshot"}
     ablation = plan.phase1_cells("ablation", "cpu", MODEL, 2)
     roles = plan.roles_by_cell(ablation)
-    # naive SFT is measured on the validation slice only where it is the choice's reference (ablation)
+    # naive SFT is the reference of every validation comparison; grid-only cells are measured on test only
     naive = plan.Cell("trained", "naive", "naive", False, "cpu", MODEL)
-    assert not plan.needs_validation(headline[naive]) and plan.needs_validation(roles[naive])
-    assert any(c.kind == "zeroshot" and c.infer == plan.PERPLEXITY for c in roles)
+    assert plan.needs_validation(headline[naive]) and plan.needs_validation(roles[naive])
+    assert not plan.needs_validation(["grid:numeric|definitions"]) and not plan.needs_validation(["tfidf"])
+    assert any(c.kind == "zeroshot" and c.infer == plan.PERPLEXITY for c in headline)
     grid = [r for r, _ in ablation if r.startswith("grid:")]
     assert len(grid) == len(plan.INTERPLAY) ** 2
     dims = {r for r, _ in ablation if r.startswith("dim:")}
@@ -72,7 +75,7 @@ def test_plan_covers_baselines_dimensions_grid_and_best():
     assert phase2["gencls"].rl and phase2["gencls"].infer == "numeric,decoding=perplexity"
     assert not phase2["best_sft"].rl
     assert phase2["reasoning"].train == "numeric,reasoning" and phase2["reasoning"].infer == "numeric,reasoning"
-    assert [r for r, _ in plan.phase2_cells("headline", "cpu", MODEL, ("naive", "naive"))] == ["gencls"]
+    assert [r for r, _ in plan.phase2_cells("headline", "cpu", MODEL, ("naive", "naive"))] == ["best_sft", "gencls"]
     with pytest.raises(ValueError, match="headline, ablation, all"):
         plan.phase1_cells("everything", "cpu", MODEL, 2)
 
@@ -97,17 +100,27 @@ def test_select_best_uses_validation_gains_not_test():
 
 
 def test_subsample_records_exactly_what_it_took():
-    train = [{"id": f"t{i}", "text": f"x {i}", "label": "ab"[i % 2]} for i in range(40)]
+    from components.train.sampling import split_train_eval
+
+    train = [{"id": f"t{i}", "text": f"x {i}", "label": "ab"[i % 2]} for i in range(60)]
     test = [{"id": f"s{i}", "text": f"y {i}", "label": "ab"[i % 2]} for i in range(20)]
-    splits, record = prepare.subsample(train, test, train_size=10, val_size=6, test_size=8, seed=3)
-    assert record["sizes"] == {"train": 10, "val": 6, "test": 8} and record["seed"] == 3
-    # no leak between the validation slice and the training pool
-    assert not {e["id"] for e in splits["train"]} & {e["id"] for e in splits["val"]}
-    assert record["ids_sha256"]["train"] == prepare.ids_hash(splits["train"])
-    again, record2 = prepare.subsample(train, test, 10, 6, 8, seed=3)
+    splits, record = prepare.subsample(train, test, train_size=10, val_size=6, test_size=8, seed=3, heldout=4)
+    sizes = record["sizes"]
+    assert {k: sizes[k] for k in ("pool", "trained", "heldout", "val", "test")} == \
+        {"pool": 14, "trained": 10, "heldout": 4, "val": 6, "test": 8} and record["seed"] == 3
+    assert sizes["train_all"] == 54 and not {e["id"] for e in splits["train_all"]} & {e["id"] for e in splits["val"]}
+    # no leak between the validation slice and the pool; trained + held-out = pool
+    assert not {e["id"] for e in splits["pool"]} & {e["id"] for e in splits["val"]}
+    assert {e["id"] for e in splits["trained"]} | {e["id"] for e in splits["heldout"]} == {e["id"] for e in splits["pool"]}
+    # SFT carves its held-out slice from the pool file with the same function and seed: the same examples
+    sft_train, sft_held = split_train_eval(splits["pool"], 0, 4, 3)
+    assert {e["id"] for e in sft_held} == {e["id"] for e in splits["heldout"]}
+    assert {e["id"] for e in sft_train} == {e["id"] for e in splits["trained"]}
+    assert record["ids_sha256"]["trained"] == prepare.ids_hash(splits["trained"])
+    again, record2 = prepare.subsample(train, test, 10, 6, 8, seed=3, heldout=4)
     assert record2 == record and again == splits  # seeded, reproducible
     full, rec_full = prepare.subsample(train, test, None, 0, None, seed=0)
-    assert rec_full["sizes"] == {"train": 40, "val": 0, "test": 20}
+    assert rec_full["sizes"]["trained"] == 60 and rec_full["sizes"]["test"] == 20
 
 
 def _result(key, roles, train, infer, acc, rl=False, kind="trained"):
@@ -156,55 +169,36 @@ def test_cli_registers_study_command():
     assert cli_study.parse_settings(args.overrides) == {"test_size": 50, "sft.max_steps": "3"}
 
 
-def test_prompt_budgets_leave_room_after_long_label_lists(tiny_model_dir):
+def test_texts_cut_once_and_prompt_budgets_never_cut_them_again(tiny_model_dir):
     from components.model.models import load_tokenizer
-    from components.model.prompts import instruction_tokens
-    from components.study.prepare import fit_prompt_budgets
+    from components.model.prompts import PromptBuilder, Strategy, instruction_tokens
+    from components.study.prepare import fit_prompt_budgets, truncate_texts
 
     short = {"spam": "unwanted", "ham": "wanted"}
     long = {f"comp.sys.group{i}.hardware.misc": f"posts about hardware {i}" for i in range(20)}
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    assert instruction_tokens(tokenizer, long) > instruction_tokens(tokenizer, short) + 100
+    rows = [{"id": str(i), "text": "spam " * (2 + 10 * i), "label": "ham"} for i in range(6)]
+    cut, n_cut = truncate_texts(rows, tokenizer, 24)
+    assert n_cut == sum(len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) > 24 for r in rows) > 0
+    fits = [len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) <= 24 for r in rows]
+    assert [c is r for c, r in zip(cut, rows)] == fits  # texts that fit are kept as they are
+    assert all(len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) <= 24 + 4 for r in cut)
+    budgets = {}
     for labels in (short, long):
-        settings = {"text_room": 64, "sft": {"max_prompt_tokens": 128},
-                    "rl": {"max_prompt_tokens": 128, "max_steps": 8, "eval_every": 8, "save_steps": 4},
-                    "eval": {"max_prompt_tokens": 128, "batch_size": 4}}
-        fit_prompt_budgets(settings, tokenizer, labels)
-        want = max(128, instruction_tokens(tokenizer, labels) + 64)
-        assert [settings[p]["max_prompt_tokens"] for p in ("sft", "rl", "eval")] == [want] * 3
-        assert (want > 128) == (labels is long)
-        steps = max(2, round(8 * 128 / want))  # GRPO steps shrink with its prompt budget: same RL tokens
-        assert settings["rl"]["max_steps"] == settings["rl"]["eval_every"] == steps
-        assert settings["rl"]["save_steps"] == min(4, steps) and (steps < 8) == (labels is long)
-    mine = {"text_room": 64, "rl": {"max_prompt_tokens": 128, "max_steps": 8, "eval_every": 8}}
-    fit_prompt_budgets(mine, tokenizer, long, {"rl.max_steps": "20"})  # the user's steps: nothing scaled
-    assert mine["rl"]["max_steps"] == 8 and mine["rl"]["eval_every"] == 8
-    off = {"sft": {"max_prompt_tokens": 128}, "rl": {}, "eval": {"max_prompt_tokens": 128}}
-    fit_prompt_budgets(off, tokenizer, long)  # no text_room: budgets untouched
-    assert off["sft"]["max_prompt_tokens"] == 128 and off["eval"]["max_prompt_tokens"] == 128
-
-
-def test_sft_prompts_fit_a_token_budget(tiny_model_dir):
-    from components.model.models import load_tokenizer
-    from components.study.prepare import fit_sft_size
-
-    labels = {"spam": "unwanted", "ham": "wanted"}
-    short = [{"id": str(i), "text": "win cash", "label": "spam"} for i in range(60)]
-    long = [{"id": str(i), "text": "a long message about nothing " * 30, "label": "ham"} for i in range(60)]
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-
-    def fit(pool, budget, overrides=None):
-        settings = {"sft_tokens": budget, "sft": {"train_size": 50, "max_prompt_tokens": 96}}
-        record = fit_sft_size(settings, tokenizer, labels, pool, overrides)
-        assert record["train_size"] == settings["sft"]["train_size"] or overrides
-        return record
-
-    few, many = fit(long, 2000), fit(short, 2000)
-    assert 60 < few["mean_naive_prompt_tokens"] <= 96 + 8  # long texts cut at the prompt budget (+ cut mark)
-    assert few["train_size"] == int(2000 // few["mean_naive_prompt_tokens"]) < many["train_size"]
-    assert fit(short, 10**6)["train_size"] == 50  # never above sft.train_size
-    assert fit(long, 0)["train_size"] == 50  # 0 = off
-    assert fit(long, 2000, {"sft.train_size": 7})["train_size"] == 7  # an explicit size wins
+        settings = {"text_tokens": 24, "icl_k": 2, "sft": {}, "rl": {}, "eval": {"batch_size": 4}}
+        budget = fit_prompt_budgets(settings, tokenizer, labels)
+        assert [settings[p]["max_prompt_tokens"] for p in ("sft", "rl", "eval")] == [budget] * 3
+        assert budget > instruction_tokens(tokenizer, labels, Strategy.parse("definitions,uncertain")) + 24
+        budgets[len(labels)] = budget
+        # every strategy keeps the whole (already cut) text and both demonstrations
+        for spec in ("naive", "definitions,uncertain,numeric", "icl=random,k=2,definitions,uncertain"):
+            pool = [{**r, "label": list(labels)[i % len(labels)]} for i, r in enumerate(cut)]
+            builder = PromptBuilder(tokenizer, labels, Strategy.parse(spec), train_examples=pool, max_prompt_tokens=budget)
+            for row in pool:
+                builder.messages(row)
+                assert len(builder.demos(row)) == (2 if "icl" in spec else 0)
+            assert builder.truncated == 0, spec
+    assert budgets[20] > budgets[2] + 100  # long label lists raise the budget, not cut the text
 
 
 def test_task_runner_by_flag():
@@ -325,7 +319,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
         assert all(v is not None for row in ds["grid"]["accuracy"] for v in row)
         assert len(ds["single_dims"]) == 3 * len(plan.TRAIN_DIMS) + len(plan.INFER_ONLY_DIMS)
         assert ds["best"]["source"] == "validation"
-        assert ds["subsample"]["sizes"] == {"train": 42, "val": 6, "test": 6}
+        assert {k: ds["subsample"]["sizes"][k] for k in ("trained", "val", "test")} == {"trained": 42, "val": 6, "test": 6}
         assert (project / "reports" / "study" / name / "interplay.png").is_file()
         assert ds["register"]["model"] == f"gencls-{name}"
         assert registry.current_champion(name) is not None
@@ -354,9 +348,9 @@ def test_two_cells_on_a_local_dask_cluster(prefect_harness, project, tiny_model_
     from flows.study import study
 
     out = study(["tinya"], "cpu", "dask", "headline", str(tiny_model_dir), workers=2, overrides=tiny_settings(),
-                only=["tfidf", "zeroshot"], register_model=False)
+                only=["tfidf"], register_model=False)  # role prefix: tfidf and tfidf_all
     cells = out["datasets"]["tinya"]["cells"]
-    assert sorted(c["kind"] for c in cells) == ["tfidf", "zeroshot"]
+    assert sorted(c["kind"] for c in cells) == ["tfidf", "tfidf_all"]
     assert all(c["worker"].rsplit(":", 1)[1] != str(os.getpid()) for c in cells)  # ran in Dask worker processes
     exp = tracking.client().get_experiment_by_name("gencls-study")
     runs = tracking.client().search_runs([exp.experiment_id], "tags.`study.kind` = 'cell'")

@@ -1,5 +1,9 @@
 """Measuring one study cell and keeping its result: evaluation on the test and validation views,
-the result file that marks a cell finished, and reading the finished results of a dataset back.
+the committed cell file that marks a cell finished (result + every prediction, so the study resumes on
+another machine and its intervals can be recomputed), and reading the finished results of a dataset back.
+
+Cell files live in ``reports/study/cells/<profile>/<dataset>/<key>.json`` (in git):
+``{"result": {...metrics, roles, run id...}, "predictions": {"test": [[id, gold, pred], ...], "val": [...]}}``.
 """
 from __future__ import annotations
 
@@ -11,19 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from components.fingerprint import RECORD_FILE, read_record
-from components.study.plan import METRIC_KEYS, RESULT_FILE, Cell, roles_by_cell
+from components.study.plan import METRIC_KEYS, Cell, roles_by_cell
 
 PHASE2_ROLES = ("gencls", "best_sft", "reasoning")
 
 
 # ----------------------------------------------------------------------------- results
-def result_path(reports_root: Path, dataset: str, key: str) -> Path:
-    """reports/study/<dataset>/<cell_key>/result.json."""
-    return Path(reports_root) / dataset / key / RESULT_FILE
+BASELINE_KINDS = ("tfidf", "tfidf_all", "minilm")  # cells that train no LLM
+
+
+def cell_path(ctx: dict, key: str) -> Path:
+    """The committed cell file of a cell key: reports/study/cells/<profile>/<dataset>/<key>.json."""
+    return Path(ctx["cells"]) / f"{key}.json"
 
 
 def read_result(path: Path) -> dict | None:
-    """A finished cell's result, or None."""
+    """A JSON file's content (a finished cell's file, register.json), or None when absent or unreadable."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -34,12 +41,29 @@ def read_result(path: Path) -> dict | None:
 
 
 def write_result(path: Path, result: dict) -> None:
-    """Write a cell result atomically (it marks the cell finished)."""
+    """Write JSON atomically (a cell file marks the cell finished); compact rows for prediction lists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_predictions(path: Path) -> list[list[str]]:
+    """[[id, gold, pred], ...] from an evaluation's predictions.jsonl ([] when absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [[str(r["id"]), str(r["label"]), str(r["pred"])] for r in rows]
+
+
+def write_cell(ctx: dict, result: dict, out: Path) -> dict:
+    """The committed cell file: the result and the predictions of each measured view (from `out/<view>/`)."""
+    predictions = {view: read_predictions(Path(out) / view / "predictions.jsonl") for view in ("test", "val")}
+    cell = {"result": result, "predictions": {k: v for k, v in predictions.items() if v}}
+    write_result(cell_path(ctx, result["key"]), cell)
+    return cell
 
 
 def metric_subset(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -61,21 +85,24 @@ def cell_fields(cell: Cell, key: str, ctx: dict) -> dict:
 def evaluate_cell(ctx: dict, cell: Cell, out: Path, loaded: Any = None, adapter: Path | None = None,
                   views: tuple[str, ...] = ("test", "val")) -> dict:
     """Measure one cell on the test view (and the validation view); returns {"test": m, "val": m}."""
-    from components.evaluate.baselines import tfidf_records
     from components.data.datasets import load_labels, load_split
+    from components.evaluate.baselines import tfidf_records
     from components.evaluate.evaluation import compute_metrics, evaluate, write_reports
+    from components.study.baselines import minilm_records
 
     dataset, ev = ctx["dataset"], ctx["settings"]["eval"]
     out_metrics = {}
     for view in views:
-        if cell.kind == "tfidf":
-            train = load_split(dataset, "train", ctx["views"][view])
+        if cell.kind in BASELINE_KINDS:
+            train = load_split(dataset, "train", ctx["views"]["all" if cell.kind == "tfidf_all" else view])
             test = load_split(dataset, "test", ctx["views"][view])
             started = time.perf_counter()
-            records = tfidf_records(train, test, seed=ctx["settings"]["seed"])
+            fit = minilm_records if cell.kind == "minilm" else tfidf_records
+            records = fit(train, test, seed=ctx["settings"]["seed"])
             labels = list(load_labels(dataset, ctx["views"][view]))
             metrics = compute_metrics(records, labels)
-            metrics.update(seconds=round(time.perf_counter() - started, 2), strategy="tfidf", dataset=dataset)
+            metrics.update(seconds=round(time.perf_counter() - started, 2), strategy=cell.kind, dataset=dataset,
+                           n_train=len(train))
             write_reports(out / view, records, metrics, labels, [])
         else:
             metrics = evaluate(dataset, ctx["model"] if adapter is None else None, cell.infer,
@@ -89,8 +116,9 @@ def evaluate_cell(ctx: dict, cell: Cell, out: Path, loaded: Any = None, adapter:
 def dataset_results(ctx: dict) -> list[dict]:
     """Every finished cell result of this dataset with the current settings fingerprint."""
     out = []
-    for path in sorted(Path(ctx["results"]).glob(f"*/{RESULT_FILE}")):
-        result = read_result(path)
+    for path in sorted(Path(ctx["cells"]).glob("*.json")):
+        cell = read_result(path)
+        result = (cell or {}).get("result")
         if result and result.get("fingerprint") == ctx["fingerprint"]:
             out.append(result)
     return out
@@ -113,6 +141,6 @@ def compute_seconds(ctx: dict) -> float:
     total = sum(r.get("seconds", 0.0) + r.get("val_seconds", 0.0) for r in dataset_results(ctx))
     for record in Path(ctx["checkpoints"]).glob(f"*/*/{RECORD_FILE}"):
         info = read_record(record.parent)
-        if info.get("settings") == ctx["fingerprint"]:
+        if info.get("settings") == ctx["train_fingerprint"]:
             total += float(info.get("seconds", 0.0))
     return round(total, 1)

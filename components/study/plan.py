@@ -13,14 +13,17 @@ settings), so a changed budget never reuses an old number. Cells that share a tr
 strategy and rl switch share one trained adapter ("train once, evaluate many").
 
 Cell kinds (registry; add an entry to add a kind):
-    tfidf     TF-IDF (1-2 grams) + logistic regression on the same training subsample.
+    tfidf     TF-IDF (1-2 grams) + logistic regression on the same N training examples.
+    tfidf_all the same on all training data (minus the validation slice).
+    minilm    all-MiniLM-L6-v2 embeddings + logistic regression (C by CV) on the same N.
     zeroshot  the base model with an inference strategy, no training.
     trained   SFT with a training strategy (+ GRPO when rl), evaluated with an inference strategy.
 
 Selections (``--cells``):
-    headline  tfidf, zero-shot (plain and perplexity), naive SFT, best GenCLS++ (+RL).
+    headline  tfidf (N and all), MiniLM, zero-shot (generative and perplexity), naive SFT (generative and
+              perplexity), the recipe's SFT and SFT + RL.
     ablation  naive SFT, each dimension alone at training, at inference and at both, the
-              train x inference interplay grid, best (SFT only), best + RL, best + reasoning (+RL).
+              train x inference interplay grid, the recipe's SFT and SFT + RL, recipe + reasoning (+RL).
     all       both.
 The best combination is chosen on a validation slice carved from the training split (never
 on test): every dimension whose matched (train = inference) cell beats naive SFT on that
@@ -102,7 +105,7 @@ def without_decoding(spec: str) -> str:
 class Cell:
     """One measured configuration of a dataset (see module docstring)."""
 
-    kind: str  # "tfidf" | "zeroshot" | "trained"
+    kind: str  # "tfidf" | "tfidf_all" | "minilm" | "zeroshot" | "trained"
     train: str  # training strategy slug ("-" when nothing is trained)
     infer: str  # inference strategy slug ("-" for tfidf)
     rl: bool
@@ -118,8 +121,8 @@ class Cell:
     @property
     def name(self) -> str:
         """Readable name, e.g. `sft[definitions] -> definitions,decoding=perplexity +RL`."""
-        if self.kind == "tfidf":
-            return "tfidf"
+        if self.train == "-" and self.infer == "-":
+            return self.kind  # tfidf, tfidf_all, minilm
         if self.kind == "zeroshot":
             return f"zero-shot -> {self.infer}"
         return f"sft[{self.train}] -> {self.infer}{' +RL' if self.rl else ''}"
@@ -165,10 +168,13 @@ def phase1_cells(selection: str, profile: str, model: str, k: int) -> list[tuple
     out: list[tuple[str, Cell]] = [("naive_sft", naive)]
     if selection in ("headline", "all"):
         out += [("tfidf", Cell("tfidf", "-", "-", False, profile, model)),
-                ("zeroshot", Cell("zeroshot", "-", NAIVE, False, profile, model))]
+                ("tfidf_all", Cell("tfidf_all", "-", "-", False, profile, model)),
+                ("minilm", Cell("minilm", "-", "-", False, profile, model)),
+                ("zeroshot", Cell("zeroshot", "-", NAIVE, False, profile, model)),
+                ("zeroshot_perplexity", Cell("zeroshot", "-", PERPLEXITY, False, profile, model)),
+                ("naive_sft_perplexity", Cell("trained", NAIVE, PERPLEXITY, False, profile, model))]
     if selection in ("ablation", "all"):
-        out += [("baseline", naive),  # the validation reference of the best-combination choice
-                ("zeroshot_perplexity", Cell("zeroshot", "-", PERPLEXITY, False, profile, model))]
+        out += [("baseline", naive)]  # the validation reference of the best-combination choice
         out += single_dim_cells(profile, model, k) + interplay_cells(profile, model, k)
     return out
 
@@ -176,11 +182,11 @@ def phase1_cells(selection: str, profile: str, model: str, k: int) -> list[tuple
 def phase2_cells(selection: str, profile: str, model: str, best: tuple[str, str]) -> list[tuple[str, Cell]]:
     """Cells built on the best combination (train strategy, inference strategy)."""
     train, infer = best
-    out = [("gencls", Cell("trained", train, infer, True, profile, model))]
+    out = [("best_sft", Cell("trained", train, infer, False, profile, model)),
+           ("gencls", Cell("trained", train, infer, True, profile, model))]
     if selection in ("ablation", "all"):
         reasoning_train = combine(train, REASONING)
-        out += [("best_sft", Cell("trained", train, infer, False, profile, model)),
-                ("reasoning", Cell("trained", reasoning_train, combine(infer, REASONING), True, profile, model))]
+        out += [("reasoning", Cell("trained", reasoning_train, combine(infer, REASONING), True, profile, model))]
     return out
 
 
@@ -193,8 +199,11 @@ def keep_roles(cells: list[tuple[str, Cell]], only: Sequence[str] | None) -> lis
 
 def needs_validation(roles: Sequence[str]) -> bool:
     """Whether a cell is also measured on the validation slice (it feeds the best-combination choice)."""
-    return any(role == "baseline" or (role.startswith("dim:") and role.endswith((":both", f"{PERPLEXITY}:inference")))
+    return any(role in VALIDATED_ROLES or (role.startswith("dim:") and role.endswith((":both", f"{PERPLEXITY}:inference")))
                for role in roles)
+
+
+VALIDATED_ROLES = ("naive_sft", "baseline", "naive_sft_perplexity", "best_sft", "gencls", "reasoning")
 
 
 def dedupe(cells: Iterable[tuple[str, Cell]]) -> list[tuple[str, Cell]]:

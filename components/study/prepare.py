@@ -1,5 +1,5 @@
 """Preparing a dataset for the study: the profile's settings, prompt and SFT budgets fitted to the dataset,
-the seeded stratified subsample and the two dataset views the cells read, and the settings fingerprint.
+the seeded stratified subsample (texts cut to one budget) and the dataset views the cells read, and the settings fingerprint.
 """
 from __future__ import annotations
 
@@ -31,57 +31,46 @@ def profile_settings(profile: str, overrides: dict | None, params: dict | None =
     return settings
 
 
-def fit_prompt_budgets(settings: dict, tokenizer: Any, labels: dict, overrides: dict | None = None) -> None:
-    """Raise every prompt budget to the instructions' length + settings["text_room"] (in place; 0 = off).
+def fit_prompt_budgets(settings: dict, tokenizer: Any, labels: dict) -> int:
+    """Set every prompt budget (sft, rl, eval) so that no strategy cuts the text further; returns it.
 
-    Long label lists (20newsgroups' 20 names cost ~180 tokens) would otherwise leave the text to
-    classify only the 16-token minimum and no room for demonstrations. GRPO's cost is proportional
-    to its prompts' tokens, so where its budget rises its steps shrink in proportion (at least 2):
-    every dataset's RL gets about the same number of prompt tokens. Explicit `rl.*` overrides win.
+    Texts are cut to ``settings["text_tokens"]`` once, in the data (``truncate_texts``), so every arm
+    sees the same text whatever its strategy. The prompt budget is then the longest instructions
+    any strategy renders (definitions, uncertain, numeric labels, reasoning hint) + the text + k
+    demonstrations of ``demo_tokens`` each with their Text:/Category: lines, so the prompt builder
+    never has to cut the text to classify (and never drops a demonstration).
     """
-    room = int(settings.get("text_room") or 0)
-    if not room:
-        return
-    from components.model.prompts import instruction_tokens
+    from components.model.prompts import Strategy, instruction_tokens
 
-    need = instruction_tokens(tokenizer, labels) + room
-    rl = settings.get("rl", {})
-    before = int(rl.get("max_prompt_tokens") or 0)
+    text = int(settings["text_tokens"])
+    k = int(settings.get("icl_k") or 0)
+    longest = max(instruction_tokens(tokenizer, labels, Strategy.parse(spec)) for spec in
+                  ("definitions,uncertain", "definitions,uncertain,numeric", "definitions,uncertain,reasoning"))
+    budget = longest + text + k * (DEMO_TOKENS + DEMO_SCAFFOLD) + DEMO_SCAFFOLD
     for part in ("sft", "rl", "eval"):
-        if "max_prompt_tokens" in settings.get(part, {}):
-            settings[part]["max_prompt_tokens"] = max(int(settings[part]["max_prompt_tokens"]), need)
-    explicit = {k for k in (overrides or {}) if k.startswith("rl.")}
-    if explicit & {"rl.max_steps", "rl.max_prompt_tokens"}:
-        return
-    if before and rl.get("max_steps") and rl["max_prompt_tokens"] > before:
-        steps = max(2, round(int(rl["max_steps"]) * before / rl["max_prompt_tokens"]))
-        for key in ("eval_every", "save_steps"):
-            if key in rl and f"rl.{key}" not in explicit:
-                rl[key] = min(int(rl[key]), steps)
-        rl["max_steps"] = steps
+        settings.setdefault(part, {})["max_prompt_tokens"] = budget
+    return budget
 
 
-def fit_sft_size(settings: dict, tokenizer: Any, labels: dict, pool: list[dict], overrides: dict | None = None) -> dict:
-    """Cap SFT prompts at settings["sft_tokens"] tokens of naive prompts (in place; 0 = off); returns the record.
+DEMO_TOKENS = 48  # PromptBuilder's default demo_tokens: each demonstration's text is cut to this
+DEMO_SCAFFOLD = 16  # "Examples:" / "Text:" / "Category: <label>" tokens around one demonstration (generous)
 
-    Training time is proportional to tokens: 200 trec6 questions (~67 tokens each) cost what ~100
-    bbc-news articles cut at 128 tokens cost. Naive and GenCLS++ SFT get the same number of prompts.
+
+def truncate_texts(rows: Sequence[dict], tokenizer: Any, max_tokens: int) -> tuple[list[dict], int]:
+    """Every row's text cut to `max_tokens` tokens of the model's tokenizer (PromptBuilder's cut, " ..." marks it).
+
+    Returns:
+        (rows with cut texts, how many were cut).
     """
-    budget = int(settings.get("sft_tokens") or 0)
-    if "sft.train_size" in (overrides or {}):  # the user's explicit size wins
-        return {"sft_tokens": 0, "train_size": int(overrides["sft.train_size"])}
-    if not budget:
-        return {"sft_tokens": 0, "train_size": int(settings["sft"]["train_size"] or 0)}  # 0 = the whole pool
-    cap = int(settings["sft"]["train_size"] or len(pool))
     from components.model.prompts import PromptBuilder, Strategy
 
-    builder = PromptBuilder(tokenizer, labels, Strategy(),
-                            max_prompt_tokens=int(settings["sft"]["max_prompt_tokens"]))
-    lengths = [len(builder.tokenizer(builder.prompt(ex), add_special_tokens=False)["input_ids"]) for ex in pool]
-    mean = sum(lengths) / max(len(lengths), 1)
-    size = max(1, min(cap, int(budget // max(mean, 1.0))))
-    settings["sft"]["train_size"] = size
-    return {"sft_tokens": budget, "mean_naive_prompt_tokens": round(mean, 1), "train_size": size}
+    builder = PromptBuilder(tokenizer, {"x": "x"}, Strategy())
+    out, cut = [], 0
+    for row in rows:
+        text, was_cut = builder.truncate(row["text"], max_tokens)
+        cut += int(was_cut)
+        out.append({**row, "text": text} if was_cut else row)
+    return out, cut
 
 
 # ----------------------------------------------------------------------------- subsampling
@@ -94,31 +83,39 @@ def ids_hash(examples: Sequence[dict]) -> str:
 
 
 def subsample(train: Sequence[dict], test: Sequence[dict], train_size: int | None, val_size: int,
-              test_size: int | None, seed: int) -> tuple[dict[str, list[dict]], dict[str, Any]]:
-    """Carve validation, training pool and test subsample; returns (splits, record).
+              test_size: int | None, seed: int, heldout: int = 0) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """Carve the validation slice, the training pool (N trained + SFT's held-out) and the test subsample.
 
     The validation slice is drawn first (stratified, seed + 101) from the training split; the
-    training pool (stratified, seed) from the rest; the test subsample (stratified, seed)
-    from the test split. None or 0 sizes mean "all".
+    pool of ``train_size + heldout`` (stratified, seed, a floor per label) from the rest; SFT
+    carves its ``heldout`` checkpoint-selection slice from the pool exactly as
+    ``components.train.sampling.split_train_eval(pool, 0, heldout, seed)`` does, and the
+    remaining ``train_size`` examples ("trained") are what every arm learns from: SFT and RL
+    prompts, in-context demonstrations, TF-IDF and MiniLM. The test subsample (stratified, seed)
+    comes from the test split. None or 0 sizes mean "all".
 
     Returns:
-        ({"train", "val", "test"} example lists, record with sizes, seed and ids hashes).
+        ({"pool", "trained", "heldout", "val", "test", "train_all"} example lists, record with sizes, seed and
+        ids hashes); "train_all" is the training split minus the validation slice (TF-IDF on all data).
     """
-    from components.train.sampling import stratified_sample
+    from components.train.sampling import split_train_eval, stratified_sample
 
     val = stratified_sample(train, val_size, seed + 101) if val_size else []
     val_ids = {ex["id"] for ex in val}
     rest = [ex for ex in train if ex["id"] not in val_ids]
-    pool = stratified_sample(rest, train_size or 0, seed, min_per_label=TRAIN_FLOOR)
-    test_sub = stratified_sample(test, test_size or 0, seed)
-    splits = {"train": _ordered(pool, train), "val": _ordered(val, train), "test": _ordered(test_sub, test)}
-    # the method text is recorded as it was first written: it is part of every cell key (settings fingerprint)
-    record = {"seed": seed, "method": "stratified by label (components.training_common.stratified_sample); "
-                                      "val from the training split first (seed+101), then the training pool "
-                                      f"with at least {TRAIN_FLOOR} examples per label (validation minimum)",
+    size = (train_size + heldout) if train_size else 0
+    pool = _ordered(stratified_sample(rest, size, seed, min_per_label=TRAIN_FLOOR), train)
+    trained, held = split_train_eval(pool, 0, heldout, seed)
+    splits = {"pool": pool, "trained": _ordered(trained, train), "heldout": _ordered(held, train),
+              "val": _ordered(val, train), "test": _ordered(stratified_sample(test, test_size or 0, seed), test),
+              "train_all": rest}
+    record = {"seed": seed, "method": "stratified by label (components.train.sampling.stratified_sample); "
+                                      "val from the training split first (seed+101), then the pool of N + SFT held-out "
+                                      f"with at least {TRAIN_FLOOR} examples per label; SFT's held-out carved from the "
+                                      "pool by split_train_eval (seed+1); every arm learns from the rest (N)",
               "source_sizes": {"train": len(train), "test": len(test)},
               "sizes": {name: len(items) for name, items in splits.items()},
-              "ids_sha256": {name: ids_hash(items) for name, items in splits.items()}}
+              "ids_sha256": {name: ids_hash(items) for name, items in splits.items() if name != "train_all"}}
     return splits, record
 
 
@@ -128,18 +125,24 @@ def _ordered(chosen: Sequence[dict], source: Sequence[dict]) -> list[dict]:
     return [ex for ex in source if ex["id"] in ids]
 
 
-def write_views(root: Path, dataset: str, splits: dict[str, list[dict]], labels_yaml: bytes) -> dict[str, Path]:
-    """Write two dataset views a study evaluates on, both with the training pool as train.jsonl.
+VIEWS = {  # view -> (train.jsonl split, test.jsonl split); each view is a data_dir for load_split/evaluate
+    "train": ("pool", "val"),  # SFT/RL training: the pool (SFT carves its held-out from it); test.jsonl unused
+    "test": ("trained", "test"),  # measuring: demos, TF-IDF and MiniLM from the N trained examples
+    "val": ("trained", "val"),  # choosing: the same, on the validation slice
+    "all": ("train_all", "test"),  # TF-IDF on all training data
+}
 
-    ``<root>/test/<dataset>/`` has the test subsample as test.jsonl; ``<root>/val/<dataset>/``
-    has the validation slice as test.jsonl. Each view is a data_dir for load_split/evaluate.
+
+def write_views(root: Path, dataset: str, splits: dict[str, list[dict]], labels_yaml: bytes) -> dict[str, Path]:
+    """Write the dataset views (VIEWS) under ``<root>/<view>/<dataset>/``; returns {view: <root>/<view>}.
+
     Files are only rewritten when their content changes.
     """
     views = {}
-    for view, test_split in (("test", "test"), ("val", "val")):
+    for view, (train_split, test_split) in VIEWS.items():
         folder = Path(root) / view / dataset
         folder.mkdir(parents=True, exist_ok=True)
-        for name, rows in (("train.jsonl", splits["train"]), ("test.jsonl", splits[test_split])):
+        for name, rows in (("train.jsonl", splits[train_split]), ("test.jsonl", splits[test_split])):
             _write_if_changed(folder / name, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
                                                      for r in rows).encode("utf-8"))
         _write_if_changed(folder / "labels.yaml", labels_yaml)
