@@ -41,6 +41,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", default=None, metavar="ROLE",
                         help="run only cells with these roles or role prefixes (tfidf, zeroshot, naive_sft, dim:, "
                              "grid:, gencls, best_sft, reasoning)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild reports/study.{md,json} and the plots from the committed cell files "
+                             "(reports/study/cells/<profile>/); trains and measures nothing")
     parser.add_argument("--no-register", dest="register", action="store_false",
                         help="do not register the best model / gate the champion")
 
@@ -70,6 +73,12 @@ def run_study(args: argparse.Namespace) -> int:
     from components.config import reports_dir
     from flows.study import study
 
+    if args.report_only:
+        from flows.study import rebuild_report
+
+        rebuilt = rebuild_report(args.profile)
+        print(f"report: {reports_dir() / 'study.md'} ({len(rebuilt['datasets'])} dataset(s) from the committed cells)")
+        return 0
     datasets = list(ALL_DATASETS) if args.datasets == ["all"] else args.datasets
     try:
         overrides = parse_settings(args.overrides)
@@ -85,7 +94,16 @@ def run_study(args: argparse.Namespace) -> int:
         print(f"study failed: {state.message}", file=sys.stderr)
         return 1
     summary = state.result()["summary"]
-    gain = summary["mean_gain_over_naive_sft_points"]
-    print(f"mean gain of GenCLS++ over naive SFT: {'-' if gain is None else f'{gain:+.2f} points'}; "
-          f"GenCLS++ mean accuracy {summary['gencls_mean_accuracy']}, TF-IDF mean {summary['tfidf_mean_accuracy']}")
+    verdict, rows = summary["verdict"], summary["rows"]
+    for role in ("tfidf", "naive_sft", "best_sft", "gencls"):
+        row = rows[role]
+        if row["datasets"]:
+            diff = row.get("vs_naive_sft")
+            interval = "" if not diff else (f", vs naive SFT {100 * diff['accuracy']['diff']:+.1f} "
+                                            f"[{100 * diff['accuracy']['low']:+.1f}, {100 * diff['accuracy']['high']:+.1f}]")
+            print(f"{row['title']}: mean accuracy {100 * row['mean_accuracy']:.1f} over {row['datasets']} dataset(s)"
+                  f"{interval}")
+    if verdict["gain_points"] is not None:
+        print(f"target (GenCLS++ >= naive SFT + 4 points, interval above 0, on {verdict['datasets']} of "
+              f"{verdict['expected_datasets']} datasets): {'met' if verdict['gain_met'] else 'NOT met'}")
     return 0

@@ -38,7 +38,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from components.config import checkpoints_dir, load_params, project_root, reports_dir, set_offline_env
 from components.model.prompts import PROMPT_FORMAT
 from components.ops import tracking
-from components.study import measure, plan, prepare, report
+from components.study import markdown, measure, plan, prepare, report
 from flows.study_tasks import EXPERIMENT, cell_group_task, register_task
 
 RUNNERS = ("local", "dask")
@@ -205,27 +205,29 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
         for d in datasets:
             results[d], errs = _collect(futures[d], logger)
             errors += errs
-        best = {}
-        for d, ctx in ctxs.items():
-            best[d] = plan.select_best(measure.dataset_results(ctx), ctx["k"])
-            logger.info("%s: best combination (%s) train=%s inference=%s", d, best[d]["source"], best[d]["train"],
-                        best[d]["infer"])
-            phase2 = plan.keep_roles(plan.phase2_cells(cells, profile, model, (best[d]["train"], best[d]["infer"])), only)
-            plans[d] += phase2
-            futures[d] = _submit_groups(ctx, phase2)
-        for d in datasets:
-            more, errs = _collect(futures[d], logger)
-            results[d] += more
-            errors += errs
+        recipe = update_recipe(profile, ctxs)
+        logger.info("recipe (%s): train=%s inference=%s", recipe["source"], recipe["train"], recipe["infer"])
+        for attempt in range(2):  # a second round when the confirmation replaces the combination
+            for d, ctx in ctxs.items():
+                phase2 = plan.keep_roles(plan.phase2_cells(cells, profile, model, (recipe["train"], recipe["infer"])), only)
+                plans[d] += phase2
+                futures[d] = _submit_groups(ctx, phase2)
+            for d in datasets:
+                more, errs = _collect(futures[d], logger)
+                results[d] += more
+                errors += errs
+            again = update_recipe(profile, ctxs)
+            if (again["train"], again["infer"]) == (recipe["train"], recipe["infer"]):
+                recipe = again
+                break
+            logger.info("confirmation on validation: recipe now train=%s inference=%s", again["train"], again["infer"])
+            recipe = again
         decisions = {}
         if register_model:
             reg = {}
             for d, ctx in ctxs.items():
-                gencls_cells = [c for role, c in plans[d] if role == "gencls"]
-                if not gencls_cells:
-                    continue
-                key = gencls_cells[0].key(ctx["fingerprint"])
-                gencls = next((r for r in results[d] if r["key"] == key), None)
+                gencls = next((r for r in results[d] if r.get("kind") == "trained" and r.get("rl")
+                               and (r["train"], r["infer"]) == (recipe["train"], recipe["infer"])), None)
                 if gencls is not None:
                     reg[d] = register_task.submit(ctx, gencls)
             for d, future in reg.items():
@@ -234,25 +236,95 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
                     decisions[d] = future.result()
                 else:
                     errors.append(f"{d}: register: {future.state.message}")
-        per_dataset = {}
         for d, ctx in ctxs.items():
-            per_dataset[d] = {"cells": measure.report_cells(ctx, plans[d]), "best": best[d], "subsample": ctx["subsample"],
-                              "register": decisions.get(d) or measure.read_result(Path(ctx["results"]) / "register.json"),
-                              "seconds": measure.compute_seconds(ctx)}
+            measure.write_dataset_record(ctx, decisions.get(d) or measure.read_result(Path(ctx["results"]) / "register.json"))
         reused = sum(1 for d in results for r in results[d] if r.get("reused"))
+        first = next(iter(ctxs.values()), None)
         meta = {"profile": profile, "cells": cells, "model": model, "runner": runner, "datasets": datasets,
                 "study_run_id": run_id, "study_key": study_key, "machine": report.machine_info(),
                 "seconds": round(time.time() - started, 1), "cells_reused": reused,
                 "cells_run": sum(len(v) for v in results.values()) - reused,
-                "subsampling": {k: prepare.profile_settings(profile, None)[k] for k in ("train_size", "val_size", "test_size", "seed")}
-                | {k: v for k, v in (overrides or {}).items() if k in ("train_size", "val_size", "test_size", "seed")},
-                "sft_config_summary": report.config_summary(next(iter(ctxs.values()))["configs"]["sft"]) if ctxs else {},
-                "rl_config_summary": report.config_summary(next(iter(ctxs.values()))["configs"]["rl"]) if ctxs else {},
+                "settings": {k: v for k, v in prepare.profile_settings(profile, overrides).items()
+                             if not isinstance(v, dict)},
+                "sft_config_summary": report.config_summary(first["configs"]["sft"]) if first else {},
+                "rl_config_summary": report.config_summary(first["configs"]["rl"]) if first else {},
                 "overrides": overrides or {}, "only": only, "failed": errors,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        study = write_report(per_dataset, meta, run_id)
+        study = write_report(profile, meta, run_id, recipe)
         if errors:
             raise RuntimeError(f"study: {len(errors)} failure(s): " + " | ".join(errors))
+    return study
+
+
+def rebuild_report(profile: str) -> dict:
+    """study.json, study.md and the plots from the committed cell files alone (nothing trained or measured)."""
+    meta = {"profile": profile, "machine": report.machine_info(), "rebuilt_from_cells": True,
+            "settings": {k: v for k, v in prepare.profile_settings(profile, None).items() if not isinstance(v, dict)},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    previous = measure.read_result(reports_dir() / "study.json") or {}
+    if (previous.get("meta") or {}).get("profile") == profile:  # keep what only a run knows (model, runs, configs)
+        meta = {**previous["meta"], **meta}
+    return write_report(profile, meta, None)
+
+
+def update_recipe(profile: str, ctxs: dict[str, dict]) -> dict:
+    """Choose the study's recipe on validation (plan.select_recipe) over every dataset with a complete ablation:
+    this run's datasets' cells plus the validation results other datasets left in the committed recipe file."""
+    path = cells_root(profile) / RECIPE_FILE
+    stored = measure.read_result(path) or {}
+    validation = dict(stored.get("validation_results") or {})
+    keep = ("kind", "train", "infer", "rl", "val_accuracy", "val_macro_f1")
+    for d, ctx in ctxs.items():
+        rows = [{k: r.get(k) for k in keep} for r in measure.dataset_results(ctx) if r.get("val_accuracy") is not None]
+        if rows or d in validation:
+            validation[d] = rows
+    k = next(iter(ctxs.values()))["k"] if ctxs else stored.get("k", 2)
+    recipe = plan.select_recipe(validation, k)
+    measure.write_result(path, {**recipe, "k": k, "validation_results": validation})
+    return recipe
+
+
+RECIPE_FILE = "recipe.json"
+
+
+def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | None = None) -> dict:
+    """reports/study.json and study.md over every dataset with a record for this profile, plus the plots
+    (headline bars, interplay heatmaps, learning curves) under reports/study/plots/; all logged to MLflow."""
+    root, plots_dir = reports_dir(), study_root() / "plots"
+    per_dataset = {}
+    for folder in sorted(p for p in cells_root(profile).iterdir() if p.is_dir()) if cells_root(profile).is_dir() else []:
+        info = measure.read_dataset(folder)
+        if info is not None:
+            per_dataset[folder.name] = info
+    if recipe is None:
+        recipe = {k: v for k, v in (measure.read_result(cells_root(profile) / RECIPE_FILE) or {}).items()
+                  if k != "validation_results"} or None
+    study = report.aggregate(per_dataset, meta, recipe)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "study.json").write_text(json.dumps(study, indent=1, default=str) + "\n", encoding="utf-8")
+    (root / "study.md").write_text(markdown.render_markdown(study), encoding="utf-8")
+    plots = [report.plot_headline(study, plots_dir / "headline.png")]
+    for name, info in study["datasets"].items():
+        plots.append(report.plot_heatmap(info["grid"], plots_dir / f"{name}-interplay.png",
+                                         f"{name}: train x inference accuracy ({meta['profile']})"))
+        plots.append(report.plot_learning(info["training"], plots_dir / f"{name}-learning.png",
+                                          f"{name}: SFT arms ({meta['profile']})"))
+    if run_id is None:  # rebuilt from the committed cells only (`gencls study --report-only`)
+        return study
+    tracking.log_artifact(run_id, root / "study.json")
+    tracking.log_artifact(run_id, root / "study.md")
+    for plot in filter(None, plots):
+        tracking.log_artifact(run_id, plot, "plots")
+    flat = {}
+    for role, row in study["summary"]["rows"].items():
+        if row["mean_accuracy"] is not None:
+            flat[f"mean/{role}/accuracy"] = row["mean_accuracy"]
+    for name, info in study["datasets"].items():
+        for role, row in info["headline"].items():
+            if row:
+                flat[f"{name}/{role}/accuracy"] = row["accuracy"]
+                flat[f"{name}/{role}/macro_f1"] = row["macro_f1"]
+    tracking.log_metrics(run_id, {k: v for k, v in flat.items() if v is not None})
     return study
 
 
@@ -265,33 +337,6 @@ def _study_run(study_key: str) -> str | None:
     runs = c.search_runs([exp.experiment_id], f"tags.`study.key` = '{study_key}'", max_results=1,
                          order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
-
-
-def write_report(per_dataset: dict, meta: dict, run_id: str) -> dict:
-    """reports/study.json, reports/study.md, interplay heatmaps and the headline bar chart; all logged to MLflow."""
-    study = report.aggregate(per_dataset, meta)
-    root = reports_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "study.json").write_text(json.dumps(study, indent=2, default=str) + "\n", encoding="utf-8")
-    (root / "study.md").write_text(report.render_markdown(study), encoding="utf-8")
-    plots = [report.plot_headline(study, study_root() / "headline.png")]
-    for name, info in study["datasets"].items():
-        plots.append(report.plot_heatmap(info["grid"], study_root() / name / "interplay.png",
-                                    f"{name}: train x inference accuracy ({meta['profile']})"))
-    tracking.log_artifact(run_id, root / "study.json")
-    tracking.log_artifact(run_id, root / "study.md")
-    for plot in filter(None, plots):
-        tracking.log_artifact(run_id, plot, "plots" if plot.parent == study_root() else f"plots/{plot.parent.name}")
-    summary = study["summary"]
-    flat = {"mean_gain_over_naive_sft_points": summary["mean_gain_over_naive_sft_points"],
-            "tfidf_mean_accuracy": summary["tfidf_mean_accuracy"], "gencls_mean_accuracy": summary["gencls_mean_accuracy"]}
-    for name, info in study["datasets"].items():
-        for role, row in info["headline"].items():
-            if row:
-                flat[f"{name}/{role}/accuracy"] = row["accuracy"]
-                flat[f"{name}/{role}/macro_f1"] = row["macro_f1"]
-    tracking.log_metrics(run_id, {k: v for k, v in flat.items() if v is not None})
-    return study
 
 
 def study(datasets: list[str], profile: str = "cpu", runner: str = "local", cells: str = "headline",

@@ -84,21 +84,6 @@ def _val(train, infer, acc, rl=False):
     return {"kind": "trained", "train": train, "infer": infer, "rl": rl, "val_accuracy": acc}
 
 
-def test_select_best_uses_validation_gains_not_test():
-    results = [_val("naive", "naive", 0.50), _val("definitions", "definitions", 0.60), _val("numeric", "numeric", 0.45),
-               _val("uncertain", "uncertain", 0.50), _val("icl=random,k=2", "icl=random,k=2", 0.55),
-               _val("icl=semantic,k=2", "icl=semantic,k=2", 0.58), _val("naive", "decoding=perplexity", 0.52),
-               # a test-set number must not influence the choice
-               {"kind": "trained", "train": "numeric", "infer": "numeric", "rl": False, "accuracy": 0.99}]
-    best = plan.select_best(results, k=2)
-    assert best["source"] == "validation"
-    assert best["train"] == "icl=semantic,k=2,definitions"  # numeric (-5) and uncertain (0) stay off; better icl
-    assert best["infer"] == "icl=semantic,k=2,definitions,decoding=perplexity"
-    assert best["gains"]["numeric"] == pytest.approx(-0.05)
-    default = plan.select_best([], k=2)
-    assert default["source"] == "default" and default["train"] == plan.canonical(plan.DEFAULT_BEST[0], 2)
-
-
 def test_subsample_records_exactly_what_it_took():
     from components.train.sampling import split_train_eval
 
@@ -123,37 +108,91 @@ def test_subsample_records_exactly_what_it_took():
     assert rec_full["sizes"]["trained"] == 60 and rec_full["sizes"]["test"] == 20
 
 
-def _result(key, roles, train, infer, acc, rl=False, kind="trained"):
-    return {"key": key, "name": key, "roles": roles, "kind": kind, "train": train, "infer": infer, "rl": rl,
-            "accuracy": acc, "macro_f1": acc - 0.1, "invalid_rate": 0.0, "run_id": f"run-{key}"}
+def _cell(key, roles, train, infer, correct, rl=False, kind="trained", n=100):
+    """A cell file: `correct` of n test examples right (the first ones), the rest predicted "b" for gold "a"."""
+    preds = [[str(i), "a", "a" if i < correct else "b"] for i in range(n)]
+    result = {"key": key, "name": key, "roles": roles, "kind": kind, "train": train, "infer": infer, "rl": rl,
+              "accuracy": correct / n, "macro_f1": 0.0, "invalid_rate": 0.0, "run_id": f"run-{key}"}
+    return {"result": result, "predictions": {"test": preds}}
 
 
 def test_aggregate_markdown_and_plots(tmp_path):
-    cells = [_result("a", ["tfidf"], "-", "-", 0.8, kind="tfidf"), _result("b", ["zeroshot"], "-", "naive", 0.2, kind="zeroshot"),
-             _result("c", ["naive_sft", "grid:naive|naive"], "naive", "naive", 0.6),
-             _result("d", ["grid:naive|numeric"], "naive", "numeric", 0.3),
-             _result("e", ["gencls"], "definitions", "definitions", 0.7, rl=True)]
-    study = report.aggregate({"ds1": {"cells": cells, "best": {"train": "definitions", "infer": "definitions",
-                                                          "source": "default", "gains": {}, "rule": "r"}},
-                         "ds2": {"cells": [_result("f", ["naive_sft"], "naive", "naive", 0.5),
-                                           _result("g", ["gencls"], "definitions", "definitions", 0.55, rl=True)]}},
-                        {"profile": "cpu", "cells": "all", "model": MODEL, "machine": report.machine_info(), "seconds": 1.0})
-    summary = study["summary"]
-    assert summary["gain_over_naive_sft"] == {"ds1": pytest.approx(0.1), "ds2": pytest.approx(0.05)}
-    assert summary["mean_gain_over_naive_sft_points"] == pytest.approx(7.5)
-    assert summary["tfidf_mean_accuracy"] == pytest.approx(0.8)  # ds2 has no tfidf cell
-    assert summary["target_met"] == {"gain_over_naive_sft": True, "beats_tfidf_mean": False}
-    grid = study["datasets"]["ds1"]["grid"]
+    from components.study import markdown
+
+    recipe = {"train": "definitions", "infer": "definitions", "source": "validation", "gains": {}, "rule": "r",
+              "per_dataset": {}, "confirmation": None}
+    ds1 = [_cell("a", ["tfidf"], "-", "-", 80, kind="tfidf"), _cell("b", ["zeroshot"], "-", "naive", 20, kind="zeroshot"),
+           _cell("c", ["naive_sft", "grid:naive|naive"], "naive", "naive", 60),
+           _cell("d", ["grid:naive|numeric", "dim:numeric:inference"], "naive", "numeric", 30),
+           _cell("e", [], "definitions", "definitions", 70, rl=True),  # recipe + RL: the gencls role comes from the recipe
+           _cell("f", ["gencls"], "numeric", "numeric", 99, rl=True)]  # an old recipe's cell: its stored role is ignored
+    ds2 = [_cell("g", ["naive_sft"], "naive", "naive", 50), _cell("h", [], "definitions", "definitions", 55, rl=True),
+           _cell("i", [], "definitions", "definitions", 52)]
+    training = {"naive sft": {"kind": "sft", "train": "naive", "global_step": 4, "seconds": 60,
+                              "loss_history": [{"step": s, "loss": 2.0 / s} for s in range(1, 5)],
+                              "eval_history": [{"step": 2, "accuracy": 0.5}, {"step": 4, "accuracy": 0.6}],
+                              "best": {"step": 4}}}
+    study = report.aggregate({"ds1": {"cells": ds1, "labels": ["a", "b"], "record": {"training": training}},
+                              "ds2": {"cells": ds2, "labels": ["a", "b"], "record": {}}},
+                             {"profile": "cpu", "model": MODEL, "machine": report.machine_info()}, recipe)
+    d1, d2 = study["datasets"]["ds1"], study["datasets"]["ds2"]
+    assert d1["headline"]["gencls"]["key"] == "e" and d2["headline"]["gencls"]["key"] == "h"
+    assert d2["headline"]["best_sft"]["key"] == "i" and d1["headline"]["best_sft"] is None
+    gain = d1["headline"]["gencls"]["vs_naive_sft"]["accuracy"]
+    assert gain["diff"] == pytest.approx(0.10) and 0 < gain["low"] <= gain["diff"] <= gain["high"]  # paired: 10 flips
+    assert d1["headline"]["naive_sft"]["vs_naive_sft"] is None
+    assert d1["single_dims"][0]["vs_naive_sft"]["accuracy"]["diff"] == pytest.approx(-0.30)
+    assert d2["rl_vs_sft"]["accuracy"]["diff"] == pytest.approx(0.03) and d1["rl_vs_sft"] is None
+    rows = study["summary"]["rows"]
+    assert rows["gencls"]["mean_accuracy"] == pytest.approx(0.625) and rows["gencls"]["datasets"] == 2
+    assert rows["gencls"]["vs_naive_sft"]["accuracy"]["diff"] == pytest.approx(0.075)
+    assert rows["tfidf"]["datasets"] == 1 and rows["minilm"]["datasets"] == 0
+    verdict = study["summary"]["verdict"]
+    assert verdict["gain_points"] == pytest.approx(7.5) and verdict["datasets"] == 2 and not verdict["complete"]
+    assert verdict["beats_tfidf_same_n"] == {"ds1": False} and verdict["beats_tfidf_met"] is False
+    grid = d1["grid"]
     assert grid["axis"] == ["naive", "numeric"] and grid["accuracy"] == [[0.6, 0.3], [None, None]]
-    text = report.render_markdown(study)
-    # no dataset has a zero-shot perplexity cell: its column is left out; ds2 has no tfidf: "-"
-    assert "| ds1 | 80.0 / 70.0 | 20.0 / 10.0 | 60.0 / 50.0 | 70.0 / 60.0 | +10.0 |" in text
-    assert "| ds2 | - / - | - / - | 50.0 / 40.0 | 55.0 / 45.0 | +5.0 |" in text and "zero-shot (perplexity)" not in text
-    assert "+7.50" in text and "NOT met" in text and "cpu_count" not in text
-    assert "median gain +7.5 points, range +5.0 to +10.0, GenCLS++ ahead on 2 of 2 datasets" in text
+    text = markdown.render_markdown(study)
+    assert "| GenCLS++ SFT + RL | 70.0 / 0.0<br>+10.0 [" in text and "INCOMPLETE" in text and "NOT met" in text
+    assert "| naive sft | 4 | 1.0 | " in text and "| MiniLM + LR" not in text  # never measured: no row
     assert report.plot_heatmap(grid, tmp_path / "h.png", "t").stat().st_size > 0
     assert report.plot_headline(study, tmp_path / "b.png").stat().st_size > 0
+    assert report.plot_learning(training, tmp_path / "l.png", "t").stat().st_size > 0
     assert report.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
+
+
+def _vals(gains, base=0.5, combo=None):
+    rows = [_val("naive", "naive", base)]
+    specs = {"definitions": "definitions", "uncertain": "uncertain", "numeric": "numeric",
+             "icl=random": "icl=random,k=2", "icl=semantic": "icl=semantic,k=2"}
+    for title, spec in specs.items():
+        rows.append(_val(spec, spec, base + gains[title]))
+    rows.append(_val("naive", "decoding=perplexity", base + gains["decoding=perplexity"]))
+    if combo:
+        rows.append(_val(*combo))
+    return rows
+
+
+def test_recipe_pools_validation_gains_over_ablation_datasets_and_is_confirmed():
+    g1 = {"definitions": 0.04, "uncertain": -0.01, "numeric": -0.05, "icl=random": 0.02, "icl=semantic": 0.01,
+          "decoding=perplexity": 0.02}
+    g2 = {"definitions": -0.02, "uncertain": 0.03, "numeric": -0.01, "icl=random": -0.03, "icl=semantic": 0.02,
+          "decoding=perplexity": 0.01}
+    partial = [_val("naive", "naive", 0.5), _val("numeric", "numeric", 0.9)]  # no complete ablation: not a voter
+    recipe = plan.select_recipe({"d1": _vals(g1), "d2": _vals(g2), "d3": partial}, k=2)
+    assert recipe["source"] == "validation" and recipe["datasets"] == ["d1", "d2"]
+    assert recipe["gains"]["definitions"] == pytest.approx(0.01) and recipe["gains"]["uncertain"] == pytest.approx(0.01)
+    # definitions (+1) and uncertain (+1) on; icl: semantic (+1.5) beats random (-0.5); perplexity (+1.5) at inference
+    assert recipe["train"] == "icl=semantic,k=2,definitions,uncertain"
+    assert recipe["infer"] == "icl=semantic,k=2,definitions,uncertain,decoding=perplexity"
+    assert recipe["confirmation"]["kept"] == "combination (not yet confirmed)"
+    combo = (recipe["train"], recipe["infer"])
+    worse = plan.select_recipe({"d1": _vals(g1, combo=(*combo, 0.49)), "d2": _vals(g2, combo=(*combo, 0.50))}, k=2)
+    assert (worse["train"], worse["infer"]) == ("icl=semantic,k=2", "icl=semantic,k=2")  # best single (+1.5; first)
+    assert worse["confirmation"]["kept"] == "best single dimension"
+    better = plan.select_recipe({"d1": _vals(g1, combo=(*combo, 0.58)), "d2": _vals(g2, combo=(*combo, 0.55))}, k=2)
+    assert (better["train"], better["infer"]) == combo and better["confirmation"]["kept"] == "combination"
+    assert plan.select_recipe({"d3": partial}, k=2)["source"] == "default"
 
 
 def test_cli_registers_study_command():
@@ -308,23 +347,41 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
     assert all(r.info.run_id == finished[r.data.tags["study.cell_key"]] for r in done
                if r.data.tags["study.cell_key"] in finished)
 
-    # every configuration is filled, for both datasets
+    # every configuration is filled, for both datasets, from the committed cell files
     on_disk = json.loads((project / "reports" / "study.json").read_text())
     assert on_disk["summary"] == json.loads(json.dumps(study["summary"]))
+    assert on_disk["recipe"]["source"] == "validation" and on_disk["recipe"]["datasets"] == ["tinya", "tinyb"]
+    plots = project / "reports" / "study" / "plots"
     for name in ("tinya", "tinyb"):
         ds = on_disk["datasets"][name]
         assert all(ds["headline"][role] for role, _ in report.HEADLINE_ROWS), name
-        assert all(ds["best_variants"].values())
+        assert all(ds["headline"][role]["vs_naive_sft"] for role, _ in report.HEADLINE_ROWS if role != "naive_sft")
+        assert ds["rl_vs_sft"] and ds["reasoning_vs_direct"] and ds["reasoning"]
+        assert (ds["headline"]["gencls"]["train"], ds["headline"]["gencls"]["infer"]) == \
+            (on_disk["recipe"]["train"], on_disk["recipe"]["infer"])
         assert len(ds["grid"]["axis"]) == len(plan.INTERPLAY)
         assert all(v is not None for row in ds["grid"]["accuracy"] for v in row)
         assert len(ds["single_dims"]) == 3 * len(plan.TRAIN_DIMS) + len(plan.INFER_ONLY_DIMS)
-        assert ds["best"]["source"] == "validation"
         assert {k: ds["subsample"]["sizes"][k] for k in ("trained", "val", "test")} == {"trained": 42, "val": 6, "test": 6}
-        assert (project / "reports" / "study" / name / "interplay.png").is_file()
+        assert {"naive sft", f"{on_disk['recipe']['train']} rl"} <= set(ds["training"])
+        assert (plots / f"{name}-interplay.png").is_file() and (plots / f"{name}-learning.png").is_file()
         assert ds["register"]["model"] == f"gencls-{name}"
         assert registry.current_champion(name) is not None
-    assert on_disk["summary"]["mean_gain_over_naive_sft_points"] is not None
-    assert (project / "reports" / "study" / "headline.png").is_file()
+        # each cell file holds the test predictions its accuracy was computed from
+        for path in (project / "reports" / "study" / "cells" / "cpu" / name).glob("*.json"):
+            if path.name in ("dataset.json", "recipe.json"):
+                continue
+            cell = json.loads(path.read_text())
+            rows = cell["predictions"]["test"]
+            assert len(rows) == 6 and cell["result"]["accuracy"] == pytest.approx(
+                sum(g == p for _, g, p in rows) / len(rows))
+    assert on_disk["summary"]["rows"]["gencls"]["vs_naive_sft"]["datasets"] == 2
+    assert (plots / "headline.png").is_file()
+    # the report is rebuilt from the committed cell files alone: same numbers, same intervals
+    from flows.study import rebuild_report
+
+    (project / "reports" / "study.json").unlink()
+    assert rebuild_report("cpu")["summary"] == on_disk["summary"]
 
     # the report tables match the MLflow metrics of each cell run
     by_key = {r.data.tags["study.cell_key"]: r for r in done}

@@ -62,8 +62,22 @@ def write_cell(ctx: dict, result: dict, out: Path) -> dict:
     """The committed cell file: the result and the predictions of each measured view (from `out/<view>/`)."""
     predictions = {view: read_predictions(Path(out) / view / "predictions.jsonl") for view in ("test", "val")}
     cell = {"result": result, "predictions": {k: v for k, v in predictions.items() if v}}
-    write_result(cell_path(ctx, result["key"]), cell)
+    path = cell_path(ctx, result["key"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(dump_cell(cell), encoding="utf-8")
+    os.replace(tmp, path)
     return cell
+
+
+def dump_cell(cell: dict) -> str:
+    """JSON of a cell file with one prediction row per line (readable diffs, small files)."""
+    views = []
+    for view, rows in sorted(cell["predictions"].items()):
+        body = ",\n".join("  " + json.dumps(row, ensure_ascii=False) for row in rows)
+        views.append(f' {json.dumps(view)}: [\n{body}\n ]')
+    result = json.dumps(cell["result"], indent=1, sort_keys=True, default=str)
+    return '{"result": ' + result + ',\n"predictions": {\n' + ",\n".join(views) + "\n}}\n"
 
 
 def metric_subset(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -144,3 +158,56 @@ def compute_seconds(ctx: dict) -> float:
         if info.get("settings") == ctx["train_fingerprint"]:
             total += float(info.get("seconds", 0.0))
     return round(total, 1)
+
+
+# ----------------------------------------------------------------------------- dataset records
+DATASET_FILE = "dataset.json"  # beside the cell files: what the report needs that is not a cell
+
+
+def training_summaries(ctx: dict) -> dict[str, dict]:
+    """Per finished adapter of this dataset's training settings: steps, seconds, loss and held-out curves,
+    RL rewards (from the adapter's metrics.json / run.json), keyed `<train strategy> sft|rl`."""
+    from components.config import RUN_INFO_FILE
+
+    out = {}
+    for record in sorted(Path(ctx["checkpoints"]).glob(f"*/*/{RECORD_FILE}")):
+        info = read_record(record.parent)
+        if info.get("settings") != ctx["train_fingerprint"]:
+            continue
+        metrics = read_result(record.parent / "metrics.json") or {}
+        timing = read_result(record.parent / RUN_INFO_FILE) or {}
+        kind = metrics.get("kind", record.parent.name)
+        out[f"{info.get('train')} {kind}"] = {
+            "kind": kind, "train": info.get("train"), "global_step": metrics.get("global_step"),
+            "seconds": timing.get("seconds", info.get("seconds")), "train_loss": metrics.get("train_loss"),
+            "best": {k: (metrics.get("best") or {}).get(k) for k in ("step", "accuracy", "macro_f1")},
+            "eval_history": [{k: h.get(k) for k in ("step", "accuracy", "macro_f1")} for h in metrics.get("eval_history") or []],
+            "loss_history": metrics.get("loss_history") or [], "train_history": metrics.get("train_history") or []}
+    return out
+
+
+def write_dataset_record(ctx: dict, register: dict | None) -> dict:
+    """cells/<profile>/<dataset>/dataset.json: fingerprints, subsample, labels, compute, training curves, registry."""
+    from components.data.datasets import load_labels
+
+    record = {"dataset": ctx["dataset"], "fingerprint": ctx["fingerprint"], "train_fingerprint": ctx["train_fingerprint"],
+              "subsample": ctx["subsample"], "labels": list(load_labels(ctx["dataset"], ctx["views"]["test"])),
+              "settings": ctx["settings"], "seconds": compute_seconds(ctx), "training": training_summaries(ctx),
+              "register": register}
+    write_result(Path(ctx["cells"]) / DATASET_FILE, record)
+    return record
+
+
+def read_dataset(folder: Path) -> dict | None:
+    """A dataset's record and its cell files of the record's fingerprint: {"record", "labels", "cells"}."""
+    record = read_result(Path(folder) / DATASET_FILE)
+    if not record:
+        return None
+    cells = []
+    for path in sorted(Path(folder).glob("*.json")):
+        if path.name == DATASET_FILE:
+            continue
+        cell = read_result(path)
+        if cell and (cell.get("result") or {}).get("fingerprint") == record["fingerprint"]:
+            cells.append(cell)
+    return {"record": record, "labels": record.get("labels"), "cells": cells}

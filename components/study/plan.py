@@ -25,11 +25,9 @@ Selections (``--cells``):
     ablation  naive SFT, each dimension alone at training, at inference and at both, the
               train x inference interplay grid, the recipe's SFT and SFT + RL, recipe + reasoning (+RL).
     all       both.
-The best combination is chosen on a validation slice carved from the training split (never
-on test): every dimension whose matched (train = inference) cell beats naive SFT on that
-slice is switched on (the better of icl=random/semantic), and perplexity decoding is added
-when it beats generative decoding on the naive adapter. Without those measurements (a
-headline-only run on a fresh dataset) `DEFAULT_BEST` is used and the report says so.
+The recipe (one for the whole study) is chosen on the validation slices of the ablation datasets,
+never on test, by RECIPE_RULE (``select_recipe``); every dataset's headline trains that recipe.
+Without a complete ablation yet, `DEFAULT_BEST` is used and the report says so.
 """
 from __future__ import annotations
 
@@ -225,48 +223,97 @@ def group_cells(cells: Sequence[Cell]) -> dict[tuple[str, str, bool], list[Cell]
     return groups
 
 
-# ----------------------------------------------------------------------------- best combination
-def select_best(results: Sequence[dict], k: int, metric: str = "val_accuracy") -> dict:
-    """Pick the best combination from single-dimension gains on the validation slice.
+# ----------------------------------------------------------------------------- the recipe
+RECIPE_RULE = ("on the validation slice of every ablation dataset, each dimension's gain over naive SFT is measured "
+               "(matched train = inference cell; perplexity decoding on the naive adapter); a dimension is switched "
+               "on when its mean gain over those datasets is positive (only the better of icl=random / "
+               "icl=semantic); the combination is then confirmed on validation: if its mean gain is below the best "
+               "single dimension's, that single dimension is the recipe instead. Test numbers are never read.")
 
-    Args:
-        results: cell results (dicts with kind, train, infer, rl and `metric`).
-        k: demonstrations per prompt for in-context strategies.
-        metric: the validation metric compared (default validation accuracy).
 
-    Returns:
-        {"train", "infer", "source": "validation"|"default", "gains": {dim: gain}, "base": value, "rule"}.
-    """
+def validation_gains(results: Sequence[dict], k: int, metric: str = "val_accuracy") -> tuple[float | None, dict]:
+    """(naive SFT's validation score, {dimension title: gain over it}) of one dataset's cell results."""
     val = {(r["train"], r["infer"]): r.get(metric) for r in results
            if r.get("kind") == "trained" and not r.get("rl") and r.get(metric) is not None}
-    naive = NAIVE
-    base = val.get((naive, naive))
-    rule = ("dimension on if its matched train=inference cell beats naive SFT on the validation slice "
-            "(better of icl=random/semantic); perplexity decoding on if it beats generative on the naive adapter")
-    def prior(reason: str) -> dict:
-        return {"train": canonical(DEFAULT_BEST[0], k), "infer": canonical(DEFAULT_BEST[1], k), "source": "default",
-                "gains": {}, "base": base, "rule": f"{reason}: DEFAULT_BEST prior {DEFAULT_BEST_WHY}"}
-
-    if base is None:
-        return prior("no validation results")
+    base = val.get((NAIVE, NAIVE))
     gains: dict[str, float] = {}
+    if base is None:
+        return None, gains
     for spec, title in TRAIN_DIMS.items():
         dim = canonical(spec, k)
         if val.get((dim, dim)) is not None:
             gains[title] = val[(dim, dim)] - base
     for spec, title in INFER_ONLY_DIMS.items():
-        if val.get((naive, canonical(spec))) is not None:
-            gains[title] = val[(naive, canonical(spec))] - base
-    if not gains:
-        return prior("no single-dimension validation results")
+        if val.get((NAIVE, canonical(spec))) is not None:
+            gains[title] = val[(NAIVE, canonical(spec))] - base
+    return base, gains
+
+
+def _combination(gains: dict[str, float], k: int) -> tuple[str, str]:
+    """(train, infer) strategy of the dimensions with positive gain (the better icl only)."""
     chosen = [t for t in TRAIN_DIMS.values() if not t.startswith("icl=") and gains.get(t, 0) > 0]
     icl = max((t for t in TRAIN_DIMS.values() if t.startswith("icl=") and gains.get(t, 0) > 0),
               key=lambda t: gains[t], default=None)
     train_specs = chosen + ([icl] if icl else [])
-    train = combine(*train_specs, k=k) if train_specs else naive
+    train = combine(*train_specs, k=k) if train_specs else NAIVE
     infer_extra = [t for t in INFER_ONLY_DIMS.values() if gains.get(t, 0) > 0]
-    infer = combine(train, *infer_extra, k=k) if infer_extra else train
-    return {"train": train, "infer": infer, "source": "validation", "gains": gains, "base": base, "rule": rule}
+    return train, (combine(train, *infer_extra, k=k) if infer_extra else train)
+
+
+def _single(title: str, k: int) -> tuple[str, str]:
+    """(train, infer) of one dimension alone (decoding: naive training)."""
+    if title in INFER_ONLY_DIMS.values():
+        return NAIVE, canonical(title)
+    dim = canonical(title, k)
+    return dim, dim
+
+
+def select_recipe(results_by_dataset: dict[str, Sequence[dict]], k: int, metric: str = "val_accuracy") -> dict:
+    """The one recipe of the study, chosen on validation over the ablation datasets (RECIPE_RULE).
+
+    Args:
+        results_by_dataset: {dataset: cell results}; datasets without single-dimension validation
+            results are ignored (they get the recipe, they do not choose it).
+        k: demonstrations per prompt for in-context strategies.
+
+    Returns:
+        {"train", "infer", "source": "validation"|"default", "datasets": [...], "gains": {dim: mean gain},
+         "per_dataset": {dataset: {dim: gain}}, "confirmation": {...} | None, "rule"}.
+    """
+    per_dataset = {}
+    for name, results in results_by_dataset.items():
+        _, gains = validation_gains(results, k, metric)
+        if len(gains) >= len(TRAIN_DIMS) + len(INFER_ONLY_DIMS):  # a complete ablation only
+            per_dataset[name] = gains
+    if not per_dataset:
+        return {"train": canonical(DEFAULT_BEST[0], k), "infer": canonical(DEFAULT_BEST[1], k), "source": "default",
+                "datasets": [], "gains": {}, "per_dataset": {}, "confirmation": None,
+                "rule": f"no complete ablation on validation yet: DEFAULT_BEST prior {DEFAULT_BEST_WHY}"}
+    titles = list(TRAIN_DIMS.values()) + list(INFER_ONLY_DIMS.values())
+    mean = {t: sum(g[t] for g in per_dataset.values()) / len(per_dataset) for t in titles}
+    train, infer = _combination(mean, k)
+    confirmation = None
+    best_single = max(titles, key=lambda t: mean[t])
+    if mean[best_single] > 0 and (train, infer) != _single(best_single, k):
+        combo = []
+        for name, results in results_by_dataset.items():
+            if name not in per_dataset:
+                continue
+            base, _ = validation_gains(results, k, metric)
+            value = next((r.get(metric) for r in results if r.get("kind") == "trained" and not r.get("rl")
+                          and (r["train"], r["infer"]) == (train, infer) and r.get(metric) is not None), None)
+            combo.append(None if value is None or base is None else value - base)
+        measured = None not in combo
+        gain = sum(combo) / len(combo) if measured else None
+        confirmation = {"combination": [train, infer], "mean_gain": gain, "best_single": best_single,
+                        "best_single_gain": mean[best_single], "measured": measured}
+        if measured and gain < mean[best_single]:
+            train, infer = _single(best_single, k)
+            confirmation["kept"] = "best single dimension"
+        else:
+            confirmation["kept"] = "combination" if measured else "combination (not yet confirmed)"
+    return {"train": train, "infer": infer, "source": "validation", "datasets": sorted(per_dataset),
+            "gains": mean, "per_dataset": per_dataset, "confirmation": confirmation, "rule": RECIPE_RULE}
 
 
 def roles_by_cell(planned: Sequence[tuple[str, Cell]]) -> dict[Cell, list[str]]:

@@ -3,10 +3,8 @@ and the headline bar chart.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
-import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -32,12 +30,18 @@ def machine_info() -> dict:
 
 
 # ----------------------------------------------------------------------------- aggregation
-HEADLINE_ROWS = (("tfidf", "TF-IDF + LR"), ("zeroshot", "zero-shot"), ("zeroshot_perplexity", "zero-shot (perplexity)"),
-                 ("naive_sft", "naive SFT"), ("gencls", "GenCLS++ (best + RL)"))
+HEADLINE_ROWS = (("tfidf", "TF-IDF + LR, same N"), ("tfidf_all", "TF-IDF + LR, all data"),
+                 ("minilm", "MiniLM + LR, same N"), ("zeroshot", "zero-shot"),
+                 ("zeroshot_perplexity", "zero-shot, perplexity"), ("naive_sft", "naive SFT"),
+                 ("naive_sft_perplexity", "naive SFT, perplexity"), ("best_sft", "GenCLS++ SFT"),
+                 ("gencls", "GenCLS++ SFT + RL"))
+REFERENCE = "naive_sft"  # every interval is a difference to this row on the same test examples
+TARGET_POINTS = 4.0
+PHASE2_ROLES = ("gencls", "best_sft", "reasoning")
 
 
 def measured_rows(summary: dict) -> list[tuple[str, str]]:
-    """HEADLINE_ROWS measured on at least one dataset (zero-shot perplexity is an ablation cell)."""
+    """HEADLINE_ROWS measured on at least one dataset."""
     return [(role, title) for role, title in HEADLINE_ROWS if summary["rows"][role]["datasets"]]
 
 
@@ -46,53 +50,109 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def aggregate(datasets: dict[str, dict], meta: dict) -> dict:
-    """Build study.json from per-dataset cell results.
+def assign_roles(results: Sequence[dict], recipe: dict | None) -> list[dict]:
+    """Cell results with their roles: the phase-1 roles they were planned with, plus the recipe's roles
+    (best_sft, gencls, reasoning) for the cells that match the study's current recipe."""
+    from components.study.plan import REASONING, combine
+
+    out = []
+    for r in results:
+        roles = [x for x in r.get("roles", []) if x not in PHASE2_ROLES]
+        if recipe and r.get("kind") == "trained":
+            pair = (r["train"], r["infer"])
+            if pair == (recipe["train"], recipe["infer"]):
+                roles.append("gencls" if r.get("rl") else "best_sft")
+            elif r.get("rl") and pair == (combine(recipe["train"], REASONING), combine(recipe["infer"], REASONING)):
+                roles.append("reasoning")
+        out.append({**r, "roles": roles})
+    return out
+
+
+def _test_rows(files: dict[str, dict], key: str | None) -> list | None:
+    return ((files.get(key) or {}).get("predictions") or {}).get("test") if key else None
+
+
+def _difference(files: dict[str, dict], key_a: str | None, key_b: str | None, labels: list[str]) -> dict | None:
+    """Paired-bootstrap difference a - b of two cells' test predictions (None when either is missing)."""
+    from components.study import stats
+
+    rows_a, rows_b = _test_rows(files, key_a), _test_rows(files, key_b)
+    if not rows_a or not rows_b:
+        return None
+    return stats.paired_bootstrap(*stats.align(rows_a, rows_b), labels)
+
+
+def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None) -> dict:
+    """Build study.json from the committed cell files of each dataset.
 
     Args:
-        datasets: {dataset: {"cells": [result, ...] (each with roles, key, metrics), "best": {...},
-            "subsample": {...}, "register": {...} | None, "seconds": float}}.
-        meta: study-level facts (profile, cells, model, runner, machine, budget, run ids, timings).
+        datasets: {dataset: {"cells": [cell file {"result", "predictions"}], "labels": [...], "record": the
+            dataset record (subsample, seconds, training summaries, register)}}.
+        meta: study-level facts (profile, model, machine, timings, run ids).
+        recipe: the study's recipe (components.study.plan.select_recipe).
 
     Returns:
-        The study.json dict: meta, per-dataset cells + headline + grid, and a summary with means,
-        the mean gain of GenCLS++ over naive SFT and the TF-IDF mean.
+        {"meta", "recipe", "datasets": {d: {headline, single_dims, grid, rl_vs_sft, ...}}, "summary"}.
     """
+    from components.study import stats
+
     out_ds: dict[str, Any] = {}
-    headline: dict[str, dict[str, dict | None]] = {}
+    pairs: dict[str, list] = {role: [] for role, _ in HEADLINE_ROWS}
     for name, info in datasets.items():
-        cells = sorted(info.get("cells", []), key=lambda r: r["key"])
-        by_role = {}
-        for r in cells:
-            for role in r.get("roles", []):
+        files = {c["result"]["key"]: c for c in info.get("cells", [])}
+        results = sorted(assign_roles([c["result"] for c in files.values()], recipe), key=lambda r: r["key"])
+        labels = list(info.get("labels") or [])
+        by_role: dict[str, dict] = {}
+        for r in results:
+            for role in r["roles"]:
                 by_role.setdefault(role, r)
-        headline[name] = {role: _pick(by_role.get(role)) for role, _ in HEADLINE_ROWS}
-        extra = {role: _pick(by_role.get(role)) for role in ("best_sft", "reasoning")}
-        out_ds[name] = {"subsample": info.get("subsample"), "best": info.get("best"), "register": info.get("register"),
-                        "seconds": info.get("seconds"), "headline": headline[name], "best_variants": extra,
-                        "grid": interplay_grid(cells), "single_dims": single_dim_table(cells), "cells": cells}
-    summary = {}
+        ref = (by_role.get(REFERENCE) or {}).get("key")
+        headline = {}
+        for role, _ in HEADLINE_ROWS:
+            r = by_role.get(role)
+            headline[role] = None if r is None else {
+                **_pick(r), "vs_naive_sft": None if role == REFERENCE else _difference(files, r["key"], ref, labels)}
+            if r is not None and role != REFERENCE and _test_rows(files, ref) and _test_rows(files, r["key"]):
+                pairs[role].append((*stats.align(_test_rows(files, r["key"]), _test_rows(files, ref)), labels))
+        base = (by_role.get(REFERENCE) or {}).get("val_accuracy")
+        dims = single_dim_table(results)
+        for row in dims:
+            row["vs_naive_sft"] = _difference(files, row["key"], ref, labels)
+            row["val_gain"] = None if base is None or row.get("val_accuracy") is None else row["val_accuracy"] - base
+        gencls, best_sft = headline.get("gencls"), headline.get("best_sft")
+        record = info.get("record") or {}
+        out_ds[name] = {
+            "subsample": record.get("subsample"), "register": record.get("register"), "seconds": record.get("seconds"),
+            "training": record.get("training", {}), "headline": headline, "grid": interplay_grid(results),
+            "single_dims": dims, "reasoning": _pick(by_role.get("reasoning")),
+            "rl_vs_sft": _difference(files, gencls["key"], best_sft["key"], labels) if gencls and best_sft else None,
+            "reasoning_vs_direct": _difference(files, by_role["reasoning"]["key"], gencls["key"], labels)
+            if gencls and by_role.get("reasoning") else None,
+            "cells": [{**_pick(r), "roles": r["roles"]} for r in results]}
+    rows = {}
     for role, title in HEADLINE_ROWS:
-        summary[role] = {"title": title,
-                         "mean_accuracy": _mean((h.get(role) or {}).get("accuracy") for h in headline.values()),
-                         "mean_macro_f1": _mean((h.get(role) or {}).get("macro_f1") for h in headline.values()),
-                         "datasets": sum(1 for h in headline.values() if h.get(role))}
-    gains = {name: h["gencls"]["accuracy"] - h["naive_sft"]["accuracy"] for name, h in headline.items()
-             if h.get("gencls") and h.get("naive_sft")}
-    gain_mean = _mean(gains.values())
-    tfidf_mean = summary["tfidf"]["mean_accuracy"]
-    gencls_mean = summary["gencls"]["mean_accuracy"]
-    summary_out = {
-        "rows": summary, "gain_over_naive_sft": gains,
-        "mean_gain_over_naive_sft_points": None if gain_mean is None else 100 * gain_mean,
-        "tfidf_mean_accuracy": tfidf_mean, "gencls_mean_accuracy": gencls_mean,
-        "targets": {"gain_over_naive_sft_points": 4.0, "beats_tfidf_mean": True},
-        "target_met": {
-            "gain_over_naive_sft": None if gain_mean is None else bool(100 * gain_mean >= 4.0),
-            "beats_tfidf_mean": None if tfidf_mean is None or gencls_mean is None else bool(gencls_mean > tfidf_mean),
-        },
-    }
-    return {"meta": meta, "datasets": out_ds, "summary": summary_out}
+        have = [n for n, d in out_ds.items() if d["headline"].get(role)]
+        rows[role] = {"title": title, "datasets": len(have),
+                      "mean_accuracy": _mean(out_ds[n]["headline"][role]["accuracy"] for n in have),
+                      "mean_macro_f1": _mean(out_ds[n]["headline"][role]["macro_f1"] for n in have),
+                      "vs_naive_sft": stats.mean_bootstrap(pairs[role]) if pairs[role] else None,
+                      "vs_naive_sft_datasets": len(pairs[role])}
+    return {"meta": meta, "recipe": recipe, "datasets": out_ds, "summary": {"rows": rows, "verdict": verdict(out_ds, rows)}}
+
+
+def verdict(datasets: dict[str, dict], rows: dict[str, dict], expected: int = 7) -> dict:
+    """The issue's target: GenCLS++ (SFT + RL) >= naive SFT + 4.0 points on the mean with the interval above
+    zero, and >= TF-IDF on the same N on every dataset; with how many datasets it rests on."""
+    mean = rows["gencls"].get("vs_naive_sft")
+    gain = None if mean is None else 100 * mean["accuracy"]["diff"]
+    beats = {n: bool(d["headline"]["gencls"]["accuracy"] >= d["headline"]["tfidf"]["accuracy"])
+             for n, d in datasets.items() if d["headline"].get("gencls") and d["headline"].get("tfidf")}
+    done = rows["gencls"].get("vs_naive_sft_datasets", 0)
+    return {"gain_points": gain,
+            "interval_points": None if mean is None else [100 * mean["accuracy"]["low"], 100 * mean["accuracy"]["high"]],
+            "gain_met": None if mean is None else bool(gain >= TARGET_POINTS and mean["accuracy"]["low"] > 0),
+            "beats_tfidf_same_n": beats, "beats_tfidf_met": None if not beats else all(beats.values()),
+            "datasets": done, "expected_datasets": expected, "complete": done >= expected}
 
 
 def _pick(result: dict | None) -> dict | None:
@@ -100,7 +160,7 @@ def _pick(result: dict | None) -> dict | None:
     if not result:
         return None
     keys = ("key", "name", "kind", "train", "infer", "rl", "accuracy", "macro_f1", "invalid_rate", "abstention_rate",
-            "val_accuracy", "val_macro_f1", "n", "run_id", "seconds")
+            "val_accuracy", "val_macro_f1", "n", "val_n", "run_id", "seconds")
     return {k: result.get(k) for k in keys}
 
 
@@ -137,149 +197,13 @@ def single_dim_table(cells: Sequence[dict]) -> list[dict]:
         for role in r.get("roles", []):
             if role.startswith("dim:"):
                 _, dim, where = role.split(":")
-                rows.append({"dimension": dim, "on_at": where, "train": r["train"], "infer": r["infer"],
+                rows.append({"dimension": dim, "on_at": where, "train": r["train"], "infer": r["infer"], "key": r["key"],
                              "accuracy": r.get("accuracy"), "macro_f1": r.get("macro_f1"),
                              "val_accuracy": r.get("val_accuracy"), "invalid_rate": r.get("invalid_rate")})
     order = list(TRAIN_DIMS.values()) + list(INFER_ONLY_DIMS.values())
     where_order = ("train", "inference", "both")
     return sorted(rows, key=lambda r: (order.index(r["dimension"]) if r["dimension"] in order else 99,
                                        where_order.index(r["on_at"]) if r["on_at"] in where_order else 9))
-
-
-# ----------------------------------------------------------------------------- markdown
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
-def render_markdown(study: dict) -> str:
-    """study.md: what was measured, on which machine and budget, headline, gains, ablation tables."""
-    meta, summary = study["meta"], study["summary"]
-    machine = meta.get("machine", {})
-    lines = ["# GenCLS++ study", "",
-             f"Profile `{meta.get('profile')}`, cells `{meta.get('cells')}`, model `{meta.get('model')}`, "
-             f"runner `{meta.get('runner')}`; MLflow study run `{meta.get('study_run_id')}` "
-             f"(experiment `gencls-study`, one child run per cell).", "",
-             "## What was measured", "",
-             f"- Machine: {machine.get('platform')}, {machine.get('cpu_count')} CPU cores, torch device "
-             f"`{machine.get('torch_device')}`{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}, "
-             f"Python {machine.get('python')}.",
-             f"- Budget: {meta.get('seconds', 0):.0f} s wall-clock for this invocation "
-             f"(cells already finished earlier were not re-run: {meta.get('cells_reused', 0)} reused, "
-             f"{meta.get('cells_run', 0)} run now).",
-             f"- Subsampling ({meta.get('profile')} profile): {json.dumps(meta.get('subsampling'))}; exact sizes and "
-             f"id hashes per dataset below.",
-             f"- Training: SFT `{json.dumps(meta.get('sft_config_summary'))}` (first dataset's; SFT prompts per "
-             f"dataset below); RL `{json.dumps(meta.get('rl_config_summary'))}`.",
-             "- Accuracy and macro-F1 are on the (subsampled) test split; the best combination is chosen on a "
-             "validation slice of the training split, never on test.", ""]
-    lines += ["## Headline (accuracy % / macro-F1 %)", ""]
-    shown = measured_rows(summary)
-    header = "| dataset | " + " | ".join(title for _, title in shown) + " | GenCLS++ - naive SFT | compute (min) |"
-    lines += [header, "|" + "---|" * (len(shown) + 3)]
-    for name, info in study["datasets"].items():
-        h = info["headline"]
-        cells = [f"{_pct((h.get(role) or {}).get('accuracy'))} / {_pct((h.get(role) or {}).get('macro_f1'))}"
-                 for role, _ in shown]
-        gain = summary["gain_over_naive_sft"].get(name)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if gain is None else f'{100 * gain:+.1f}'} | "
-                     f"{(info.get('seconds') or 0) / 60:.1f} |")
-    rows = summary["rows"]
-    gain_pts = summary["mean_gain_over_naive_sft_points"]
-    mean_gain = "-" if gain_pts is None else f"{gain_pts:+.2f}"
-    lines.append("| **mean** | " + " | ".join(
-        f"{_pct(rows[role]['mean_accuracy'])} / {_pct(rows[role]['mean_macro_f1'])}" for role, _ in shown)
-        + f" | {mean_gain} | {sum((i.get('seconds') or 0) for i in study['datasets'].values()) / 60:.1f} (sum) |")
-    met = summary["target_met"]
-    lines += ["", "## Against the target", "",
-              f"- Mean gain of GenCLS++ over naive SFT: "
-              f"{'not measured' if gain_pts is None else f'{gain_pts:+.2f} points'} (target >= +4.0): "
-              f"{_verdict(met['gain_over_naive_sft'])}.",
-              f"- Per dataset: {_gain_spread(summary['gain_over_naive_sft'])}.",
-              f"- GenCLS++ mean accuracy {_pct(summary['gencls_mean_accuracy'])} vs TF-IDF mean "
-              f"{_pct(summary['tfidf_mean_accuracy'])}: {_verdict(met['beats_tfidf_mean'])}.",
-              "- The paper (arXiv 2504.19898) reports +3.46 points over naive SFT on average (+4.00 on its public "
-              "datasets) with full training data and larger models; with a subsampled profile these means are not "
-              "comparable to full-data figures. Means are over the datasets that have both numbers.", ""]
-    for name, info in study["datasets"].items():
-        lines += _dataset_section(name, info)
-    return "\n".join(lines) + "\n"
-
-
-def _gain_spread(gains: dict[str, float]) -> str:
-    """Median, range and how many datasets gained, of the per-dataset gains over naive SFT."""
-    if not gains:
-        return "no dataset has both numbers"
-    pts = sorted(100 * g for g in gains.values())
-    return (f"median gain {statistics.median(pts):+.1f} points, range {pts[0]:+.1f} to {pts[-1]:+.1f}, "
-            f"GenCLS++ ahead on {sum(p > 0 for p in pts)} of {len(pts)} datasets")
-
-
-def _sft_budget_text(budget: dict | None) -> str:
-    if not budget:
-        return ""
-    if not budget.get("sft_tokens"):
-        size = budget.get("train_size")
-        return f"SFT prompts: {'the pool minus the held-out prompts' if not size else f'at most {size}'}. "
-    return (f"SFT prompts: {budget['train_size']} (as many naive prompts as fit in {budget['sft_tokens']} tokens; "
-            f"mean {budget['mean_naive_prompt_tokens']} tokens each). ")
-
-
-def _verdict(value: bool | None) -> str:
-    return "not measured" if value is None else ("met" if value else "NOT met")
-
-
-def _dataset_section(name: str, info: dict) -> list[str]:
-    sub = info.get("subsample") or {}
-    best = info.get("best") or {}
-    lines = [f"## {name}", "",
-             f"Subsample: sizes {sub.get('sizes')} from {sub.get('source_sizes')}, seed {sub.get('seed')}; "
-             f"ids sha256 {({k: v[:12] for k, v in (sub.get('ids_sha256') or {}).items()})}. "
-             f"{_sft_budget_text(sub.get('sft_budget'))}"
-             f"Compute spent on these cells (training + evaluation, summed, model loading excluded, "
-             f"including earlier invocations): {info.get('seconds') or 0:.0f} s.", "",
-             f"Best combination ({best.get('source')}): train `{best.get('train')}`, inference `{best.get('infer')}`. "
-             f"Rule: {best.get('rule')}.", ""]
-    if best.get("gains"):
-        lines += ["| dimension | validation gain over naive SFT (points) |", "|---|---|"]
-        lines += [f"| {dim} | {100 * gain:+.1f} |" for dim, gain in best["gains"].items()]
-        lines.append("")
-    variants = info.get("best_variants") or {}
-    if any(variants.values()):
-        lines += ["| variant | accuracy | macro-F1 |", "|---|---|---|"]
-        for role, title in (("best_sft", "best, SFT only"), ("reasoning", "best + reasoning (+RL)")):
-            v = variants.get(role)
-            if v:
-                lines.append(f"| {title} (`{v['train']}` -> `{v['infer']}`) | {_pct(v['accuracy'])} | {_pct(v['macro_f1'])} |")
-        g = (info.get("headline") or {}).get("gencls")
-        if g:
-            lines.append(f"| best + RL, direct answer | {_pct(g['accuracy'])} | {_pct(g['macro_f1'])} |")
-        lines.append("")
-    dims = info.get("single_dims") or []
-    if dims:
-        lines += ["| dimension | on at | train | inference | accuracy | macro-F1 | val accuracy | invalid |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['dimension']} | {r['on_at']} | `{r['train']}` | `{r['infer']}` | {_pct(r['accuracy'])} | "
-                  f"{_pct(r['macro_f1'])} | {_pct(r['val_accuracy'])} | {_pct(r['invalid_rate'])} |" for r in dims]
-        lines.append("")
-    grid = info.get("grid") or {}
-    if grid.get("axis"):
-        axis = grid["axis"]
-        lines += [f"Interplay grid, test accuracy % (rows: training strategy, columns: inference strategy); "
-                  f"heatmap `study/{name}/interplay.png`.", "",
-                  "| train \\ inference | " + " | ".join(f"`{a}`" for a in axis) + " |", "|" + "---|" * (len(axis) + 1)]
-        for t, row in zip(axis, grid["accuracy"]):
-            lines.append(f"| `{t}` | " + " | ".join(_pct(v) for v in row) + " |")
-        lines.append("")
-    reg = info.get("register")
-    if reg:
-        lines += [f"Registry: `{reg.get('model')}` v{reg.get('version')}: {reg.get('decision')} ({reg.get('reason')}).", ""]
-    lines += ["All cells:", "", "| cell | key | accuracy | macro-F1 | val accuracy | invalid | MLflow run |",
-              "|---|---|---|---|---|---|---|"]
-    for r in info.get("cells", []):
-        lines.append(f"| {r.get('name')} | `{r['key']}` | {_pct(r.get('accuracy'))} | {_pct(r.get('macro_f1'))} | "
-                     f"{_pct(r.get('val_accuracy'))} | {_pct(r.get('invalid_rate'))} | `{r.get('run_id')}` |")
-    lines.append("")
-    return lines
 
 
 # ----------------------------------------------------------------------------- plots
@@ -343,3 +267,28 @@ def config_summary(config: dict) -> dict:
     keys = ("model", "lora", "lora_r", "learning_rate", "epochs", "max_steps", "batch_size", "train_size", "eval_size",
             "max_prompt_tokens", "num_generations", "beta", "focus")
     return {k: config[k] for k in keys if k in config}
+
+
+def plot_learning(training: dict, path: Path, title: str) -> Path | None:
+    """Training loss (lines) and held-out accuracy (markers) over steps of each SFT arm of a dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sft = {name: t for name, t in sorted(training.items()) if t.get("kind") == "sft" and t.get("loss_history")}
+    if not sft:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, t in sft.items():
+        steps, losses = zip(*[(h["step"], h["loss"]) for h in t["loss_history"]])
+        left.plot(steps, losses, label=t.get("train", name), linewidth=1)
+        held = t.get("eval_history") or []
+        if held:
+            right.plot([h["step"] for h in held], [100 * h["accuracy"] for h in held], marker="o",
+                       label=t.get("train", name))
+    left.set(xlabel="optimizer step", ylabel="training loss", title=title, yscale="log")
+    right.set(xlabel="optimizer step", ylabel="held-out accuracy % (generative)", title="checkpoint selection slice")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    return save_figure(fig, path)
