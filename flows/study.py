@@ -25,6 +25,7 @@ flows/study_tasks.py; the pure steps in components/study/ (plan, prepare, measur
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -193,67 +194,86 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
     tracking.configure()
     study_key = prepare.settings_fingerprint({"datasets": sorted(datasets), "profile": profile, "cells": cells,
                                         "model": model, "overrides": overrides or {}, "only": only})
-    with tracking.start_run(EXPERIMENT, run_name=f"study {profile} {cells}", run_id=_study_run(study_key),
-                            tags={"dataset": ",".join(datasets), "study.kind": "study", "study.key": study_key,
-                                  "profile": profile, "study.cells": cells, "model": model, "runner": runner}) as run:
-        run_id = run.info.run_id
-        logger.info("MLflow study run %s (%s)", run_id, tracking.tracking_uri())
-        ctxs = {d: prepare_dataset(d, profile, model, overrides, run_id, torch_threads) for d in datasets}
-        plans = {d: plan.keep_roles(plan.phase1_cells(cells, profile, model, ctx["k"]), only) for d, ctx in ctxs.items()}
-        futures = {d: _submit_groups(ctx, plans[d]) for d, ctx in ctxs.items()}
-        results, errors = {}, []
+    with contextlib.ExitStack() as held:  # one study per dataset at a time (dataset_lock)
         for d in datasets:
-            results[d], errs = _collect(futures[d], logger)
-            errors += errs
-        recipe = update_recipe(profile, ctxs)
-        logger.info("recipe (%s): train=%s inference=%s", recipe["source"], recipe["train"], recipe["infer"])
-        for attempt in range(2):  # a second round when the confirmation replaces the combination
-            for d, ctx in ctxs.items():
-                phase2 = plan.keep_roles(plan.phase2_cells(cells, profile, model, (recipe["train"], recipe["infer"])), only)
-                plans[d] += phase2
-                futures[d] = _submit_groups(ctx, phase2)
+            held.callback(dataset_lock(profile, d).release)
+        with tracking.start_run(EXPERIMENT, run_name=f"study {profile} {cells}", run_id=_study_run(study_key),
+                                tags={"dataset": ",".join(datasets), "study.kind": "study", "study.key": study_key,
+                                      "profile": profile, "study.cells": cells, "model": model, "runner": runner}) as run:
+            run_id = run.info.run_id
+            logger.info("MLflow study run %s (%s)", run_id, tracking.tracking_uri())
+            ctxs = {d: prepare_dataset(d, profile, model, overrides, run_id, torch_threads) for d in datasets}
+            plans = {d: plan.keep_roles(plan.phase1_cells(cells, profile, model, ctx["k"]), only) for d, ctx in ctxs.items()}
+            futures = {d: _submit_groups(ctx, plans[d]) for d, ctx in ctxs.items()}
+            results, errors = {}, []
             for d in datasets:
-                more, errs = _collect(futures[d], logger)
-                results[d] += more
+                results[d], errs = _collect(futures[d], logger)
                 errors += errs
-            again = update_recipe(profile, ctxs)
-            if (again["train"], again["infer"]) == (recipe["train"], recipe["infer"]):
+            recipe = update_recipe(profile, ctxs)
+            logger.info("recipe (%s): train=%s inference=%s", recipe["source"], recipe["train"], recipe["infer"])
+            for attempt in range(2):  # a second round when the confirmation replaces the combination
+                for d, ctx in ctxs.items():
+                    phase2 = plan.keep_roles(plan.phase2_cells(cells, profile, model, (recipe["train"], recipe["infer"])), only)
+                    plans[d] += phase2
+                    futures[d] = _submit_groups(ctx, phase2)
+                for d in datasets:
+                    more, errs = _collect(futures[d], logger)
+                    results[d] += more
+                    errors += errs
+                again = update_recipe(profile, ctxs)
+                if (again["train"], again["infer"]) == (recipe["train"], recipe["infer"]):
+                    recipe = again
+                    break
+                logger.info("confirmation on validation: recipe now train=%s inference=%s", again["train"], again["infer"])
                 recipe = again
-                break
-            logger.info("confirmation on validation: recipe now train=%s inference=%s", again["train"], again["infer"])
-            recipe = again
-        decisions = {}
-        if register_model:
-            reg = {}
+            decisions = {}
+            if register_model:
+                reg = {}
+                for d, ctx in ctxs.items():
+                    gencls = next((r for r in results[d] if r.get("kind") == "trained" and r.get("rl")
+                                   and (r["train"], r["infer"]) == (recipe["train"], recipe["infer"])), None)
+                    if gencls is not None:
+                        reg[d] = register_task.submit(ctx, gencls)
+                for d, future in reg.items():
+                    future.wait()
+                    if future.state.is_completed():
+                        decisions[d] = future.result()
+                    else:
+                        errors.append(f"{d}: register: {future.state.message}")
             for d, ctx in ctxs.items():
-                gencls = next((r for r in results[d] if r.get("kind") == "trained" and r.get("rl")
-                               and (r["train"], r["infer"]) == (recipe["train"], recipe["infer"])), None)
-                if gencls is not None:
-                    reg[d] = register_task.submit(ctx, gencls)
-            for d, future in reg.items():
-                future.wait()
-                if future.state.is_completed():
-                    decisions[d] = future.result()
-                else:
-                    errors.append(f"{d}: register: {future.state.message}")
-        for d, ctx in ctxs.items():
-            measure.write_dataset_record(ctx, decisions.get(d) or measure.read_result(Path(ctx["results"]) / "register.json"))
-        reused = sum(1 for d in results for r in results[d] if r.get("reused"))
-        first = next(iter(ctxs.values()), None)
-        meta = {"profile": profile, "cells": cells, "model": model, "runner": runner, "datasets": datasets,
-                "study_run_id": run_id, "study_key": study_key, "machine": report.machine_info(),
-                "seconds": round(time.time() - started, 1), "cells_reused": reused,
-                "cells_run": sum(len(v) for v in results.values()) - reused,
-                "settings": {k: v for k, v in prepare.profile_settings(profile, overrides).items()
-                             if not isinstance(v, dict)},
-                "sft_config_summary": report.config_summary(first["configs"]["sft"]) if first else {},
-                "rl_config_summary": report.config_summary(first["configs"]["rl"]) if first else {},
-                "overrides": overrides or {}, "only": only, "failed": errors,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        study = write_report(profile, meta, run_id, recipe)
-        if errors:
-            raise RuntimeError(f"study: {len(errors)} failure(s): " + " | ".join(errors))
+                measure.write_dataset_record(ctx, decisions.get(d) or measure.read_result(Path(ctx["results"]) / "register.json"))
+            reused = sum(1 for d in results for r in results[d] if r.get("reused"))
+            first = next(iter(ctxs.values()), None)
+            meta = {"profile": profile, "cells": cells, "model": model, "runner": runner, "datasets": datasets,
+                    "study_run_id": run_id, "study_key": study_key, "machine": report.machine_info(),
+                    "seconds": round(time.time() - started, 1), "cells_reused": reused,
+                    "cells_run": sum(len(v) for v in results.values()) - reused,
+                    "settings": {k: v for k, v in prepare.profile_settings(profile, overrides).items()
+                                 if not isinstance(v, dict)},
+                    "sft_config_summary": report.config_summary(first["configs"]["sft"]) if first else {},
+                    "rl_config_summary": report.config_summary(first["configs"]["rl"]) if first else {},
+                    "overrides": overrides or {}, "only": only, "failed": errors,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            study = write_report(profile, meta, run_id, recipe)
+            if errors:
+                raise RuntimeError(f"study: {len(errors)} failure(s): " + " | ".join(errors))
     return study
+
+
+def dataset_lock(profile: str, dataset: str) -> Any:
+    """Hold reports/study/cells/<profile>/<dataset>/.lock for this process: a second study of the same dataset
+    would measure the same cells again and race on their files; it stops with one clear line instead."""
+    from filelock import FileLock, Timeout
+
+    folder = cells_root(profile) / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"another `gencls study` is running on {dataset} ({profile} profile; lock "
+                           f"{folder / '.lock'}): wait for it or stop it first") from None
+    return lock
 
 
 def rebuild_report(profile: str) -> dict:

@@ -412,3 +412,15 @@ def test_two_cells_on_a_local_dask_cluster(prefect_harness, project, tiny_model_
     exp = tracking.client().get_experiment_by_name("gencls-study")
     runs = tracking.client().search_runs([exp.experiment_id], "tags.`study.kind` = 'cell'")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_second_study_of_the_same_dataset_stops_with_one_line(tmp_path, monkeypatch):
+    from flows.study import dataset_lock
+
+    monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))
+    first = dataset_lock("cpu", "trec6")
+    with pytest.raises(RuntimeError, match="another `gencls study` is running on trec6"):
+        dataset_lock("cpu", "trec6")
+    dataset_lock("cpu", "r8").release()  # other datasets are free
+    first.release()
+    dataset_lock("cpu", "trec6").release()  # free again once the first study ended
