@@ -111,6 +111,7 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     for kind in ("sft", "rl"):
         layer = {f"{kind}.{k}": v for k, v in settings[kind].items()}
         layer[f"{kind}.seed"] = settings["seed"]  # SFT's held-out carve must match prepare.subsample's
+        layer[f"{kind}.eval_size"] = heldout  # RL selects on SFT's held-out slice and trains on the same N
         if kind == "sft":
             layer["sft.model"] = model
         layer.update({k: v for k, v in (overrides or {}).items() if k.startswith(f"{kind}.")})
@@ -203,13 +204,15 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
             run_id = run.info.run_id
             logger.info("MLflow study run %s (%s)", run_id, tracking.tracking_uri())
             ctxs = {d: prepare_dataset(d, profile, model, overrides, run_id, torch_threads) for d in datasets}
+            for ctx in ctxs.values():  # written again at the end; now, so that an interrupted study still reports
+                measure.write_dataset_record(ctx, measure.read_result(Path(ctx["results"]) / "register.json"))
             plans = {d: plan.keep_roles(plan.phase1_cells(cells, profile, model, ctx["k"]), only) for d, ctx in ctxs.items()}
             futures = {d: _submit_groups(ctx, plans[d]) for d, ctx in ctxs.items()}
             results, errors = {}, []
             for d in datasets:
                 results[d], errs = _collect(futures[d], logger)
                 errors += errs
-            recipe = update_recipe(profile, ctxs)
+            recipe = update_recipe(profile, ctxs, model, overrides)
             logger.info("recipe (%s): train=%s inference=%s", recipe["source"], recipe["train"], recipe["infer"])
             for attempt in range(2):  # a second round when the confirmation replaces the combination
                 for d, ctx in ctxs.items():
@@ -220,7 +223,7 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
                     more, errs = _collect(futures[d], logger)
                     results[d] += more
                     errors += errs
-                again = update_recipe(profile, ctxs)
+                again = update_recipe(profile, ctxs, model, overrides)
                 if (again["train"], again["infer"]) == (recipe["train"], recipe["infer"]):
                     recipe = again
                     break
@@ -232,7 +235,10 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
                 for d, ctx in ctxs.items():
                     gencls = next((r for r in results[d] if r.get("kind") == "trained" and r.get("rl")
                                    and (r["train"], r["infer"]) == (recipe["train"], recipe["infer"])), None)
-                    if gencls is not None:
+                    if gencls is not None and not Path(gencls.get("adapter") or "").is_dir():
+                        logger.warning("%s: GenCLS++ cell %s was measured elsewhere (its adapter %s is not on this "
+                                       "machine): not registered", d, gencls["key"], gencls.get("adapter"))
+                    elif gencls is not None:
                         reg[d] = register_task.submit(ctx, gencls)
                 for d, future in reg.items():
                     future.wait()
@@ -287,20 +293,27 @@ def rebuild_report(profile: str) -> dict:
     return write_report(profile, meta, None)
 
 
-def update_recipe(profile: str, ctxs: dict[str, dict]) -> dict:
+def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", overrides: dict | None = None) -> dict:
     """Choose the study's recipe on validation (plan.select_recipe) over every dataset with a complete ablation:
-    this run's datasets' cells plus the validation results other datasets left in the committed recipe file."""
-    path = cells_root(profile) / RECIPE_FILE
-    stored = measure.read_result(path) or {}
-    validation = dict(stored.get("validation_results") or {})
-    keep = ("kind", "train", "infer", "rl", "val_accuracy", "val_macro_f1")
-    for d, ctx in ctxs.items():
-        rows = [{k: r.get(k) for k in keep} for r in measure.dataset_results(ctx) if r.get("val_accuracy") is not None]
-        if rows or d in validation:
-            validation[d] = rows
-    k = next(iter(ctxs.values()))["k"] if ctxs else stored.get("k", 2)
-    recipe = plan.select_recipe(validation, k)
-    measure.write_result(path, {**recipe, "k": k, "validation_results": validation})
+    this run's datasets' cells plus the validation results other datasets left in the committed recipe file,
+    only those measured with the same model and study settings (a lock keeps two studies from racing on it)."""
+    from filelock import FileLock
+
+    root = cells_root(profile)
+    root.mkdir(parents=True, exist_ok=True)
+    config = prepare.settings_fingerprint({"model": model, "settings": prepare.profile_settings(profile, overrides)})
+    with FileLock(str(root / ".recipe.lock")):
+        stored = measure.read_result(root / RECIPE_FILE) or {}
+        validation = {d: v for d, v in (stored.get("validation_results") or {}).items()
+                      if isinstance(v, dict) and v.get("config") == config}
+        keep = ("kind", "train", "infer", "rl", "val_accuracy", "val_macro_f1")
+        for d, ctx in ctxs.items():
+            rows = [{k: r.get(k) for k in keep} for r in measure.dataset_results(ctx) if r.get("val_accuracy") is not None]
+            if rows or d in validation:
+                validation[d] = {"config": config, "fingerprint": ctx["fingerprint"], "rows": rows}
+        k = next(iter(ctxs.values()))["k"] if ctxs else stored.get("k", 2)
+        recipe = plan.select_recipe({d: v["rows"] for d, v in validation.items()}, k)
+        measure.write_result(root / RECIPE_FILE, {**recipe, "k": k, "validation_results": validation})
     return recipe
 
 

@@ -127,7 +127,9 @@ def test_aggregate_markdown_and_plots(tmp_path):
            _cell("e", [], "definitions", "definitions", 70, rl=True),  # recipe + RL: the gencls role comes from the recipe
            _cell("f", ["gencls"], "numeric", "numeric", 99, rl=True)]  # an old recipe's cell: its stored role is ignored
     ds2 = [_cell("g", ["naive_sft"], "naive", "naive", 50), _cell("h", [], "definitions", "definitions", 55, rl=True),
-           _cell("i", [], "definitions", "definitions", 52)]
+           _cell("i", [], "definitions", "definitions", 52),
+           # measured by an ablation run: it is also the headline's naive SFT + perplexity (roles follow the cell)
+           _cell("j", ["dim:decoding=perplexity:inference"], "naive", "decoding=perplexity", 51)]
     training = {"naive sft": {"kind": "sft", "train": "naive", "global_step": 4, "seconds": 60,
                               "loss_history": [{"step": s, "loss": 2.0 / s} for s in range(1, 5)],
                               "eval_history": [{"step": 2, "accuracy": 0.5}, {"step": 4, "accuracy": 0.6}],
@@ -138,6 +140,8 @@ def test_aggregate_markdown_and_plots(tmp_path):
     d1, d2 = study["datasets"]["ds1"], study["datasets"]["ds2"]
     assert d1["headline"]["gencls"]["key"] == "e" and d2["headline"]["gencls"]["key"] == "h"
     assert d2["headline"]["best_sft"]["key"] == "i" and d1["headline"]["best_sft"] is None
+    assert d2["headline"]["naive_sft_perplexity"]["key"] == "j"
+    assert [(r["dimension"], r["key"]) for r in d2["single_dims"]] == [("definitions", "i"), ("decoding=perplexity", "j")]
     gain = d1["headline"]["gencls"]["vs_naive_sft"]["accuracy"]
     assert gain["diff"] == pytest.approx(0.10) and 0 < gain["low"] <= gain["diff"] <= gain["high"]  # paired: 10 flips
     assert d1["headline"]["naive_sft"]["vs_naive_sft"] is None

@@ -69,7 +69,9 @@ def _headline(study: dict, summary: dict) -> list[str]:
         row = summary["rows"][role]
         mean = f"{_pct(row['mean_accuracy'])} / {_pct(row['mean_macro_f1'])} (n={row['datasets']})"
         if role != REFERENCE and row.get("vs_naive_sft"):
-            mean += f"<br>{_diff(row['vs_naive_sft'])}"
+            paired = row.get("vs_naive_sft_datasets")
+            mean += f"<br>{_diff(row['vs_naive_sft'])}" + ("" if paired == row["datasets"] else f" (over the {paired} "
+                                                          "datasets with naive SFT)")
         lines.append(f"| {title} | " + " | ".join(cells) + f" | {mean} |")
     seconds = [f"{n} {(i.get('seconds') or 0) / 60:.0f}" for n, i in study["datasets"].items()]
     lines += ["", f"Compute per dataset (training + evaluation, minutes, model loading excluded): {', '.join(seconds)}.",

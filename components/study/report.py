@@ -50,14 +50,19 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def assign_roles(results: Sequence[dict], recipe: dict | None) -> list[dict]:
-    """Cell results with their roles: the phase-1 roles they were planned with, plus the recipe's roles
+def assign_roles(results: Sequence[dict], recipe: dict | None, k: int = 2) -> list[dict]:
+    """Cell results with their roles, derived from what each cell is (kind, train, infer, rl), not from the
+    run that first measured it: every phase-1 role the cell has in the full plan (a naive -> perplexity cell
+    is both the headline's `naive_sft_perplexity` and the ablation's perplexity row), plus the recipe's roles
     (best_sft, gencls, reasoning) for the cells that match the study's current recipe."""
-    from components.study.plan import REASONING, combine
+    from components.study.plan import REASONING, combine, phase1_cells, roles_by_cell
 
+    planned = {(c.kind, c.train, c.infer, c.rl): roles for c, roles in roles_by_cell(phase1_cells("all", "-", "-", k)).items()}
     out = []
     for r in results:
-        roles = [x for x in r.get("roles", []) if x not in PHASE2_ROLES]
+        stored = [x for x in r.get("roles", []) if x not in PHASE2_ROLES]
+        roles = list(dict.fromkeys(planned.get((r.get("kind"), r.get("train"), r.get("infer"), bool(r.get("rl"))), [])
+                                   + stored))
         if recipe and r.get("kind") == "trained":
             pair = (r["train"], r["infer"])
             if pair == (recipe["train"], recipe["infer"]):
@@ -100,7 +105,8 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
     pairs: dict[str, list] = {role: [] for role, _ in HEADLINE_ROWS}
     for name, info in datasets.items():
         files = {c["result"]["key"]: c for c in info.get("cells", [])}
-        results = sorted(assign_roles([c["result"] for c in files.values()], recipe), key=lambda r: r["key"])
+        k = int(((info.get("record") or {}).get("settings") or {}).get("icl_k") or (recipe or {}).get("k") or 2)
+        results = sorted(assign_roles([c["result"] for c in files.values()], recipe, k), key=lambda r: r["key"])
         labels = list(info.get("labels") or [])
         by_role: dict[str, dict] = {}
         for r in results:
