@@ -166,7 +166,7 @@ def _pick(result: dict | None) -> dict | None:
     if not result:
         return None
     keys = ("key", "name", "kind", "train", "infer", "rl", "accuracy", "macro_f1", "invalid_rate", "abstention_rate",
-            "val_accuracy", "val_macro_f1", "n", "val_n", "run_id", "seconds")
+            "val_accuracy", "val_macro_f1", "n", "val_n", "run_id", "seconds", "worker")
     return {k: result.get(k) for k in keys}
 
 
