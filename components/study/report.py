@@ -296,5 +296,6 @@ def plot_learning(training: dict, path: Path, title: str) -> Path | None:
     left.set(xlabel="optimizer step", ylabel="training loss", title=title, yscale="log")
     right.set(xlabel="optimizer step", ylabel="held-out accuracy % (generative)", title="checkpoint selection slice")
     left.legend(fontsize=7)
-    right.legend(fontsize=7)
+    if right.lines:  # no held-out slice (eval_size 0): nothing to label
+        right.legend(fontsize=7)
     return save_figure(fig, path)
