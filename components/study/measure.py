@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from components.fingerprint import RECORD_FILE, read_record
-from components.study.plan import METRIC_KEYS, Cell, roles_by_cell
-
-PHASE2_ROLES = ("gencls", "best_sft", "reasoning")
+from components.study.plan import METRIC_KEYS, Cell
 
 
 # ----------------------------------------------------------------------------- results
@@ -135,18 +133,6 @@ def dataset_results(ctx: dict) -> list[dict]:
         result = (cell or {}).get("result")
         if result and result.get("fingerprint") == ctx["fingerprint"]:
             out.append(result)
-    return out
-
-
-def report_cells(ctx: dict, planned: list[tuple[str, Cell]]) -> list[dict]:
-    """Finished cells of the dataset with their roles: phase-2 roles only from this run's plan."""
-    roles = roles_by_cell(planned)
-    by_key = {cell.key(ctx["fingerprint"]): r for cell, r in roles.items()}
-    out = []
-    for result in dataset_results(ctx):
-        stored = [r for r in result.get("roles", []) if r not in PHASE2_ROLES]
-        merged = list(dict.fromkeys(by_key.get(result["key"], []) + stored))
-        out.append({**result, "roles": merged})
     return out
 
 

@@ -51,7 +51,6 @@ DEFAULT_BEST_WHY = ("(semantically retrieved demonstrations at training and infe
                     "for every dataset, chosen from the paper's ablation and our earlier zero-shot trec6 figures, "
                     "not tuned per dataset)")
 CELL_SETS = ("headline", "ablation", "all")
-RESULT_FILE = "result.json"
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "abstention_rate", "answered_accuracy", "ece")
 
 # ----------------------------------------------------------------------------- strategies
