@@ -125,15 +125,19 @@ def evaluate_cell(ctx: dict, cell: Cell, out: Path, loaded: Any = None, adapter:
     return out_metrics
 
 
+def read_cells(folder: Path, fingerprint: str) -> list[dict]:
+    """The cell files ({"result", "predictions"}) in a dataset's cell folder measured with this settings fingerprint."""
+    out = []
+    for path in sorted(Path(folder).glob("*.json")):
+        cell = read_result(path)
+        if isinstance(cell, dict) and (cell.get("result") or {}).get("fingerprint") == fingerprint:
+            out.append(cell)
+    return out
+
+
 def dataset_results(ctx: dict) -> list[dict]:
     """Every finished cell result of this dataset with the current settings fingerprint."""
-    out = []
-    for path in sorted(Path(ctx["cells"]).glob("*.json")):
-        cell = read_result(path)
-        result = (cell or {}).get("result")
-        if result and result.get("fingerprint") == ctx["fingerprint"]:
-            out.append(result)
-    return out
+    return [cell["result"] for cell in read_cells(Path(ctx["cells"]), ctx["fingerprint"])]
 
 
 def compute_seconds(ctx: dict) -> float:
@@ -189,11 +193,4 @@ def read_dataset(folder: Path) -> dict | None:
     record = read_result(Path(folder) / DATASET_FILE)
     if not record:
         return None
-    cells = []
-    for path in sorted(Path(folder).glob("*.json")):
-        if path.name == DATASET_FILE:
-            continue
-        cell = read_result(path)
-        if cell and (cell.get("result") or {}).get("fingerprint") == record["fingerprint"]:
-            cells.append(cell)
-    return {"record": record, "labels": record.get("labels"), "cells": cells}
+    return {"record": record, "labels": record.get("labels"), "cells": read_cells(folder, record["fingerprint"])}
