@@ -98,10 +98,13 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
     text_tokens = int(settings["text_tokens"])
     train, cut_train = prepare.truncate_texts(load_split(dataset, "train"), tokenizer, text_tokens)
     test, cut_test = prepare.truncate_texts(load_split(dataset, "test"), tokenizer, text_tokens)
+    train, test, dropped = prepare.drop_cut_duplicates(train, test)
     heldout = int((overrides or {}).get("sft.eval_size", settings["sft"].get("eval_size", 0)) or 0)
     splits, record = prepare.subsample(train, test, settings["train_size"], settings["val_size"],
                                        settings["test_size"], settings["seed"], heldout=heldout)
     record["text_tokens"] = {"max": text_tokens, "cut_train_split": cut_train, "cut_test_split": cut_test}
+    if any(dropped.values()):  # only when cutting made copies (keeps earlier fingerprints where it did not)
+        record["text_tokens"]["copies_dropped"] = dropped
     labels_yaml = (dataset_dir(dataset) / "labels.yaml").read_bytes()
     labels = yaml.safe_load(labels_yaml)
     record["max_prompt_tokens"] = prepare.fit_prompt_budgets(settings, tokenizer, labels)

@@ -73,6 +73,37 @@ def truncate_texts(rows: Sequence[dict], tokenizer: Any, max_tokens: int) -> tup
     return out, cut
 
 
+# ----------------------------------------------------------------------------- cut copies
+def drop_cut_duplicates(train: Sequence[dict], test: Sequence[dict]) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Drop the rows that cutting made into copies, as the dataset build drops copies of whole texts.
+
+    Two long texts that begin alike become one text once cut (r8's Reuters items that open with the
+    same headline): the copy would break the data checks (text unique within a split, no test text
+    in train) and count one text twice. Within each split the first row in file order is kept; a
+    test row whose cut text is a kept train text is dropped.
+
+    Returns:
+        (train, test, {"train": dropped, "test": dropped}).
+    """
+    from components.data.build import normalise_text
+
+    seen: set[str] = set()
+    kept_train = []
+    for row in train:
+        key = normalise_text(row["text"])
+        if key not in seen:
+            seen.add(key)
+            kept_train.append(row)
+    train_keys, seen = set(seen), set()
+    kept_test = []
+    for row in test:
+        key = normalise_text(row["text"])
+        if key not in seen and key not in train_keys:
+            seen.add(key)
+            kept_test.append(row)
+    return kept_train, kept_test, {"train": len(train) - len(kept_train), "test": len(test) - len(kept_test)}
+
+
 # ----------------------------------------------------------------------------- subsampling
 def ids_hash(examples: Sequence[dict]) -> str:
     """sha256 of the sorted example ids (what exactly a subsample holds)."""
