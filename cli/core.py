@@ -60,7 +60,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="instead: predict on this dataset's first --n test examples with the prompts' shared "
                           "prefix run once vs run for every prompt")
     dec.add_argument("--strategy", default="icl=semantic,k=2,decoding=perplexity",
-                     help="inference strategy for --dataset (default: the study's GenCLS++ prior)")
+                     help="inference strategy for --dataset (default: two semantic demonstrations, perplexity)")
     _threads_option(dec)
     dec.set_defaults(func=_guard(cmd_bench_decoding))
 

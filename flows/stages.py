@@ -1,7 +1,7 @@
 """dvc stage entry points: `python -m flows.stages <stage>` (dvc.yaml calls these).
 
     python -m flows.stages data|validate|render|sft|rl|register
-    python -m flows.stages evaluate zeroshot|sft|gencls
+    python -m flows.stages evaluate zeroshot|sft|gencls|tfidf
 
 The dataset and profile come from conf/params.yaml (`data.dataset`, `profile`); each stage
 opens its own MLflow run (tag `stage`), marked FAILED when the stage raises.
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("name", nargs="?", help="evaluate only: zeroshot | sft | gencls")
+    parser.add_argument("name", nargs="?", help="evaluate only: zeroshot | sft | gencls | tfidf (both TF-IDF rows)")
     args = parser.parse_args(argv)
     from flows import steps
 
@@ -52,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "rl":
         steps.step_rl(dataset, profile)
     elif args.stage == "evaluate":
-        if args.name not in ("zeroshot", "sft", "gencls"):
-            parser.error("evaluate needs one of: zeroshot, sft, gencls")
-        steps.step_evaluate(dataset, args.name, profile=profile)
+        if args.name not in ("zeroshot", "sft", "gencls", "tfidf"):
+            parser.error("evaluate needs one of: zeroshot, sft, gencls, tfidf")
+        if args.name == "tfidf":
+            steps.step_baselines(dataset, profile)
+        else:
+            steps.step_evaluate(dataset, args.name, profile=profile)
     elif args.stage == "register":
         decision = steps.step_register(dataset, profile=profile)
         print(f"[register] {decision['model']} v{decision['version']}: {decision['decision']} ({decision['reason']})")

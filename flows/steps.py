@@ -20,7 +20,6 @@ from typing import Any, Iterator
 
 from components import config
 from components.fingerprint import fingerprint, finished, read_record, sha256_files, source_hash, write_record
-from components.evaluate.summary import SUMMARY_ROWS, summary_table
 from components.ops import tracking
 
 
@@ -178,8 +177,9 @@ def step_rl(dataset: str, profile: str = "quick", overrides: dict | None = None,
     sft_dir = config.checkpoints_dir() / dataset / "sft"
     out = config.checkpoints_dir() / dataset / "rl"
     upstream = sft_fingerprint or read_record(sft_dir).get("fingerprint") or sha256_files(sorted(sft_dir.glob("*.json")))
+    select = eval_settings("gencls", profile=profile)["strategy"]  # pick the checkpoint the way GenCLS++ decodes
     key = fingerprint({"config": asdict_config(cfg), "sft": upstream, "src": source_hash(train_rl.__module__),
-                       "data": data_hash(dataset, ("train",))})
+                       "data": data_hash(dataset, ("train",)), "select": select})
     with run_scope(dataset, "rl", run_id) as rid:
         tracking.log_config(rid, asdict_config(cfg), prefix="rl.")
         done = finished(out, key, ("gencls_config.json",))
@@ -189,7 +189,7 @@ def step_rl(dataset: str, profile: str = "quick", overrides: dict | None = None,
             write_curves(dataset, "rl", out)
             return done
         started = time.time()
-        train_rl(dataset, cfg, sft_dir=sft_dir, out_dir=out, log_fn=tracking.make_log_fn(rid))
+        train_rl(dataset, cfg, sft_dir=sft_dir, out_dir=out, log_fn=tracking.make_log_fn(rid), select_strategy=select)
         _log_training_outputs(rid, out, "rl")
         write_curves(dataset, "rl", out)
         record = {"fingerprint": key, "path": str(out), "run_id": rid, "seconds": round(time.time() - started, 1)}
@@ -269,6 +269,37 @@ def step_evaluate(dataset: str, name: str, model: str | None = None, profile: st
     return metrics
 
 
+BASELINES = {"tfidf": "SFT's own training examples", "tfidf_all": "the whole training split"}
+
+
+def step_baselines(dataset: str, profile: str = "quick", run_id: str | None = None, overrides: dict | None = None,
+                   eval_overrides: dict | None = None) -> dict:
+    """TF-IDF + logistic regression beside the LLM rows: trained on exactly the examples SFT trains on
+    (same size, seed and held-out carve: components.train.sft.load_data) and on the whole training split,
+    measured on the evaluations' test subset; into reports/<d>/tfidf/ and reports/<d>/tfidf_all/ (seconds)."""
+    from components.data.datasets import load_split
+    from components.evaluate.baselines import tfidf_records
+    from components.evaluate.evaluation import compute_metrics, select_examples, write_reports
+    from components.train.sft import load_data
+
+    cfg = resolve_configs(profile, overrides)["sft"]
+    limit = {**eval_settings("sft", profile=profile), **(eval_overrides or {})}["limit"]
+    labels, trained, _, _ = load_data(dataset, None, cfg.train_size, cfg.eval_size, cfg.seed)
+    test = select_examples(load_split(dataset, "test"), limit, 0)
+    out = {}
+    with run_scope(dataset, "evaluate-tfidf", run_id) as rid:
+        for name, train in (("tfidf", trained), ("tfidf_all", load_split(dataset, "train"))):
+            records = tfidf_records(train, test, cfg.seed)
+            metrics = compute_metrics(records, list(labels))
+            metrics.update({"dataset": dataset, "strategy": f"tfidf+lr, {len(train)} examples", "model": "tfidf+lr",
+                            "n_train": len(train), "trained_on": BASELINES[name], "limit": limit, "seed": 0})
+            write_reports(reports(dataset) / name, records, metrics, list(labels), [])
+            tracking.log_metrics(rid, {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                                       "n_train": len(train)}, prefix=f"{name}/")
+            out[name] = metrics
+    return out
+
+
 def test_set_key(dataset: str, limit: Any) -> str:
     """Test-set identity used by the champion gate: test.jsonl + labels.yaml + the subset limit."""
     from components.ops.registry import test_set_hash
@@ -282,6 +313,7 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
 
     Writes reports/<d>/register.json (decision, version, both figures).
     """
+    from components.evaluate.summary import SUMMARY_ROWS, summary_table
     from components.ops import registry, serving
 
     adapter = Path(adapter) if adapter else config.checkpoints_dir() / dataset / "rl"
@@ -300,6 +332,8 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
                                 "rl_run_id": read_record(adapter).get("run_id", "")})
         for name, _ in SUMMARY_ROWS:
             path = reports(dataset) / name / "metrics.json"
+            if name in BASELINES:  # not a dvc dependency of this stage: may be from another run
+                continue
             if path.is_file():
                 tracking.log_metrics(rid, {k: v for k, v in json.loads(path.read_text()).items()
                                            if k not in ("confusion", "seed", "limit")}, prefix=f"{name}/")

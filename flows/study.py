@@ -148,7 +148,7 @@ def _submit_groups(ctx: dict, planned: list[tuple[str, plan.Cell]]) -> list[Any]
     roles = plan.roles_by_cell(planned)
     groups = plan.group_cells(list(roles))
     return [cell_group_task.with_options(task_run_name=f"{ctx['dataset']}: {kind} {train}{' +RL' if rl else ''}")
-            .submit(ctx, [(c, roles[c]) for c in cells]) for (kind, train, rl), cells in groups.items()]
+            .submit(ctx, [(c, roles[c]) for c in cells]) for (kind, train, rl, _), cells in groups.items()]
 
 
 def _collect(futures: list[Any], logger: Any) -> tuple[list[dict], list[str]]:

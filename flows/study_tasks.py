@@ -72,11 +72,14 @@ def _finished_run(key: str, dataset: str) -> Any | None:
 
 
 # ----------------------------------------------------------------------------- training
-def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
+def ensure_adapter(ctx: dict, train: str, rl: bool, select: str = "") -> Path:
     """The trained adapter for (training strategy, rl): trained once, reused by every cell and rerun.
 
-    A file lock per adapter keeps two workers from training the same one; a finished training
-    leaves a record (components.fingerprint: settings + training code) and is not repeated while both hold. RL first ensures its SFT adapter.
+    An RL adapter's checkpoint is chosen on SFT's held-out slice decoded with `select` (the cell's
+    inference strategy), so `select` is part of its identity. A file lock per adapter keeps two
+    workers from training the same one; a finished training leaves a record
+    (components.fingerprint: settings + training code) and is not repeated while both hold. RL first
+    ensures its SFT adapter.
     """
     from filelock import FileLock
 
@@ -85,15 +88,19 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
     from components.train.configs import load_config
 
     kind = "rl" if rl else "sft"
-    train_key = prepare.settings_fingerprint({"train": train, "model": ctx["model"], "fp": ctx["train_fingerprint"]})[:12]
+    select = select if rl else ""
+    identity = {"train": train, "model": ctx["model"], "fp": ctx["train_fingerprint"],
+                **({"select": select} if select else {})}
+    train_key = prepare.settings_fingerprint(identity)[:12]
     out = Path(ctx["checkpoints"]) / f"{plan.slug_dir(train)}-{train_key}" / kind
     out.parent.mkdir(parents=True, exist_ok=True)
     done_key = fingerprint({"settings": ctx["train_fingerprint"], "train": train, "model": ctx["model"],
-                            "src": source_hash((train_rl if rl else train_sft).__module__)})
+                            "src": source_hash((train_rl if rl else train_sft).__module__),
+                            **({"select": select} if select else {})})
     with FileLock(str(out.parent / f".{kind}.lock")):
         if finished(out, done_key, ("gencls_config.json",)):
             return out
-        sft_dir = ensure_adapter(ctx, train, False) if rl else None
+        sft_dir = ensure_adapter(ctx, train, False) if rl else None  # RL's own folder; SFT's is keyed by train only
         view = ctx["views"]["train"]  # train.jsonl = the pool: N trained + SFT's held-out slice
         cfg = dict(ctx["configs"][kind], train_strategy=train)
         if rl and "reasoning" in train.split(","):
@@ -107,7 +114,8 @@ def ensure_adapter(ctx: dict, train: str, rl: bool) -> Path:
             tracking.log_config(rid, cfg, prefix=f"{kind}.")
             log_fn = tracking.make_log_fn(rid)
             if rl:
-                train_rl(ctx["dataset"], config, sft_dir=sft_dir, out_dir=out, log_fn=log_fn, data_dir=view)
+                train_rl(ctx["dataset"], config, sft_dir=sft_dir, out_dir=out, log_fn=log_fn, data_dir=view,
+                         select_strategy=select or None)
             else:
                 train_sft(ctx["dataset"], config, out_dir=out, log_fn=log_fn, data_dir=view)
             for name in ("gencls_config.json", "metrics.json", "loss_curve.png", "reward_curve.png"):
@@ -164,7 +172,7 @@ def cell_group_task(ctx: dict, cells: list[tuple[plan.Cell, list[str]]]) -> list
     if first.kind not in measure.BASELINE_KINDS:
         from components.model.models import load_model
 
-        adapter = ensure_adapter(ctx, first.train, first.rl) if first.kind == "trained" else None
+        adapter = ensure_adapter(ctx, *first.group[1:]) if first.kind == "trained" else None
         loaded = load_model(ctx["model"], adapter=str(adapter) if adapter else None)
     errors = []
     for cell, roles in todo:

@@ -14,7 +14,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DVC = str(Path(sys.executable).parent / "dvc")
-ALL_STAGES = {"data", "validate", "render", "sft", "rl", "evaluate_zeroshot", "evaluate_sft", "evaluate", "register"}
+ALL_STAGES = {"data", "validate", "render", "sft", "rl", "evaluate_zeroshot", "evaluate_sft", "evaluate_tfidf", "evaluate",
+              "register"}
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -144,7 +145,7 @@ def test_every_stage_lists_its_script_and_params():
 STAGE_ENTRY = {  # dvc stage -> the flows.steps functions `python -m flows.stages <stage>` calls
     "data": ["step_data"], "validate": ["step_validate"], "render": ["step_render", "resolve_configs", "eval_settings"],
     "sft": ["step_sft"], "rl": ["step_rl"], "evaluate_zeroshot": ["step_evaluate"], "evaluate_sft": ["step_evaluate"],
-    "evaluate": ["step_evaluate"], "register": ["step_register"],
+    "evaluate": ["step_evaluate"], "evaluate_tfidf": ["step_baselines"], "register": ["step_register"],
 }
 
 

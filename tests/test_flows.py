@@ -45,6 +45,7 @@ def tiny_overrides(model_dir) -> dict:
 
 
 def test_retrain_flow_end_to_end_then_resumes(prefect_harness, project, tiny_model_dir):
+    from flows import steps
     from flows.retrain import retrain
 
     out = retrain("tiny", "quick", tiny_overrides(tiny_model_dir), {"limit": 6, "batch_size": 8},
@@ -56,7 +57,7 @@ def test_retrain_flow_end_to_end_then_resumes(prefect_harness, project, tiny_mod
     assert len(champ.tags["data_hash"]) == 64 and "GenCLS++ classifier for tiny" in champ.description
     run = tracking.client().get_run(out["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["dataset"] == "tiny" and run.data.tags["strategy"] == "decoding=perplexity"
+    assert run.data.tags["dataset"] == "tiny" and run.data.tags["strategy"] == steps.eval_settings("gencls")["strategy"]
     assert run.data.params["sft.model"] == str(tiny_model_dir) and "rl.beta" in run.data.params
     assert "gencls/accuracy" in run.data.metrics and "zeroshot/accuracy" in run.data.metrics
     history = tracking.client().get_metric_history(out["run_id"], "sft/loss")
@@ -72,7 +73,13 @@ def test_retrain_flow_end_to_end_then_resumes(prefect_harness, project, tiny_mod
 
     artifact = Artifact.get(artifact_key("tiny"))  # the flow run's result table, in the Prefect UI
     assert artifact is not None and artifact.type == "markdown"
-    assert "| GenCLS++ (SFT+RL) |" in artifact.data and out["run_id"] in artifact.data and "promoted" in artifact.data
+    table_rows = {line.split("|")[1].strip() for line in artifact.data.splitlines() if line.startswith("|")}
+    assert "GenCLS++ (SFT+RL)" in table_rows and out["run_id"] in artifact.data and "promoted" in artifact.data
+    tfidf = json.loads((project / "reports" / "tiny" / "tfidf" / "metrics.json").read_text())
+    tfidf_all = json.loads((project / "reports" / "tiny" / "tfidf_all" / "metrics.json").read_text())
+    assert tfidf["n_train"] == 8 and tfidf_all["n_train"] == len(LABELS) * 12  # SFT's 8 examples; every train text
+    assert tfidf["n"] == tfidf_all["n"] == 6  # the evaluations' test subset
+    assert {"TF-IDF+LR same N", "TF-IDF+LR all data"} <= table_rows
 
     # second run: training and evaluation are up to date, so they are skipped; the gate sees a tie
     again = retrain("tiny", "quick", tiny_overrides(tiny_model_dir), {"limit": 6, "batch_size": 8},
@@ -151,3 +158,26 @@ def test_dill_output_capture_inside_a_logging_task_stays_out_of_the_log(prefect_
     bare, fixed = probe()
     assert "LOAD_FAST" not in bare  # what Prefect's print patch does to a captured dis.dis
     assert "LOAD_FAST" in fixed
+
+
+def test_summary_interval_pairs_the_two_rows_on_their_shared_test_examples(tmp_path, monkeypatch):
+    from components.evaluate.summary import format_table, summary_interval
+
+    monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))
+    write_tiny_dataset(tmp_path / "data")
+    gold = [lab for lab in LABELS for _ in range(10)]
+    wrong = {lab: [other for other in LABELS if other != lab][0] for lab in LABELS}
+    rows = {"sft": [g if i % 2 else wrong[g] for i, g in enumerate(gold)],  # half right
+            "gencls": list(gold)}  # all right
+    for name, preds in rows.items():
+        folder = tmp_path / "reports" / "tiny" / name
+        folder.mkdir(parents=True)
+        (folder / "predictions.jsonl").write_text("".join(json.dumps({"id": f"e{i}", "label": g, "pred": p}) + "\n"
+                                                          for i, (g, p) in enumerate(zip(gold, preds))))
+    interval = summary_interval("tiny")
+    assert interval["n"] == len(gold) and interval["accuracy"]["diff"] == 0.5
+    assert 0 < interval["accuracy"]["low"] < 0.5 < interval["accuracy"]["high"] <= 0.75
+    line = format_table([], interval).splitlines()[-1]
+    assert line.startswith("GenCLS++ (SFT+RL) - naive SFT: accuracy +50.0 points") and line.endswith("better")
+    (tmp_path / "reports" / "tiny" / "sft" / "predictions.jsonl").unlink()
+    assert summary_interval("tiny") is None

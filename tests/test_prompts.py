@@ -98,7 +98,7 @@ GOLDEN = {
         "First think briefly inside <think> and </think>, then give the category alone on the last line.\n\n"
         "Examples:\n\nText: loved it\nCategory: positive\n\nText: awful\nCategory: negative\n\n"
         "Text: great film\nCategory:<|im_end|>\n<|im_start|>assistant\n",
-        "<think>The text fits the definition of positive: The text expresses a favourable opinion.</think>\npositive",
+        "<think>Key words: great, film.</think>\npositive",
     ),
 }
 
@@ -216,3 +216,20 @@ def test_random_demos_reproducible(tokenizer):
     one = PromptBuilder(tokenizer, LABELS, Strategy(icl="random", k=3), TRAIN, seed=1).demos(EXAMPLE)
     two = PromptBuilder(tokenizer, LABELS, Strategy(icl="random", k=3), TRAIN, seed=1).demos(EXAMPLE)
     assert one == two
+
+
+@pytest.mark.parametrize("numeric", [False, True])
+def test_reasoning_target_never_gives_the_answer_away(tokenizer, numeric):
+    """The thought holds words of the text only: never a label name (gold or other) nor a definition."""
+    labels = {"sports": "The text is about a sport, a match or an athlete.",
+              "business": "The text is about companies, markets or money."}
+    builder = PromptBuilder(tokenizer, labels, Strategy(reasoning=True, numeric=numeric))
+    example = {"id": "x", "text": "Sports news: the business of football clubs, markets and a late match winner",
+               "label": "sports"}
+    target = builder.target(example)
+    thought, answer = target.split("</think>")
+    thought = thought.removeprefix("<think>").lower()
+    assert builder.parse(target) == "sports" and answer.strip() == ("1" if numeric else "sports")
+    assert "sports" not in thought and "business" not in thought
+    assert labels["sports"].lower() not in thought and labels["business"].lower() not in thought
+    assert thought == "key words: news, football, clubs, markets, late, match."  # the text's own words, in order

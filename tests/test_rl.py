@@ -170,3 +170,20 @@ def test_rl_run_records_focus_and_a_completion_budget_that_fits_the_labels(sft_r
     assert info["config"]["max_completion_length"] > 1  # raised to the longest answer + end of turn
     chosen = json.loads((out / FOCUS_FILE).read_text())["ids"]
     assert len(chosen) == 2
+
+
+def test_rl_checkpoint_is_chosen_the_way_its_cell_decodes(sft_run, tmp_path):
+    """select_strategy decodes the held-out slice as the adapter will be used (perplexity never answers
+    off the label set, while the random tiny policy's generative answers are all invalid)."""
+    from components.train.rl import train_rl
+
+    data, sft_dir = sft_run
+    out = train_rl("toy", rl_config(max_steps=1), sft_dir=sft_dir, out_dir=tmp_path / "rl", data_dir=data,
+                   select_strategy="decoding=perplexity")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "perplexity" in metrics["select_strategy"]
+    assert "perplexity" in json.loads((out / "gencls_config.json").read_text())["select_strategy"]
+    assert [h["invalid_rate"] for h in metrics["eval_history"]] == [0.0, 0.0]
+    generative = train_rl("toy", rl_config(max_steps=1), sft_dir=sft_dir, out_dir=tmp_path / "rl-gen", data_dir=data)
+    history = json.loads((generative / "metrics.json").read_text())["eval_history"]
+    assert all(h["invalid_rate"] > 0 for h in history)

@@ -428,3 +428,32 @@ def test_a_second_study_of_the_same_dataset_stops_with_one_line(tmp_path, monkey
     dataset_lock("cpu", "r8").release()  # other datasets are free
     first.release()
     dataset_lock("cpu", "trec6").release()  # free again once the first study ended
+
+
+def test_cut_copies_are_dropped_as_the_build_drops_whole_copies():
+    """Texts that begin alike become copies once cut (r8 headlines): one kept per split, none shared with train."""
+    from components.study.prepare import drop_cut_duplicates
+
+    train = [{"id": "a", "text": "Same headline ...", "label": "x"}, {"id": "b", "text": "Same  headline ...", "label": "y"},
+             {"id": "c", "text": "other", "label": "x"}]
+    test = [{"id": "t1", "text": "other", "label": "x"}, {"id": "t2", "text": "new", "label": "y"},
+            {"id": "t3", "text": "new", "label": "y"}]
+    kept_train, kept_test, dropped = drop_cut_duplicates(train, test)
+    assert [r["id"] for r in kept_train] == ["a", "c"] and [r["id"] for r in kept_test] == ["t2"]
+    assert dropped == {"train": 1, "test": 2}
+    assert drop_cut_duplicates(kept_train, kept_test)[2] == {"train": 0, "test": 0}
+
+
+def test_the_pipeline_trains_and_decodes_the_recipe_the_study_chose():
+    """`make run`, `gencls retrain` and the deployment read conf/params.yaml: it must hold the recipe that
+    reports/study/cells/cpu/recipe.json chose on validation (update params.yaml when the study moves it)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = json.loads((root / "reports/study/cells/cpu/recipe.json").read_text())
+    if recipe.get("source") != "validation":
+        pytest.skip("the study has not chosen a recipe on validation yet")
+    params = yaml.safe_load((root / "conf/params.yaml").read_text())
+    k = recipe.get("k")
+    assert plan.canonical(params["sft"]["train_strategy"], k) == plan.canonical(recipe["train"], k)
+    assert plan.canonical(params["evaluate"]["strategy"], k) == plan.canonical(recipe["infer"], k)

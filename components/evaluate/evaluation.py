@@ -114,27 +114,30 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
 
 
 def plot_confusion(metrics: dict, labels: Sequence[str] | None, path: str | Path, title: str = "") -> Path:
-    """Save the confusion matrix of `metrics` as a PNG (rows gold, columns predicted)."""
+    """Save the confusion matrix of `metrics` as a PNG (rows gold, columns predicted; sklearn's
+    ConfusionMatrixDisplay). Predicted-only columns (`invalid`, `uncertain`) get no gold row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     conf = metrics["confusion"]
     rows, cols = conf["rows"] if labels is None else list(labels), conf["columns"]
-    matrix = np.asarray(conf["matrix"])
+    matrix = np.asarray(conf["matrix"], dtype=int).reshape(len(rows), len(cols))
+    square = np.zeros((len(cols), len(cols)), dtype=int)  # the display needs a square matrix
+    square[: len(rows)] = matrix
     size = max(4.0, 0.6 * len(cols) + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    display = ConfusionMatrixDisplay(square, display_labels=cols)
+    display.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45, values_format="d",
+                 text_kw={"fontsize": 8})
+    for text in display.text_[len(rows):].ravel():
+        text.set_visible(False)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # hide the padding rows: nothing is ever gold `invalid`
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
-    top = matrix.max() if matrix.size else 0
-    for i in range(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
-                    color="white" if matrix[i, j] > top / 2 else "black", fontsize=8)
     ax.set_title(title or f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
     return save_figure(fig, path, dpi=120)
 

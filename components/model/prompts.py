@@ -163,6 +163,28 @@ class LabelSpace:
         return self.labels[int(answer) - 1] if self.numeric else answer
 
 
+THOUGHT_WORDS = 6  # content words a reasoning target's thought restates
+
+
+def thought_words(text: str, labels: Sequence[str], limit: int = THOUGHT_WORDS) -> list[str]:
+    """The first `limit` distinct content words of `text`, lower-cased: no English stop word, no word
+    shorter than 3 letters, no word of any label name (nor `uncertain`): a thought cannot name the gold label.
+
+    >>> thought_words("Who wrote the play Hamlet in 1600? A positive play", ["positive", "negative"])
+    ['wrote', 'play', 'hamlet']
+    """
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    banned = {w for label in [*labels, UNCERTAIN] for w in re.findall(r"[a-z]+", str(label).lower())}
+    out: list[str] = []
+    for word in re.findall(r"[a-z][a-z'-]*[a-z]", text.lower()):
+        if len(word) >= 3 and word not in ENGLISH_STOP_WORDS and word not in banned and word not in out:
+            out.append(word)
+            if len(out) == limit:
+                break
+    return out
+
+
 def split_reasoning(text: str) -> tuple[str | None, str]:
     """Split `<think>...</think> answer` into (thought, answer); thought None if malformed."""
     match = re.fullmatch(r"\s*<think>(.*?)</think>\s*(.*?)\s*", text, flags=re.S)
@@ -331,17 +353,20 @@ class PromptBuilder:
         return self._chat(self.messages(example)[-1]["content"])
 
     def target(self, example: dict, label: str | None = None) -> str:
-        """The completion to train on: the answer, or `<think>rationale</think>\\nanswer`.
+        """The completion to train on: the answer, or `<think>thought</think>\nanswer`.
 
-        In reasoning mode the rationale is templated from the label definition (there are no
-        gold rationales); RL then lets the model write its own.
+        There are no gold rationales, and a thought must never give the answer away: in
+        reasoning mode the SFT thought restates the text's first content words (`thought_words`:
+        no stop words, no word of any label name), so it holds nothing the label, its name or its
+        definition would add; it teaches the format only. GRPO then lets the policy write its
+        own thoughts, rewarded for the right answer and (format reward) for `<think>...</think>`.
         """
         label = example["label"] if label is None else label
         answer = self.space.answer(label)
         if not self.strategy.reasoning:
             return answer
-        definition = self.space.definitions.get(label) or label
-        thought = f"The text fits the definition of {answer}: {definition}"
+        words = thought_words(example["text"], self.space.labels)
+        thought = f"Key words: {', '.join(words)}." if words else "Key words: none."
         return f"{THINK_OPEN}{thought}{THINK_CLOSE}\n{answer}"
 
     def parse(self, completion: str) -> str | None:

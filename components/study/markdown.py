@@ -43,7 +43,14 @@ def render_markdown(study: dict) -> str:
              f"- Intervals: paired bootstrap (2,000 resamples of the test examples, 95% percentile interval) of the "
              f"difference to `{REFERENCE}` on the same examples; the mean row resamples each dataset on its own.",
              "- Selection only on validation (a slice of the training split, never trained on); test is read only "
-             "for this report.", ""]
+             "for this report. RL keeps the checkpoint with the best macro-F1 on SFT's held-out slice decoded the "
+             "way its cell decodes (generative or perplexity, with its demonstrations).",
+             "- Reasoning: no thought ever contains the gold label, its name or its definition. The SFT warm-up "
+             "target is `<think>Key words: w1, ..., w6.</think>` + the answer, with the text's first content words "
+             "(no stop words, no word of any label name: `components.model.prompts.thought_words`), so it teaches "
+             "only the format; under GRPO the policy writes its own thoughts, rewarded for the right answer and for "
+             "the format. Compared with the direct answer at equal budget (same recipe, SFT epochs and RL steps; "
+             "longer completions).", ""]
     lines += _headline(study, summary)
     lines += _verdict(summary["verdict"])
     lines += _recipe(recipe)

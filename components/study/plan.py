@@ -125,9 +125,10 @@ class Cell:
         return f"sft[{self.train}] -> {self.infer}{' +RL' if self.rl else ''}"
 
     @property
-    def group(self) -> tuple[str, str, bool]:
-        """Cells with the same group share one trained adapter (or none)."""
-        return (self.kind, self.train, self.rl)
+    def group(self) -> tuple[str, str, bool, str]:
+        """Cells with the same group share one trained adapter (or none): (kind, train strategy, rl, select),
+        select = the inference strategy an RL adapter's checkpoint is chosen with ("" for SFT)."""
+        return (self.kind, self.train, self.rl, self.infer if self.rl else "")
 
 
 def slug_dir(spec: str) -> str:
@@ -214,9 +215,9 @@ def dedupe(cells: Iterable[tuple[str, Cell]]) -> list[tuple[str, Cell]]:
     return out
 
 
-def group_cells(cells: Sequence[Cell]) -> dict[tuple[str, str, bool], list[Cell]]:
-    """Cells by shared adapter (kind, train strategy, rl); insertion order kept."""
-    groups: dict[tuple[str, str, bool], list[Cell]] = {}
+def group_cells(cells: Sequence[Cell]) -> dict[tuple[str, str, bool, str], list[Cell]]:
+    """Cells by shared adapter (Cell.group); insertion order kept."""
+    groups: dict[tuple[str, str, bool, str], list[Cell]] = {}
     for cell in cells:
         groups.setdefault(cell.group, []).append(cell)
     return groups

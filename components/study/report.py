@@ -79,7 +79,7 @@ def _test_rows(files: dict[str, dict], key: str | None) -> list | None:
 
 def _difference(files: dict[str, dict], key_a: str | None, key_b: str | None, labels: list[str]) -> dict | None:
     """Paired-bootstrap difference a - b of two cells' test predictions (None when either is missing)."""
-    from components.study import stats
+    from components.evaluate import stats
 
     rows_a, rows_b = _test_rows(files, key_a), _test_rows(files, key_b)
     if not rows_a or not rows_b:
@@ -99,7 +99,7 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
     Returns:
         {"meta", "recipe", "datasets": {d: {headline, single_dims, grid, rl_vs_sft, ...}}, "summary"}.
     """
-    from components.study import stats
+    from components.evaluate import stats
 
     out_ds: dict[str, Any] = {}
     pairs: dict[str, list] = {role: [] for role, _ in HEADLINE_ROWS}

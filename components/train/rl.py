@@ -238,7 +238,7 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_func
 
 def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path | None = None,
              out_dir: str | Path | None = None, log_fn: LogFn | None = None,
-             data_dir: str | Path | None = None) -> Path:
+             data_dir: str | Path | None = None, select_strategy: str | None = None) -> Path:
     """GRPO from the SFT checkpoint; returns the folder of the kept (best) adapter.
 
     Args:
@@ -248,6 +248,9 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
         out_dir: output folder; default checkpoints/<dataset>/rl.
         log_fn: `log_fn(metrics, step)` receives rewards, KL, zero-variance share, held-out metrics.
         data_dir: folder holding the datasets; default data/.
+        select_strategy: the inference strategy the kept adapter will be used with (its decoding,
+            demonstrations, ...): the held-out slice is decoded that way to pick the checkpoint.
+            Default: the training strategy (generative).
 
     Returns:
         out_dir (adapter safetensors + tokenizer + gencls_config.json + metrics.json).
@@ -284,13 +287,16 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     funcs, weights = build_rewards(builder, config.uncertain_reward, config.invalid_penalty, config.wrong_reward,
                                    config.format_reward, num_generations=config.num_generations)
 
+    select = Strategy.parse(select_strategy) if select_strategy else strategy
     run_id = fingerprint({"kind": "rl", "dataset": dataset, "config": asdict_config(config), "sft": portable(sft_dir),
-                          "sft_config": sft_info, "rows": fingerprint(rows)})
+                          "sft_config": sft_info, "rows": fingerprint(rows),
+                          **({"select": select.slug()} if select != strategy else {})})
     trainer_dir, best_dir = out_dir / "trainer", out_dir / "best"
     resume = resume_checkpoint(trainer_dir, run_id, log)
     evaluator = None
     if held:
-        eval_builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
+        eval_builder = make_builder(tokenizer, labels, select, pool, config.max_prompt_tokens, config.seed)
+        log(f"RL checkpoint selection: {len(held)} held-out examples decoded as {select.slug()}")
         evaluator = GenerativeEval(eval_builder, tokenizer, held, list(labels), best_dir,
                                    trainer_dir / "eval_history.json", config.eval_every, config.eval_batch_size,
                                    log_fn, "rl", eval_at_start=True, log=log)
@@ -307,7 +313,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
         "kind": "rl", "dataset": dataset, "train_loss": float(result.training_loss),
         "global_step": int(trainer.state.global_step),
         "resumed_from_step": evaluator.resumed_from if evaluator else (int(resume.rsplit("-", 1)[-1]) if resume else 0),
-        "eval_history": history, "best": evaluator.best if evaluator else None,
+        "eval_history": history, "best": evaluator.best if evaluator else None, "select_strategy": select.slug(),
         "seconds": round(time.time() - started, 1), "truncated_rows": builder.truncated, **focus_stats,
         "train_history": [{k: h[k] for k in ["step", *reward_keys] if k in h}
                           for h in trainer.state.log_history if "reward" in h],
@@ -316,7 +322,8 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     write_json(out_dir / RUN_INFO_FILE, run_info(metrics))
     write_json(out_dir / CONFIG_FILE, {
         "kind": "rl", "dataset": dataset, "base_model": sft_info.get("base_model"), "strategy": strategy.slug(),
-        "train_strategy": strategy.slug(), "sft_dir": portable(sft_dir), "sft_config": sft_info.get("config"),
+        "train_strategy": strategy.slug(), "select_strategy": select.slug(), "sft_dir": portable(sft_dir),
+        "sft_config": sft_info.get("config"),
         "config": asdict_config(config), "libraries": library_versions(),
         "best_step": (evaluator.best or {}).get("step") if evaluator else None,
     })

@@ -1,5 +1,5 @@
-"""Paired-bootstrap intervals for the study: the difference of two configurations measured on the same test
-examples (accuracy and macro-F1), per dataset and for the mean over datasets.
+"""Paired-bootstrap intervals (the study and the `make run` summary): the difference of two
+configurations measured on the same test examples (accuracy and macro-F1), per dataset and for the mean over datasets.
 
     diff = paired_bootstrap(gold, pred_a, pred_b, labels)   # a - b, 95% interval, 2,000 resamples
     mean = mean_bootstrap([(gold, a, b, labels), ...])      # mean over datasets, each resampled on its own

@@ -1,11 +1,11 @@
-"""Paired-bootstrap intervals of the study (components/study/stats.py) against sklearn and simple cases."""
+"""Paired-bootstrap intervals of the study (components/evaluate/stats.py) against sklearn and simple cases."""
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from components.study import stats
+from components.evaluate import stats
 
 LABELS = ["a", "b", "c"]
 
