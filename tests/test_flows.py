@@ -178,6 +178,7 @@ def test_summary_interval_pairs_the_two_rows_on_their_shared_test_examples(tmp_p
     assert interval["n"] == len(gold) and interval["accuracy"]["diff"] == 0.5
     assert 0 < interval["accuracy"]["low"] < 0.5 < interval["accuracy"]["high"] <= 0.75
     line = format_table([], interval).splitlines()[-1]
-    assert line.startswith("GenCLS++ (SFT+RL) - naive SFT: accuracy +50.0 points") and line.endswith("better")
+    assert line.startswith("GenCLS++ (SFT+RL) - naive SFT (paired bootstrap 95%, n = 30): accuracy +50.0 points")
+    assert "points [+" in line and line.count("better") == 2
     (tmp_path / "reports" / "tiny" / "sft" / "predictions.jsonl").unlink()
     assert summary_interval("tiny") is None

@@ -61,9 +61,9 @@ def format_interval(interval: dict | None) -> str:
     titles = dict(SUMMARY_ROWS)
     acc, f1 = interval["accuracy"], interval["macro_f1"]
     pts = lambda d: f"{100 * d['diff']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"  # noqa: E731
-    verdict = ("better" if acc["low"] > 0 else "worse" if acc["high"] < 0 else "no clear difference")
-    return (f"{titles[interval['a']]} - {titles[interval['b']]}: accuracy {pts(acc)}, macro-F1 {pts(f1)} "
-            f"(paired bootstrap 95%, n = {interval['n']}): {verdict}")
+    verdict = lambda d: "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "no clear difference"  # noqa: E731
+    return (f"{titles[interval['a']]} - {titles[interval['b']]} (paired bootstrap 95%, n = {interval['n']}): "
+            f"accuracy {pts(acc)} {verdict(acc)}; macro-F1 {pts(f1)} {verdict(f1)}")
 
 
 def format_table(rows: list[dict], interval: dict | None = None) -> str:
