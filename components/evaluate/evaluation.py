@@ -249,6 +249,15 @@ def evaluate(
     return metrics
 
 
+def read_predictions(path: str | Path) -> list[list[str]]:
+    """[[id, gold, pred], ...] from a predictions.jsonl `write_reports` wrote ([] when absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [[str(r["id"]), str(r["label"]), str(r["pred"])] for r in rows]
+
+
 SCORES_FILE = "scores.json"  # the numbers `dvc metrics show` lists (metrics.json holds the full record)
 SCORE_KEYS = ("n", "accuracy", "macro_f1", "invalid_rate", "abstention_rate", "answered_accuracy", "ece")
 

@@ -4,8 +4,6 @@ paired-bootstrap interval of GenCLS++ minus naive SFT on the same test examples.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from components import config
 
 SUMMARY_ROWS = (("zeroshot", "zero-shot"), ("sft", "naive SFT"), ("gencls", "GenCLS++ (SFT+RL)"),
@@ -25,27 +23,18 @@ def summary_table(dataset: str) -> list[dict]:
     return rows
 
 
-def _predictions(path: Path) -> dict[str, tuple[str, str]]:
-    """id -> (gold, pred) of a predictions.jsonl."""
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out[str(r["id"])] = (r["label"], r["pred"])
-    return out
-
-
 def summary_interval(dataset: str, a: str = "gencls", b: str = "sft") -> dict | None:
     """Row `a` minus row `b` (accuracy and macro-F1) with its paired-bootstrap 95% interval over the test
     examples both predicted (components.evaluate.stats); None when either row is missing."""
     from components.data.datasets import load_labels
+    from components.evaluate.evaluation import read_predictions
     from components.evaluate.stats import paired_bootstrap
 
     root = config.reports_dir() / dataset
     files = [root / a / "predictions.jsonl", root / b / "predictions.jsonl"]
     if not all(f.is_file() for f in files):
         return None
-    pa, pb = (_predictions(f) for f in files)
+    pa, pb = ({i: (gold, pred) for i, gold, pred in read_predictions(f)} for f in files)
     ids = [i for i in pa if i in pb]
     if not ids:
         return None

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from components.evaluate.evaluation import read_predictions
 from components.fingerprint import RECORD_FILE, read_record
 from components.study.plan import METRIC_KEYS, Cell
 
@@ -45,15 +46,6 @@ def write_result(path: Path, result: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def read_predictions(path: Path) -> list[list[str]]:
-    """[[id, gold, pred], ...] from an evaluation's predictions.jsonl ([] when absent)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [[str(r["id"]), str(r["label"]), str(r["pred"])] for r in rows]
 
 
 def write_cell(ctx: dict, result: dict, out: Path) -> dict:
