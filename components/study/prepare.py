@@ -75,32 +75,31 @@ def truncate_texts(rows: Sequence[dict], tokenizer: Any, max_tokens: int) -> tup
 
 # ----------------------------------------------------------------------------- cut copies
 def drop_cut_duplicates(train: Sequence[dict], test: Sequence[dict]) -> tuple[list[dict], list[dict], dict[str, int]]:
-    """Drop the rows that cutting made into copies, as the dataset build drops copies of whole texts.
+    """Drop the rows that cutting made into copies (the build already dropped copies of whole texts).
 
     Two long texts that begin alike become one text once cut (r8's Reuters items that open with the
     same headline): the copy would break the data checks (text unique within a split, no test text
-    in train) and count one text twice. Within each split the first row in file order is kept; a
-    test row whose cut text is a kept train text is dropped.
+    in train) and count one text twice. Within each split the first row in file order is kept, and a
+    test row whose cut text is a kept train text is dropped (unlike the build, which keeps the test
+    copy: here the test sample is drawn afterwards, so losing a test row costs nothing).
 
     Returns:
         (train, test, {"train": dropped, "test": dropped}).
     """
     from components.data.build import normalise_text
 
+    def first_copies(rows: Sequence[dict], seen: set[str]) -> list[dict]:
+        kept = []
+        for row in rows:
+            key = normalise_text(row["text"])
+            if key not in seen:
+                seen.add(key)
+                kept.append(row)
+        return kept
+
     seen: set[str] = set()
-    kept_train = []
-    for row in train:
-        key = normalise_text(row["text"])
-        if key not in seen:
-            seen.add(key)
-            kept_train.append(row)
-    train_keys, seen = set(seen), set()
-    kept_test = []
-    for row in test:
-        key = normalise_text(row["text"])
-        if key not in seen and key not in train_keys:
-            seen.add(key)
-            kept_test.append(row)
+    kept_train = first_copies(train, seen)
+    kept_test = first_copies(test, seen)  # `seen` holds the kept train texts: their test copies go too
     return kept_train, kept_test, {"train": len(train) - len(kept_train), "test": len(test) - len(kept_test)}
 
 
