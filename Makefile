@@ -8,7 +8,7 @@ export DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_T
        TOKENIZERS_PARALLELISM=false
 export PREFECT_HOME ?= $(HOME)/.cache/gencls/prefect
 
-.PHONY: install run test test-fast ui browser-check clean-venv
+.PHONY: install run test test-fast ui exp browser-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-fast: $(STAMP)
 
 ui: $(STAMP)  ## Prefect server + MLflow server on 127.0.0.1
 	$(BIN)/gencls ui
+
+# `dvc exp show` lists every code file a stage depends on (46 columns); this view keeps metrics and params.
+exp: $(STAMP)  ## experiments side by side: metrics and the params the stages read
+	$(BIN)/dvc exp show --no-pager --drop '^(components|flows|data|reports|checkpoints)/'
 
 # The browser check (tests/test_browser.py, marker `browser`, left out of `make test` and CI): the tiny
 # pipeline, then the Prefect, MLflow and Data Docs pages in headless Chromium; screenshots in reports/browser/.

@@ -18,9 +18,9 @@ ALL_STAGES = {"data", "validate", "render", "sft", "rl", "evaluate_zeroshot", "e
               "register"}
 
 
-def _run(args: list[str], cwd: Path) -> str:
+def _run(args: list[str], cwd: Path, **extra_env: str) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", **extra_env}
     out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, f"{args}: {out.stdout}\n{out.stderr}"
     return out.stdout + out.stderr
@@ -30,13 +30,14 @@ def _stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-STUB = """import sys, time, pathlib
+STUB = """import json, sys, time, pathlib
 stage, outs = sys.argv[1], sys.argv[2:]
+SCORES = json.loads(pathlib.Path("scores.json").read_text())  # metrics files: the real format
 for out in outs:
     path = pathlib.Path(out)
     target = path if path.suffix else path / "stub.txt"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(f"{stage} {time.time_ns()}\\n")  # new content each run: changes propagate downstream
+    target.write_text(SCORES[out] if out in SCORES else f"{stage} {time.time_ns()}\\n")  # new each run
 with open("ran.log", "a") as fh:
     fh.write(stage + "\\n")
 """
@@ -75,6 +76,10 @@ def pipeline(tmp_path_factory) -> Path:
     (root / "conf").mkdir()
     shutil.copy(REPO / "conf/params.yaml", root / "conf/params.yaml")
     (root / "stub.py").write_text(STUB)
+    from components.evaluate.evaluation import scores
+    metrics = {"accuracy": 0.5, "macro_f1": 0.4, "invalid_rate": 0.1, "n": 200, "ece": None}
+    (root / "scores.json").write_text(json.dumps({path_of(m): json.dumps(scores(metrics, Path(path_of(m)).parent.name))
+                                                  for st in spec["stages"].values() for m in st.get("metrics", [])}))
     (root / ".gitignore").write_text("ran.log\n")
     _run(["git", "init", "-q"], root)
     _run([DVC, "init", "-q"], root)
@@ -127,6 +132,12 @@ def test_exp_run_sweeps_a_param(pipeline, tmp_path):
     assert "rl.learning_rate" in params and "sft.lora_r" in params and "profiles.quick.sft.train_size" in params
     unread = [c for c in params if c.startswith(("profiles.full", "profiles.cpu", "profiles.gpu", "retrain"))]
     assert not unread, f"dvc exp show lists params no stage reads: {unread}"
+    metrics = [c for c in columns if c.endswith(".accuracy")]  # short, unique heads; GenCLS++ first
+    assert metrics == ["gencls.accuracy", "sft.accuracy", "zeroshot.accuracy"], metrics
+    drop = re.search(r"--drop '([^']+)'", (REPO / "Makefile").read_text()).group(1)  # `make exp`
+    table = _run([DVC, "exp", "show", "--no-pager", "--drop", drop], root, COLUMNS="200")
+    head = next(line for line in table.splitlines() if "Experiment" in line)
+    assert len(head) <= 200 and all(f"{e}.{k}" in head for e in ("gencls", "sft") for k in ("accuracy", "macro_f1")), head
 
 
 def test_every_stage_lists_its_script_and_params():

@@ -259,12 +259,14 @@ def read_predictions(path: str | Path) -> list[list[str]]:
 
 
 SCORES_FILE = "scores.json"  # the numbers `dvc metrics show` lists (metrics.json holds the full record)
-SCORE_KEYS = ("n", "accuracy", "macro_f1", "invalid_rate", "abstention_rate", "answered_accuracy", "ece")
+SCORE_KEYS = ("accuracy", "macro_f1", "invalid_rate", "ece")  # ece only where decoding scores every label
 
 
-def scores(metrics: dict) -> dict[str, float]:
-    """The headline numbers of an evaluation, rounded to 4 places (numbers only: DVC's metrics file)."""
-    return {k: round(float(metrics[k]), 4) for k in SCORE_KEYS if isinstance(metrics.get(k), (int, float))}
+def scores(metrics: dict, name: str) -> dict[str, dict[str, float]]:
+    """The headline numbers of an evaluation under its name, rounded to 4 places: DVC's metrics file.
+    Nested so that `dvc exp show` heads its columns `gencls.accuracy`, `sft.accuracy`, ... (unique keys)
+    instead of `reports/<d>/gencls/scores.json:accuracy`."""
+    return {name: {k: round(float(metrics[k]), 4) for k in SCORE_KEYS if isinstance(metrics.get(k), (int, float))}}
 
 
 def write_reports(out: Path, records: Sequence[dict], metrics: dict, labels: list[str], prompts: Sequence[str]) -> None:
@@ -275,7 +277,7 @@ def write_reports(out: Path, records: Sequence[dict], metrics: dict, labels: lis
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(stable(metrics), indent=2) + "\n", encoding="utf-8")
-    (out / SCORES_FILE).write_text(json.dumps(scores(metrics), indent=2) + "\n", encoding="utf-8")
+    (out / SCORES_FILE).write_text(json.dumps(scores(metrics, out.name), indent=2) + "\n", encoding="utf-8")
     (out / RUN_INFO_FILE).write_text(json.dumps(run_info(metrics), indent=2) + "\n", encoding="utf-8")
     plot_confusion(metrics, labels, out / "confusion.png", title=f"{metrics.get('dataset', '')} {metrics.get('strategy', '')}")
     sep = "\n" + "=" * 80 + "\n"
