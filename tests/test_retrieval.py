@@ -28,6 +28,23 @@ def test_nearest_by_cosine_and_exclusion():
     assert np.allclose(np.linalg.norm(retriever.matrix, axis=1), 1.0)
 
 
+def test_nearest_is_the_cosine_ranking_minus_the_exclusions():
+    """sentence-transformers' semantic_search, over-fetched by the exclusions, returns exactly the k best
+    remaining pool examples of a brute-force cosine ranking (many queries, random embeddings)."""
+    rng = np.random.default_rng(0)
+    pool = [{"id": f"p{i}", "text": f"pool {i}"} for i in range(300)]
+    vectors = {ex["text"]: rng.normal(size=32) for ex in pool}
+    queries = [f"query {i}" for i in range(50)]
+    vectors.update({q: rng.normal(size=32) for q in queries})
+    retriever = Retriever(pool, encode=lambda texts: np.stack([vectors[t] for t in texts]), cache=False)
+    unit = {t: v / np.linalg.norm(v) for t, v in vectors.items()}
+    matrix = np.stack([unit[ex["text"]] for ex in pool])
+    for i, query in enumerate(queries + [ex["text"] for ex in pool[:50]]):
+        exclude = {f"p{j}" for j in rng.choice(300, size=i % 7, replace=False)} | ({f"p{i - 50}"} if i >= 50 else set())
+        ranked = [pool[j]["id"] for j in np.argsort(-(matrix @ unit[query]))]
+        assert retriever.nearest(query, 3, exclude_ids=exclude) == [r for r in ranked if r not in exclude][:3]
+
+
 def test_embeddings_cached_on_disk(isolated_cache):
     calls = []
 
