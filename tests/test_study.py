@@ -457,3 +457,16 @@ def test_the_pipeline_trains_and_decodes_the_recipe_the_study_chose():
     k = recipe.get("k")
     assert plan.canonical(params["sft"]["train_strategy"], k) == plan.canonical(recipe["train"], k)
     assert plan.canonical(params["evaluate"]["strategy"], k) == plan.canonical(recipe["infer"], k)
+
+
+def test_recipe_section_says_when_a_switched_on_dimension_is_within_noise():
+    """A dimension the rule switches on by less than two validation examples is flagged as noise."""
+    from components.study import markdown
+
+    gains = {"decoding=perplexity": 0.0025, "definitions": -0.03}
+    recipe = {"source": "validation", "train": "naive", "infer": "decoding=perplexity", "rule": "r", "gains": gains,
+              "per_dataset": {"a": gains}}
+    assert "decoding=perplexity (+0.25): the rule's choice, within noise" in "\n".join(markdown._recipe(recipe, 200))
+    strong = dict(recipe, gains={**gains, "decoding=perplexity": 0.05}, per_dataset={"a": gains})
+    text = "\n".join(markdown._recipe(strong, 200))
+    assert "One validation example is 0.5 points" in text and "within noise" not in text

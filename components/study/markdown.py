@@ -53,7 +53,7 @@ def render_markdown(study: dict) -> str:
              "longer completions).", ""]
     lines += _headline(study, summary)
     lines += _verdict(summary["verdict"])
-    lines += _recipe(recipe)
+    lines += _recipe(recipe, (meta.get("settings") or {}).get("val_size"))
     for name, info in study["datasets"].items():
         lines += _dataset(name, info)
     return "\n".join(lines) + "\n"
@@ -103,7 +103,7 @@ def _verdict(v: dict) -> list[str]:
             f"{'' if v['beats_tfidf_met'] is None else (': met' if v['beats_tfidf_met'] else ': NOT met')}.", ""]
 
 
-def _recipe(recipe: dict) -> list[str]:
+def _recipe(recipe: dict, val_size: int | None = None) -> list[str]:
     if not recipe:
         return []
     lines = ["## The recipe (chosen on validation)", "",
@@ -118,6 +118,14 @@ def _recipe(recipe: dict) -> list[str]:
             lines.append(f"| {dim} | " + " | ".join(f"{100 * per[d][dim]:+.1f}" for d in per)
                          + f" | {100 * recipe['gains'][dim]:+.1f} |")
         lines.append("")
+        parts = set(f"{recipe.get('train')},{recipe.get('infer')}".split(","))  # the recipe's dimensions
+        chosen = [d for d in dims if d in parts and recipe["gains"][d] > 0]
+        if val_size:
+            one = 100 / val_size
+            weak = [f"{d} ({100 * recipe['gains'][d]:+.2f})" for d in chosen if 100 * recipe["gains"][d] < 2 * one]
+            lines += [f"One validation example is {one:.1f} points ({val_size} per dataset)."
+                      + (f" Switched on with a mean gain under two examples: {', '.join(weak)}: the rule's choice, "
+                         "within noise, not evidence that it helps." if weak else ""), ""]
     conf = recipe.get("confirmation")
     if conf:
         gain = "not measured yet" if conf["mean_gain"] is None else f"{100 * conf['mean_gain']:+.1f}"
