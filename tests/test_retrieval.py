@@ -74,3 +74,14 @@ def test_real_minilm(isolated_cache):
     assert retriever.matrix.shape == (4, 384)
     assert retriever.nearest("which author wrote the play macbeth", 1) == ["a"]
     assert retriever.nearest("what city is the french capital", 1) == ["d"]
+
+
+def test_exact_ties_go_to_the_lower_pool_index():
+    """Copies of a text (or case-only variants under an uncased encoder) tie exactly: the earlier pool
+    example wins, at every k, so demonstrations and hence prompts are reproducible. (Why `nearest` is a stable
+    argsort and not sentence-transformers' semantic_search: that sorts its torch.topk(sorted=False) hits by
+    score only, so tied hits come back in heap order; here it returns p9, p12, p21, p24.)"""
+    pool = [{"id": f"p{i}", "text": "same text" if i % 3 == 0 else f"other {i}"} for i in range(30)]
+    retriever = Retriever(pool, encode=hashed_bow_encode, cache=False)
+    assert retriever.nearest("same text", 4) == ["p0", "p3", "p6", "p9"]
+    assert retriever.nearest("same text", 2, exclude_ids={"p0"}) == ["p3", "p6"]

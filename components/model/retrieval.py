@@ -138,10 +138,12 @@ class Retriever:
         """Ids of the k most similar training examples, skipping `exclude_ids` (best first)."""
         if k <= 0 or not self.ids:
             return []
-        import torch
-        from sentence_transformers.util import semantic_search
-
-        top = min(len(self.ids), k + len(exclude_ids))  # enough that k remain after the exclusions
-        hits = semantic_search(torch.from_numpy(self.query_vector(text)[None]), torch.from_numpy(self.matrix),
-                               top_k=top)[0]
-        return [self.ids[h["corpus_id"]] for h in hits if self.ids[h["corpus_id"]] not in exclude_ids][:k]
+        scores = self.matrix @ self.query_vector(text)
+        order = np.argsort(-scores, kind="stable")
+        out: list[str] = []
+        for i in order:
+            if self.ids[i] not in exclude_ids:
+                out.append(self.ids[i])
+                if len(out) == k:
+                    break
+        return out
