@@ -30,7 +30,8 @@ test-fast: $(STAMP)
 ui: $(STAMP)  ## Prefect server + MLflow server on 127.0.0.1
 	$(BIN)/gencls ui
 
-# `dvc exp show` lists every code file a stage depends on (46 columns); this view keeps metrics and params.
+# `dvc exp show` lists every dependency of every stage (46 columns: 34 code files, 12 data, report and checkpoint
+# paths); this view keeps metrics and params.
 exp: $(STAMP)  ## experiments side by side: metrics and the params the stages read
 	$(BIN)/dvc exp show --no-pager --drop '^(components|flows|data|reports|checkpoints)/'
 
