@@ -321,9 +321,14 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
             raise RuntimeError("injected fault")
         return real_eval(ctx, cell, out, **kw)
 
-    def counting_sft(*a, **k):
+    def counting_sft(dataset, *a, **k):
+        # a study killed now must already have every earlier adapter's learning curve in the committed record
+        record = project / "reports" / "study" / "cells" / "cpu" / dataset / "dataset.json"
+        trained = calls.setdefault(dataset, 0)
+        assert sum(key.endswith(" sft") for key in json.loads(record.read_text())["training"]) >= trained
         calls["train"] += 1
-        return real_sft(*a, **k)
+        calls[dataset] += 1
+        return real_sft(dataset, *a, **k)
 
     monkeypatch.setattr(measure, "evaluate_cell", faulty_eval)
     monkeypatch.setattr(components.train.sft, "train_sft", counting_sft)

@@ -43,7 +43,7 @@ def write_result(path: Path, result: dict) -> None:
     """Write JSON atomically (a cell file marks the cell finished); compact rows for prediction lists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: Dask workers may write dataset.json together
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
