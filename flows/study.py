@@ -208,7 +208,7 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
             logger.info("MLflow study run %s (%s)", run_id, tracking.tracking_uri())
             ctxs = {d: prepare_dataset(d, profile, model, overrides, run_id, torch_threads) for d in datasets}
             for ctx in ctxs.values():  # written again at the end; now, so that an interrupted study still reports
-                measure.write_dataset_record(ctx, measure.read_result(Path(ctx["results"]) / "register.json"))
+                measure.write_dataset_record(ctx)
             plans = {d: plan.keep_roles(plan.phase1_cells(cells, profile, model, ctx["k"]), only) for d, ctx in ctxs.items()}
             futures = {d: _submit_groups(ctx, plans[d]) for d, ctx in ctxs.items()}
             results, errors = {}, []
@@ -250,7 +250,7 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
                     else:
                         errors.append(f"{d}: register: {future.state.message}")
             for d, ctx in ctxs.items():
-                measure.write_dataset_record(ctx, decisions.get(d) or measure.read_result(Path(ctx["results"]) / "register.json"))
+                measure.write_dataset_record(ctx, decisions.get(d))
             reused = sum(1 for d in results for r in results[d] if r.get("reused"))
             first = next(iter(ctxs.values()), None)
             meta = {"profile": profile, "cells": cells, "model": model, "runner": runner, "datasets": datasets,

@@ -124,7 +124,7 @@ def ensure_adapter(ctx: dict, train: str, rl: bool, select: str = "") -> Path:
                            "seconds": round(time.time() - started, 1)})
         # the learning curve goes into the committed dataset record now, not only when the study ends: a study
         # killed during the next training still leaves this one's curve in git (checkpoints/ stays on this machine)
-        measure.write_dataset_record(ctx, measure.read_result(Path(ctx["results"]) / "register.json"))
+        measure.write_dataset_record(ctx)
     return out
 
 

@@ -168,9 +168,12 @@ def training_summaries(ctx: dict) -> dict[str, dict]:
     return out
 
 
-def write_dataset_record(ctx: dict, register: dict | None) -> dict:
-    """cells/<profile>/<dataset>/dataset.json: fingerprints, subsample, labels, compute, training curves, registry."""
+def write_dataset_record(ctx: dict, register: dict | None = None) -> dict:
+    """cells/<profile>/<dataset>/dataset.json: fingerprints, subsample, labels, compute, training curves, registry
+    (`register`, else the last decision in the dataset's results/register.json)."""
     from components.data.datasets import load_labels
+
+    register = register or read_result(Path(ctx["results"]) / "register.json")
 
     record = {"dataset": ctx["dataset"], "fingerprint": ctx["fingerprint"], "train_fingerprint": ctx["train_fingerprint"],
               "subsample": ctx["subsample"], "labels": list(load_labels(ctx["dataset"], ctx["views"]["test"])),
