@@ -187,3 +187,25 @@ def test_rl_checkpoint_is_chosen_the_way_its_cell_decodes(sft_run, tmp_path):
     generative = train_rl("toy", rl_config(max_steps=1), sft_dir=sft_dir, out_dir=tmp_path / "rl-gen", data_dir=data)
     history = json.loads((generative / "metrics.json").read_text())["eval_history"]
     assert all(h["invalid_rate"] > 0 for h in history)
+
+
+def test_rl_selects_on_sfts_held_out_slice_when_that_slice_is_also_the_gate(tiny_model_dir, tmp_path):
+    """The study trains on every pooled example, so SFT's champion gate falls back to its own held-out
+    selection slice (gate.json selection_slice). RL must still choose its checkpoint on that slice, not
+    drop it as "the gate" and keep its last step unselected (the bug this test pins)."""
+    from components.train.rl import train_rl
+    from components.train.sft import GATE_FILE, train_sft
+
+    data = make_toy_data(tmp_path / "data")
+    sft_dir = train_sft("toy", SFTConfig(model=str(tiny_model_dir), train_size=0, eval_size=4, batch_size=4,
+                                          max_steps=1, eval_every_steps=1, eval_batch_size=8, save_steps=10,
+                                          logging_steps=1, learning_rate=1e-2),
+                        out_dir=tmp_path / "sft", data_dir=data)
+    gate = json.loads((sft_dir / GATE_FILE).read_text())
+    assert gate["selection_slice"] and len(gate["ids"]) == 4
+    out = train_rl("toy", rl_config(train_size=0, max_steps=1), sft_dir=sft_dir, out_dir=tmp_path / "rl",
+                   data_dir=data)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["eval_history"]] == [0, 1]
+    assert metrics["best"] is not None and metrics["best"]["step"] in (0, 1)
+    assert json.loads((out / "gencls_config.json").read_text())["best_step"] == metrics["best"]["step"]

@@ -258,7 +258,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     from components import config as project_config
     from components.model.prompts import Strategy
     from components.train.rewards import build_rewards
-    from components.train.sft import load_data, make_builder, read_gate_ids, require_valid_data
+    from components.train.sft import GATE_FILE, load_data, make_builder, require_valid_data
 
     config = config or load_config("rl", "quick")
     log = printer()
@@ -271,9 +271,13 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     model, tokenizer, sft_info = load_policy(sft_dir)
     strategy = Strategy.parse(config.train_strategy or sft_info.get("train_strategy") or "naive")
     labels, train, held, pool = load_data(dataset, data_dir, config.train_size, config.eval_size, config.seed)
-    gate_ids = read_gate_ids(sft_dir)  # the champion gate's slice: never trained or selected on
+    gate = read_json(Path(sft_dir) / GATE_FILE, {})  # the champion gate's slice (sft.gate_slice): never trained on
+    gate_ids, gate_is_selection = set(gate.get("ids", [])), bool(gate.get("selection_slice"))
     train = [ex for ex in train if ex["id"] not in gate_ids]
-    held = [ex for ex in held if ex["id"] not in gate_ids]
+    if not gate_is_selection:  # a separate gate slice is never selected on either; when SFT had to use its own
+        held = [ex for ex in held if ex["id"] not in gate_ids]  # selection slice as the gate, RL selects on it too
+    if not held:
+        log("RL: no held-out examples to choose a checkpoint on: the last step is kept")
     builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
     config = fit_completion_budget(config, tokenizer, builder, log)
     train, focus_stats = cached_focus(model, tokenizer, builder, train, config, out_dir / FOCUS_FILE,
@@ -289,7 +293,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
 
     select = Strategy.parse(select_strategy) if select_strategy else strategy
     run_id = fingerprint({"kind": "rl", "dataset": dataset, "config": asdict_config(config), "sft": portable(sft_dir),
-                          "sft_config": sft_info, "rows": fingerprint(rows),
+                          "sft_config": sft_info, "rows": fingerprint(rows), "held": [ex["id"] for ex in held],
                           **({"select": select.slug()} if select != strategy else {})})
     trainer_dir, best_dir = out_dir / "trainer", out_dir / "best"
     resume = resume_checkpoint(trainer_dir, run_id, log)
