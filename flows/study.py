@@ -121,14 +121,17 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
         configs[kind] = asdict_config(load_config(kind, settings["training_profile"], params, layer))
     view_dirs = [Path(v) / dataset for v in views.values()]
     data_sha256 = prepare.files_sha256(*view_dirs)
+    # what SFT adapters and every cell depend on; the RL settings are a separate fingerprint that only RL adapters
+    # and RL cells carry, so a new RL budget re-runs the RL cells and nothing else
     train_fp = {"dataset": dataset, "train_view_sha256": prepare.files_sha256(Path(views["train"]) / dataset),
-                "sft": configs["sft"], "rl": configs["rl"], "icl_k": settings["icl_k"],
-                "reasoning_rl": settings["reasoning_rl"], "prompt_format": PROMPT_FORMAT}
+                "sft": configs["sft"], "icl_k": settings["icl_k"], "prompt_format": PROMPT_FORMAT}
     fp_data = {**train_fp, "data_sha256": data_sha256, "subsample": record, "eval": settings["eval"]}
     return {
         "dataset": dataset, "profile": profile, "model": model, "settings": settings, "subsample": record,
         "configs": configs, "fingerprint": prepare.settings_fingerprint(fp_data),
-        "train_fingerprint": prepare.settings_fingerprint(train_fp), "k": settings["icl_k"],
+        "train_fingerprint": prepare.settings_fingerprint(train_fp),
+        "rl_fingerprint": prepare.settings_fingerprint({"rl": configs["rl"], "reasoning_rl": settings["reasoning_rl"]}),
+        "k": settings["icl_k"],
         "views": {k: str(v) for k, v in views.items()}, "results": str(study_root() / dataset),
         "cells": str(cells_root(profile) / dataset),
         "checkpoints": str(checkpoints_dir() / "study" / dataset), "study_run_id": study_run_id,
@@ -304,7 +307,7 @@ def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", override
 
     root = cells_root(profile)
     root.mkdir(parents=True, exist_ok=True)
-    config = prepare.settings_fingerprint({"model": model, "settings": prepare.profile_settings(profile, overrides)})
+    config = recipe_config(profile, model, overrides)
     with FileLock(str(root / ".recipe.lock")):
         stored = measure.read_result(root / RECIPE_FILE) or {}
         validation = {d: v for d, v in (stored.get("validation_results") or {}).items()
@@ -321,6 +324,16 @@ def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", override
 
 
 RECIPE_FILE = "recipe.json"
+
+
+def recipe_config(profile: str, model: str, overrides: dict | None = None) -> str:
+    """Fingerprint of what the recipe's validation cells depend on: the model and the study settings without the
+    RL ones (no RL cell chooses the recipe)."""
+    settings = {k: v for k, v in prepare.profile_settings(profile, overrides).items() if k not in RL_SETTINGS}
+    return prepare.settings_fingerprint({"model": model, "settings": settings})
+
+
+RL_SETTINGS = ("rl", "reasoning_rl")  # the study settings only RL adapters read
 
 
 def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | None = None) -> dict:

@@ -35,7 +35,7 @@ def _apply_env(ctx: dict) -> None:
 def find_finished(ctx: dict, cell: plan.Cell) -> dict | None:
     """A finished cell's result: from its committed cell file, else rebuilt from a FINISHED MLflow run and its
     logged predictions (then the cell file is written)."""
-    key = cell.key(ctx["fingerprint"])
+    key = measure.cell_key(ctx, cell)
     done = measure.read_result(measure.cell_path(ctx, key))
     if done is not None and done.get("result"):
         return done["result"]
@@ -89,13 +89,14 @@ def ensure_adapter(ctx: dict, train: str, rl: bool, select: str = "") -> Path:
 
     kind = "rl" if rl else "sft"
     select = select if rl else ""
-    identity = {"train": train, "model": ctx["model"], "fp": ctx["train_fingerprint"],
+    rl_settings = {"rl": ctx["rl_fingerprint"]} if rl else {}
+    identity = {"train": train, "model": ctx["model"], "fp": ctx["train_fingerprint"], **rl_settings,
                 **({"select": select} if select else {})}
     train_key = prepare.settings_fingerprint(identity)[:12]
     out = Path(ctx["checkpoints"]) / f"{plan.slug_dir(train)}-{train_key}" / kind
     out.parent.mkdir(parents=True, exist_ok=True)
     done_key = fingerprint({"settings": ctx["train_fingerprint"], "train": train, "model": ctx["model"],
-                            "src": source_hash((train_rl if rl else train_sft).__module__),
+                            "src": source_hash((train_rl if rl else train_sft).__module__), **rl_settings,
                             **({"select": select} if select else {})})
     with FileLock(str(out.parent / f".{kind}.lock")):
         if finished(out, done_key, ("gencls_config.json",)):
@@ -121,6 +122,7 @@ def ensure_adapter(ctx: dict, train: str, rl: bool, select: str = "") -> Path:
             for name in ("gencls_config.json", "metrics.json", "loss_curve.png", "reward_curve.png"):
                 tracking.log_artifact(rid, out / name, kind)
         write_record(out, {"fingerprint": done_key, "settings": ctx["train_fingerprint"], "train": train, "run_id": rid,
+                           **({"rl_settings": ctx["rl_fingerprint"]} if rl else {}),
                            "seconds": round(time.time() - started, 1)})
         # the learning curve goes into the committed dataset record now, not only when the study ends: a study
         # killed during the next training still leaves this one's curve in git (checkpoints/ stays on this machine)
@@ -130,7 +132,7 @@ def ensure_adapter(ctx: dict, train: str, rl: bool, select: str = "") -> Path:
 
 def run_cell(ctx: dict, cell: plan.Cell, roles: list[str], loaded: Any = None, adapter: Path | None = None) -> dict:
     """Evaluate one cell inside its own MLflow child run and write its result.json (last)."""
-    key = cell.key(ctx["fingerprint"])
+    key = measure.cell_key(ctx, cell)
     out = Path(ctx["results"]) / key
     tags = {"mlflow.parentRunId": ctx["study_run_id"], "dataset": ctx["dataset"], "study.kind": "cell",
             "study.cell_key": key, "study.cell": cell.name, "study.roles": ",".join(roles),

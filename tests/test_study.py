@@ -408,6 +408,31 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
     artifacts = {a.path for a in client.list_artifacts(study_run.info.run_id)}
     assert {"study.json", "study.md", "plots"} <= artifacts
 
+    # a new RL budget re-trains the RL adapters and re-measures the RL cells only: every SFT adapter and every
+    # other cell (and the recipe's validation results of the dataset not in this run) are reused
+    import components.train.rl
+
+    real_rl = components.train.rl.train_rl
+
+    def counting_rl(dataset, *a, **k):
+        calls["rl"] = calls.get("rl", 0) + 1
+        return real_rl(dataset, *a, **k)
+
+    monkeypatch.setattr(components.train.rl, "train_rl", counting_rl)
+    calls.update(eval=[], train=0)
+    again = F.study(["tinya"], "cpu", "local", "all", str(tiny_model_dir),
+                    overrides={**tiny_settings(), "rl.max_steps": 2}, torch_threads=1)
+    rl_cells = sorted(c["name"] for c in on_disk["datasets"]["tinya"]["cells"] if c["rl"])
+    assert calls["train"] == 0 and calls["rl"] == len(rl_cells) == 2  # GenCLS++ and reasoning, each its own adapter
+    assert sorted(name for _, name in calls["eval"]) == rl_cells
+    assert again["recipe"]["datasets"] == ["tinya", "tinyb"]
+    cells = again["datasets"]["tinya"]["cells"]
+    assert len(cells) == len(on_disk["datasets"]["tinya"]["cells"])  # the old-budget RL cells are not reported
+    assert {c["key"] for c in cells if not c["rl"]} == {c["key"] for c in on_disk["datasets"]["tinya"]["cells"]
+                                                         if not c["rl"]}
+    steps = {k: v["global_step"] for k, v in again["datasets"]["tinya"]["training"].items() if k.endswith(" rl")}
+    assert steps and set(steps.values()) == {2}
+
 
 def test_two_cells_on_a_local_dask_cluster(prefect_harness, project, tiny_model_dir):
     from components.ops import tracking

@@ -80,10 +80,15 @@ def metric_subset(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def cell_key(ctx: dict, cell: Cell) -> str:
+    """A cell's key: its fields and the dataset's settings fingerprint, plus the RL settings for an RL cell."""
+    return cell.key(ctx["fingerprint"] + (f"/rl:{ctx['rl_fingerprint']}" if cell.rl else ""))
+
+
 def cell_fields(cell: Cell, key: str, ctx: dict) -> dict:
     return {"key": key, "name": cell.name, "kind": cell.kind, "train": cell.train, "infer": cell.infer,
             "rl": cell.rl, "profile": cell.profile, "model": cell.model, "dataset": ctx["dataset"],
-            "fingerprint": ctx["fingerprint"]}
+            "fingerprint": ctx["fingerprint"], **({"rl_fingerprint": ctx["rl_fingerprint"]} if cell.rl else {})}
 
 
 def evaluate_cell(ctx: dict, cell: Cell, out: Path, loaded: Any = None, adapter: Path | None = None,
@@ -117,19 +122,28 @@ def evaluate_cell(ctx: dict, cell: Cell, out: Path, loaded: Any = None, adapter:
     return out_metrics
 
 
-def read_cells(folder: Path, fingerprint: str) -> list[dict]:
-    """The cell files ({"result", "predictions"}) in a dataset's cell folder measured with this settings fingerprint."""
+def read_cells(folder: Path, fingerprint: str, rl_fingerprint: str | None = None) -> list[dict]:
+    """The cell files ({"result", "predictions"}) in a dataset's cell folder measured with this settings fingerprint
+    (RL cells also with these RL settings)."""
     out = []
     for path in sorted(Path(folder).glob("*.json")):
         cell = read_result(path)
-        if isinstance(cell, dict) and (cell.get("result") or {}).get("fingerprint") == fingerprint:
+        result = (cell or {}).get("result") if isinstance(cell, dict) else None
+        if (result or {}).get("fingerprint") == fingerprint and (
+                not result.get("rl") or result.get("rl_fingerprint") == rl_fingerprint):
             out.append(cell)
     return out
 
 
 def dataset_results(ctx: dict) -> list[dict]:
-    """Every finished cell result of this dataset with the current settings fingerprint."""
-    return [cell["result"] for cell in read_cells(Path(ctx["cells"]), ctx["fingerprint"])]
+    """Every finished cell result of this dataset with the current settings fingerprints."""
+    return [cell["result"] for cell in read_cells(Path(ctx["cells"]), ctx["fingerprint"], ctx["rl_fingerprint"])]
+
+
+def current_record(info: dict, ctx: dict, rl: bool) -> bool:
+    """Whether an adapter's training record was made with this dataset's current training (and RL) settings."""
+    return info.get("settings") == ctx["train_fingerprint"] and info.get("rl_settings") == (
+        ctx["rl_fingerprint"] if rl else None)
 
 
 def compute_seconds(ctx: dict) -> float:
@@ -137,7 +151,7 @@ def compute_seconds(ctx: dict) -> float:
     total = sum(r.get("seconds", 0.0) + r.get("val_seconds", 0.0) for r in dataset_results(ctx))
     for record in Path(ctx["checkpoints"]).glob(f"*/*/{RECORD_FILE}"):
         info = read_record(record.parent)
-        if info.get("settings") == ctx["train_fingerprint"]:
+        if current_record(info, ctx, record.parent.name == "rl"):
             total += float(info.get("seconds", 0.0))
     return round(total, 1)
 
@@ -154,7 +168,7 @@ def training_summaries(ctx: dict) -> dict[str, dict]:
     out = {}
     for record in sorted(Path(ctx["checkpoints"]).glob(f"*/*/{RECORD_FILE}")):
         info = read_record(record.parent)
-        if info.get("settings") != ctx["train_fingerprint"]:
+        if not current_record(info, ctx, record.parent.name == "rl"):
             continue
         metrics = read_result(record.parent / "metrics.json") or {}
         timing = read_result(record.parent / RUN_INFO_FILE) or {}
@@ -176,6 +190,7 @@ def write_dataset_record(ctx: dict, register: dict | None = None) -> dict:
     register = register or read_result(Path(ctx["results"]) / "register.json")
 
     record = {"dataset": ctx["dataset"], "fingerprint": ctx["fingerprint"], "train_fingerprint": ctx["train_fingerprint"],
+              "rl_fingerprint": ctx["rl_fingerprint"],
               "subsample": ctx["subsample"], "labels": list(load_labels(ctx["dataset"], ctx["views"]["test"])),
               "settings": ctx["settings"], "seconds": compute_seconds(ctx), "training": training_summaries(ctx),
               "register": register}
@@ -188,4 +203,5 @@ def read_dataset(folder: Path) -> dict | None:
     record = read_result(Path(folder) / DATASET_FILE)
     if not record:
         return None
-    return {"record": record, "labels": record.get("labels"), "cells": read_cells(folder, record["fingerprint"])}
+    return {"record": record, "labels": record.get("labels"),
+            "cells": read_cells(folder, record["fingerprint"], record.get("rl_fingerprint"))}

@@ -8,8 +8,9 @@ The study profiles (cpu, gpu) live in conf/params.yaml `profiles.<p>.study`.
 
 A cell is one measured configuration of one dataset: (kind, train strategy, inference
 strategy, rl on/off, profile, model). Its key is a stable hash of those fields plus the
-dataset's settings fingerprint (subsample ids, resolved training configs, evaluation
-settings), so a changed budget never reuses an old number. Cells that share a training
+dataset's settings fingerprint (subsample ids, resolved SFT config, evaluation settings; an RL
+cell also the RL settings: measure.cell_key), so a changed budget never reuses an old number and a
+new RL budget re-runs only the RL cells. Cells that share a training
 strategy and rl switch share one trained adapter ("train once, evaluate many").
 
 Cell kinds (registry; add an entry to add a kind):
