@@ -358,6 +358,7 @@ def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | No
                                          f"{name}: train x inference accuracy ({meta['profile']})"))
         plots.append(report.plot_learning(info["training"], plots_dir / f"{name}-learning.png",
                                           f"{name}: SFT arms ({meta['profile']})"))
+        plots.append(report.plot_rl(info["training"], plots_dir / f"{name}-rl.png", f"{name}: GRPO ({meta['profile']})"))
     if run_id is None:  # rebuilt from the committed cells only (`gencls study --report-only`)
         return study
     tracking.log_artifact(run_id, root / "study.json")

@@ -133,7 +133,12 @@ def test_aggregate_markdown_and_plots(tmp_path):
     training = {"naive sft": {"kind": "sft", "train": "naive", "global_step": 4, "seconds": 60,
                               "loss_history": [{"step": s, "loss": 2.0 / s} for s in range(1, 5)],
                               "eval_history": [{"step": 2, "accuracy": 0.5}, {"step": 4, "accuracy": 0.6}],
-                              "best": {"step": 4}}}
+                              "best": {"step": 4}},
+                "definitions rl": {"kind": "rl", "train": "definitions", "global_step": 2, "seconds": 9,
+                                   "train_history": [{"step": 1, "reward": 0.25, "zero_variance_groups": 0.5},
+                                                     {"step": 2, "reward": 0.5, "zero_variance_groups": 0.0}],
+                                   "eval_history": [{"step": 0, "accuracy": 0.6}, {"step": 2, "accuracy": 0.65}],
+                                   "best": {"step": 2}}}
     study = report.aggregate({"ds1": {"cells": ds1, "labels": ["a", "b"], "record": {"training": training}},
                               "ds2": {"cells": ds2, "labels": ["a", "b"], "record": {}}},
                              {"profile": "cpu", "model": MODEL, "machine": report.machine_info()}, recipe)
@@ -162,6 +167,10 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert report.plot_heatmap(grid, tmp_path / "h.png", "t").stat().st_size > 0
     assert report.plot_headline(study, tmp_path / "b.png").stat().st_size > 0
     assert report.plot_learning(training, tmp_path / "l.png", "t").stat().st_size > 0
+    assert report.plot_rl(training, tmp_path / "rl.png", "t").stat().st_size > 0
+    assert report.plot_rl({"naive sft": training["naive sft"]}, tmp_path / "none.png", "t") is None
+    assert "| definitions rl | 2 | 0.1 | - | 0: 60.0, 2: 65.0 | 2 | 0.25 -> 0.50, 25% |" in text
+    assert "`study/plots/ds1-rl.png`" in text
     assert report.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
 
 

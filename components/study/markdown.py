@@ -187,7 +187,9 @@ def _training(name: str, training: dict) -> list[str]:
     """One row per trained adapter: steps, time, loss at the start and the end, held-out curve, RL signal."""
     if not training:
         return []
-    lines = [f"Training (learning curves: `study/plots/{name}-learning.png`):", "",
+    rl = any(t.get("kind") == "rl" for t in training.values())
+    lines = [f"Training (learning curves: `study/plots/{name}-learning.png`"
+             + (f"; GRPO reward and checkpoint selection: `study/plots/{name}-rl.png`" if rl else "") + "):", "",
              "| adapter | steps | minutes | loss first 10% -> last 10% | held-out accuracy by step | kept step | "
              "RL reward first -> last, zero-variance groups |", "|---|---|---|---|---|---|---|"]
     for label, t in sorted(training.items()):

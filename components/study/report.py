@@ -299,3 +299,39 @@ def plot_learning(training: dict, path: Path, title: str) -> Path | None:
     if right.lines:  # no held-out slice (eval_size 0): nothing to label
         right.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def plot_rl(training: dict, path: Path, title: str) -> Path | None:
+    """Each RL adapter of a dataset: GRPO reward and zero-variance share per step (left), held-out accuracy at each
+    checkpoint-selection step with the kept step ringed (right; step 0 is the SFT adapter)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rl = {name: t for name, t in sorted(training.items()) if t.get("kind") == "rl" and t.get("train_history")}
+    if not rl:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, t in rl.items():
+        label = t.get("train", name)
+        steps = [h["step"] for h in t["train_history"]]
+        line, = left.plot(steps, [h.get("reward") for h in t["train_history"]], label=f"{label}: reward", linewidth=1)
+        zero = [h.get("zero_variance_groups", h.get("frac_reward_zero_std")) for h in t["train_history"]]
+        if any(z is not None for z in zero):
+            left.plot(steps, zero, linestyle=":", color=line.get_color(), label=f"{label}: zero-variance groups")
+        held = t.get("eval_history") or []
+        if held:
+            right.plot([h["step"] for h in held], [100 * h["accuracy"] for h in held], marker="o", label=label,
+                       color=line.get_color())
+            kept = (t.get("best") or {}).get("step")
+            chosen = [h for h in held if h["step"] == kept]
+            if chosen:
+                right.scatter([kept], [100 * chosen[0]["accuracy"]], s=160, facecolors="none",
+                              edgecolors=line.get_color(), linewidths=2)
+    left.set(xlabel="GRPO step", ylabel="mean reward / share", title=title)
+    right.set(xlabel="GRPO step (0 = SFT)", ylabel="held-out accuracy %", title="checkpoint selection (ringed: kept)")
+    left.legend(fontsize=7)
+    if right.lines:
+        right.legend(fontsize=7)
+    return save_figure(fig, path)
