@@ -147,10 +147,18 @@ def test_resume_after_interruption(tiny_model_dir, toy_data, tmp_path):
 
     with pytest.raises(Interrupt):
         train_sft("toy", config, out_dir=tmp_path / "sft", log_fn=crash, data_dir=toy_data)
-    assert (tmp_path / "sft" / "trainer" / "checkpoint-2").is_dir()
+    checkpoint = tmp_path / "sft" / "trainer" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    # the checkpoint carries the seconds spent so far; the resumed run's seconds add them (set large here so
+    # the sum cannot pass for the second attempt's own time)
+    from components.train.checkpoints import CLOCK_FILE
+
+    assert json.loads((checkpoint / CLOCK_FILE).read_text())["seconds"] > 0
+    (checkpoint / CLOCK_FILE).write_text(json.dumps({"seconds": 1000.0}))
     out = train_sft("toy", config, out_dir=tmp_path / "sft", data_dir=toy_data)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 2 and metrics["global_step"] == 4
+    assert 1000 < json.loads((out / "run.json").read_text())["seconds"] < 1600
     assert (out / "adapter_model.safetensors").exists()
     # a different config does not resume from these checkpoints
     other = train_sft("toy", tiny_config(tiny_model_dir, max_steps=1, save_steps=1, eval_every_steps=0, seed=1),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -21,6 +22,15 @@ CONFIG_FILE = "gencls_config.json"
 METRICS_FILE = "metrics.json"
 RUN_FILE = "gencls_run.json"  # fingerprint of the run inside out_dir/trainer, for safe resume
 STAGING_DIR = ".saving"  # a checkpoint is written here, then renamed to checkpoint-N (atomic save)
+CLOCK_FILE = "gencls_clock.json"  # in each checkpoint: the wall seconds the run had spent when it was saved
+
+
+def seconds_spent(checkpoint: str | Path | None) -> float:
+    """Wall seconds a run had spent when `checkpoint` was saved (0 without one, or for a checkpoint saved before
+    checkpoints carried the clock): a resumed run adds it, so its `seconds` count every attempt's training."""
+    if not checkpoint:
+        return 0.0
+    return float(read_json(Path(checkpoint) / CLOCK_FILE, {}).get("seconds", 0.0))
 
 
 def library_versions() -> dict[str, str]:
@@ -129,8 +139,11 @@ class AtomicCheckpoints:
     """Trainer mixin: each checkpoint is written under `<output>/.saving/` and renamed into place.
 
     A kill during a save leaves no half-written `checkpoint-N` (only `.saving/`, which
-    `resume_checkpoint` clears); old checkpoints are rotated after the rename.
+    `resume_checkpoint` clears); old checkpoints are rotated after the rename. With `gencls_started`
+    set (a time.time() value), each checkpoint also records the seconds spent since then (CLOCK_FILE).
     """
+
+    gencls_started: float | None = None
 
     def _save_checkpoint(self, model, trial):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -145,6 +158,8 @@ class AtomicCheckpoints:
         finally:
             del self._get_output_dir
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.gencls_started is not None:
+            write_json(staging / name / CLOCK_FILE, {"seconds": round(time.time() - self.gencls_started, 1)})
         if (run_dir / name).exists():
             shutil.rmtree(run_dir / name)
         os.replace(staging / name, run_dir / name)

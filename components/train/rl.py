@@ -46,6 +46,7 @@ from components.train.checkpoints import (
     library_versions,
     read_json,
     resume_checkpoint,
+    seconds_spent,
     save_final,
     with_atomic_checkpoints,
     write_json,
@@ -297,6 +298,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
                           **({"select": select.slug()} if select != strategy else {})})
     trainer_dir, best_dir = out_dir / "trainer", out_dir / "best"
     resume = resume_checkpoint(trainer_dir, run_id, log)
+    started -= seconds_spent(resume)  # a resumed run's seconds include what its earlier attempts spent
     evaluator = None
     if held:
         eval_builder = make_builder(tokenizer, labels, select, pool, config.max_prompt_tokens, config.seed)
@@ -306,6 +308,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
                                    log_fn, "rl", eval_at_start=True, log=log)
     trainer = build_grpo_trainer(model, tokenizer, rows, funcs, weights, config, trainer_dir,
                                  make_callbacks(log_fn, evaluator, "rl"))
+    trainer.gencls_started = started  # each checkpoint records the seconds spent so far
     use_compact_progress(trainer, "rl")
     result = trainer.train(resume_from_checkpoint=resume)
 

@@ -33,6 +33,7 @@ from components.train.checkpoints import (
     library_versions,
     read_json,
     resume_checkpoint,
+    seconds_spent,
     save_final,
     with_atomic_checkpoints,
     write_json,
@@ -287,6 +288,7 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
                           "rows": fingerprint(rows), "held": [ex["id"] for ex in held]})
     trainer_dir, best_dir = out_dir / "trainer", out_dir / "best"
     resume = resume_checkpoint(trainer_dir, run_id, log)
+    started -= seconds_spent(resume)  # a resumed run's seconds include what its earlier attempts spent
     if resume is None and best_dir.exists():
         import shutil
 
@@ -298,6 +300,7 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
                                    trainer_dir / "eval_history.json", config.eval_every_steps,
                                    config.eval_batch_size, log_fn, "sft", log=log)
     trainer = build_trainer(model, tokenizer, rows, config, trainer_dir, make_callbacks(log_fn, evaluator, "sft"))
+    trainer.gencls_started = started  # each checkpoint records the seconds spent so far
     use_compact_progress(trainer, "sft")
     result = trainer.train(resume_from_checkpoint=resume)
 
