@@ -137,7 +137,8 @@ def test_aggregate_markdown_and_plots(tmp_path):
                 "definitions rl": {"kind": "rl", "train": "definitions", "global_step": 2, "seconds": 9,
                                    "train_history": [{"step": 1, "reward": 0.25, "zero_variance_groups": 0.5},
                                                      {"step": 2, "reward": 0.5, "zero_variance_groups": 0.0}],
-                                   "eval_history": [{"step": 0, "accuracy": 0.6}, {"step": 2, "accuracy": 0.65}],
+                                   "eval_history": [{"step": 0, "accuracy": 0.6, "macro_f1": 0.5},
+                                                    {"step": 2, "accuracy": 0.65, "macro_f1": 0.55}],
                                    "best": {"step": 2}}}
     study = report.aggregate({"ds1": {"cells": ds1, "labels": ["a", "b"], "record": {"training": training}},
                               "ds2": {"cells": ds2, "labels": ["a", "b"], "record": {}}},

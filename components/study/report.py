@@ -320,17 +320,20 @@ def plot_rl(training: dict, path: Path, title: str) -> Path | None:
         zero = [h.get("zero_variance_groups", h.get("frac_reward_zero_std")) for h in t["train_history"]]
         if any(z is not None for z in zero):
             left.plot(steps, zero, linestyle=":", color=line.get_color(), label=f"{label}: zero-variance groups")
-        held = t.get("eval_history") or []
+        held = [h for h in t.get("eval_history") or [] if h.get("macro_f1") is not None]
         if held:
-            right.plot([h["step"] for h in held], [100 * h["accuracy"] for h in held], marker="o", label=label,
+            steps = [h["step"] for h in held]
+            right.plot(steps, [100 * h["macro_f1"] for h in held], marker="o", label=f"{label}: macro-F1 (selects)",
                        color=line.get_color())
+            right.plot(steps, [100 * h["accuracy"] for h in held], marker=".", linestyle="--", linewidth=1,
+                       label=f"{label}: accuracy", color=line.get_color())
             kept = (t.get("best") or {}).get("step")
             chosen = [h for h in held if h["step"] == kept]
             if chosen:
-                right.scatter([kept], [100 * chosen[0]["accuracy"]], s=160, facecolors="none",
+                right.scatter([kept], [100 * chosen[0]["macro_f1"]], s=160, facecolors="none",
                               edgecolors=line.get_color(), linewidths=2)
     left.set(xlabel="GRPO step", ylabel="mean reward / share", title=title)
-    right.set(xlabel="GRPO step (0 = SFT)", ylabel="held-out accuracy %", title="checkpoint selection (ringed: kept)")
+    right.set(xlabel="GRPO step (0 = SFT)", ylabel="held-out %", title="checkpoint selection (ringed: kept)")
     left.legend(fontsize=7)
     if right.lines:
         right.legend(fontsize=7)
