@@ -307,7 +307,7 @@ def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", override
 
     root = cells_root(profile)
     root.mkdir(parents=True, exist_ok=True)
-    config = recipe_config(profile, model, overrides)
+    config = prepare.recipe_config(profile, model, overrides)
     with FileLock(str(root / ".recipe.lock")):
         stored = measure.read_result(root / RECIPE_FILE) or {}
         validation = {d: v for d, v in (stored.get("validation_results") or {}).items()
@@ -324,16 +324,6 @@ def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", override
 
 
 RECIPE_FILE = "recipe.json"
-
-
-def recipe_config(profile: str, model: str, overrides: dict | None = None) -> str:
-    """Fingerprint of what the recipe's validation cells depend on: the model and the study settings without the
-    RL ones (no RL cell chooses the recipe)."""
-    settings = {k: v for k, v in prepare.profile_settings(profile, overrides).items() if k not in RL_SETTINGS}
-    return prepare.settings_fingerprint({"model": model, "settings": settings})
-
-
-RL_SETTINGS = ("rl", "reasoning_rl")  # the study settings only RL adapters read
 
 
 def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | None = None) -> dict:

@@ -203,3 +203,13 @@ def settings_fingerprint(data: Any) -> str:
     from components.fingerprint import fingerprint
 
     return fingerprint(data, 16)
+
+
+RL_SETTINGS = ("rl", "reasoning_rl")  # the study settings only RL adapters read
+
+
+def recipe_config(profile: str, model: str, overrides: dict | None = None) -> str:
+    """Fingerprint of what the recipe's validation cells depend on: the model and the study settings without the
+    RL ones (no RL cell chooses the recipe)."""
+    settings = {k: v for k, v in profile_settings(profile, overrides).items() if k not in RL_SETTINGS}
+    return settings_fingerprint({"model": model, "settings": settings})
