@@ -128,7 +128,7 @@ def read_cells(folder: Path, fingerprint: str, rl_fingerprint: str | None = None
     out = []
     for path in sorted(Path(folder).glob("*.json")):
         cell = read_result(path)
-        result = (cell or {}).get("result") if isinstance(cell, dict) else None
+        result = cell.get("result") if isinstance(cell, dict) else None
         if (result or {}).get("fingerprint") == fingerprint and (
                 not result.get("rl") or result.get("rl_fingerprint") == rl_fingerprint):
             out.append(cell)

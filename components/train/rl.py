@@ -259,7 +259,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     from components import config as project_config
     from components.model.prompts import Strategy
     from components.train.rewards import build_rewards
-    from components.train.sft import GATE_FILE, load_data, make_builder, require_valid_data
+    from components.train.sft import load_data, make_builder, read_gate, require_valid_data
 
     config = config or load_config("rl", "quick")
     log = printer()
@@ -272,8 +272,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     model, tokenizer, sft_info = load_policy(sft_dir)
     strategy = Strategy.parse(config.train_strategy or sft_info.get("train_strategy") or "naive")
     labels, train, held, pool = load_data(dataset, data_dir, config.train_size, config.eval_size, config.seed)
-    gate = read_json(Path(sft_dir) / GATE_FILE, {})  # the champion gate's slice (sft.gate_slice): never trained on
-    gate_ids, gate_is_selection = set(gate.get("ids", [])), bool(gate.get("selection_slice"))
+    gate_ids, gate_is_selection = read_gate(sft_dir)  # the champion gate's slice (sft.gate_slice): never trained on
     train = [ex for ex in train if ex["id"] not in gate_ids]
     if not gate_is_selection:  # a separate gate slice is never selected on either; when SFT had to use its own
         held = [ex for ex in held if ex["id"] not in gate_ids]  # selection slice as the gate, RL selects on it too

@@ -113,9 +113,16 @@ def gate_slice(dataset: str, data_dir: Any, used: list[dict], size: int, seed: i
     return (stratified_sample(rest, size, seed + 2), False) if size > 0 else ([], True)
 
 
+def read_gate(sft_dir: Any) -> tuple[set[str], bool]:
+    """(the gate slice's ids written by an SFT run (empty when it wrote none), whether that slice is SFT's own
+    held-out selection slice because no training example was left outside SFT's sample)."""
+    gate = read_json(Path(sft_dir) / GATE_FILE, {})
+    return set(gate.get("ids", [])), bool(gate.get("selection_slice"))
+
+
 def read_gate_ids(sft_dir: Any) -> set[str]:
     """The gate slice's ids written by an SFT run (empty when it wrote none)."""
-    return set(read_json(Path(sft_dir) / GATE_FILE, {}).get("ids", []))
+    return read_gate(sft_dir)[0]
 
 
 def make_builder(tokenizer: Any, labels: dict, strategy: Any, pool: list[dict], max_prompt_tokens: int, seed: int):
