@@ -342,7 +342,8 @@ def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | No
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.json").write_text(json.dumps(study, indent=1, default=str) + "\n", encoding="utf-8")
     (root / "study.md").write_text(markdown.render_markdown(study), encoding="utf-8")
-    plots = [report.plot_headline(study, plots_dir / "headline.png")]
+    plots = [report.plot_headline(study, plots_dir / "headline.png"), report.plot_heatmap(
+        study["summary"]["grid_mean"], plots_dir / "interplay-mean.png", f"mean train x inference accuracy ({profile})")]
     for name, info in study["datasets"].items():
         plots.append(report.plot_heatmap(info["grid"], plots_dir / f"{name}-interplay.png",
                                          f"{name}: train x inference accuracy ({meta['profile']})"))

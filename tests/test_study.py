@@ -162,8 +162,17 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert verdict["beats_tfidf_same_n"] == {"ds1": False} and verdict["beats_tfidf_met"] is False
     grid = d1["grid"]
     assert grid["axis"] == ["naive", "numeric"] and grid["accuracy"] == [[0.6, 0.3], [None, None]]
+    pooled = {(r["dimension"], r["on_at"]): r for r in study["summary"]["ablation"]}
+    assert pooled[("numeric", "inference")]["datasets"] == ["ds1"]
+    assert pooled[("numeric", "inference")]["vs_naive_sft"]["accuracy"]["diff"] == pytest.approx(-0.30)
+    assert pooled[("definitions", "both")]["datasets"] == ["ds2"]
+    assert study["summary"]["grid_mean"] == {"axis": [], "datasets": 0}  # ds1's grid is incomplete: no mean grid
+    full = {"axis": ["naive", "numeric"], "accuracy": [[0.6, 0.2], [0.1, 0.8]], "macro_f1": [[0.5, 0.2], [0.1, 0.7]]}
+    twice = report.mean_grid([full, {**full, "accuracy": [[0.8, 0.4], [0.3, 0.6]]}, grid])
+    assert twice["datasets"] == 2 and [v for row in twice["accuracy"] for v in row] == pytest.approx([0.7, 0.3, 0.2, 0.7])
     text = markdown.render_markdown(study)
     assert "| GenCLS++ SFT + RL | 70.0 / 0.0<br>+10.0 [" in text and "INCOMPLETE" in text and "NOT met" in text
+    assert "| numeric | inference | ds1 | -30.0 [" in text  # the ablation pooled over datasets
     assert "| naive sft | 4 | 1.0 | " in text and "| MiniLM + LR" not in text  # never measured: no row
     assert report.plot_heatmap(grid, tmp_path / "h.png", "t").stat().st_size > 0
     assert report.plot_headline(study, tmp_path / "b.png").stat().st_size > 0

@@ -54,6 +54,7 @@ def render_markdown(study: dict) -> str:
     lines += _headline(study, summary)
     lines += _verdict(summary["verdict"])
     lines += _recipe(recipe, (meta.get("settings") or {}).get("val_size"))
+    lines += _ablation(summary)
     for name, info in study["datasets"].items():
         lines += _dataset(name, info)
     return "\n".join(lines) + "\n"
@@ -133,6 +134,32 @@ def _recipe(recipe: dict, val_size: int | None = None) -> list[str]:
         lines += [f"Confirmation: the combination `{conf['combination'][0]}` -> `{conf['combination'][1]}` gains "
                   f"{gain} points on validation vs {100 * conf['best_single_gain']:+.1f} for the best single "
                   f"dimension ({conf['best_single']}); kept: {conf['kept']}.", ""]
+    return lines
+
+
+def _ablation(summary: dict) -> list[str]:
+    """Each dimension alone, pooled over the datasets that measured it; the mean interplay grid."""
+    rows, grid = summary.get("ablation") or [], summary.get("grid_mean") or {}
+    if not rows:
+        return []
+    lines = ["## Ablation across datasets", "",
+             "Each dimension switched on alone, gain over naive SFT in test accuracy points: the mean over the datasets "
+             "that measured it, with the 95% interval of that mean (each dataset resampled on its own), and the mean "
+             "validation gain. Per-dataset rows are in each dataset's section.", "",
+             "| dimension | on at | datasets | mean test gain [95% interval] | macro-F1 gain | mean validation gain |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        val = "-" if r.get("val_gain") is None else f"{100 * r['val_gain']:+.1f}"
+        lines.append(f"| {r['dimension']} | {r['on_at']} | {', '.join(r['datasets'])} | {_diff(r['vs_naive_sft'])} | "
+                     f"{_diff(r['vs_naive_sft'], 'macro_f1')} | {val} |")
+    lines.append("")
+    if grid.get("axis"):
+        axis = grid["axis"]
+        lines += [f"Train x inference grid, test accuracy % averaged over the {grid['datasets']} datasets that measured "
+                  "all of it (heatmap `study/plots/interplay-mean.png`):", "",
+                  "| train \\ inference | " + " | ".join(f"`{a}`" for a in axis) + " |", "|" + "---|" * (len(axis) + 1)]
+        lines += [f"| `{t}` | " + " | ".join(_pct(v) for v in row) + " |" for t, row in zip(axis, grid["accuracy"])]
+        lines.append("")
     return lines
 
 

@@ -103,6 +103,7 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
 
     out_ds: dict[str, Any] = {}
     pairs: dict[str, list] = {role: [] for role, _ in HEADLINE_ROWS}
+    ablation: dict[tuple[str, str], dict] = {}  # (dimension, on at) -> paired test rows over the datasets
     for name, info in datasets.items():
         files = {c["result"]["key"]: c for c in info.get("cells", [])}
         k = int(((info.get("record") or {}).get("settings") or {}).get("icl_k") or (recipe or {}).get("k") or 2)
@@ -125,6 +126,12 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
         for row in dims:
             row["vs_naive_sft"] = _difference(files, row["key"], ref, labels)
             row["val_gain"] = None if base is None or row.get("val_accuracy") is None else row["val_accuracy"] - base
+            if row["vs_naive_sft"]:
+                pooled = ablation.setdefault((row["dimension"], row["on_at"]), {"pairs": [], "val": [], "datasets": []})
+                pooled["pairs"].append((*stats.align(_test_rows(files, row["key"]), _test_rows(files, ref)), labels))
+                pooled["datasets"].append(name)
+                if row["val_gain"] is not None:
+                    pooled["val"].append(row["val_gain"])
         gencls, best_sft = headline.get("gencls"), headline.get("best_sft")
         record = info.get("record") or {}
         out_ds[name] = {
@@ -143,7 +150,24 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
                       "mean_macro_f1": _mean(out_ds[n]["headline"][role]["macro_f1"] for n in have),
                       "vs_naive_sft": stats.mean_bootstrap(pairs[role]) if pairs[role] else None,
                       "vs_naive_sft_datasets": len(pairs[role])}
-    return {"meta": meta, "recipe": recipe, "datasets": out_ds, "summary": {"rows": rows, "verdict": verdict(out_ds, rows)}}
+    pooled = [{"dimension": dim, "on_at": where, "datasets": p["datasets"], "vs_naive_sft": stats.mean_bootstrap(p["pairs"]),
+               "val_gain": _mean(p["val"]) if len(p["val"]) == len(p["datasets"]) else None}
+              for (dim, where), p in ablation.items()]
+    return {"meta": meta, "recipe": recipe, "datasets": out_ds,
+            "summary": {"rows": rows, "verdict": verdict(out_ds, rows), "ablation": pooled,
+                        "grid_mean": mean_grid([d["grid"] for d in out_ds.values()])}}
+
+
+def mean_grid(grids: Sequence[dict]) -> dict:
+    """The interplay grid averaged over the datasets that measured every one of its cells ({"axis": [], ...} when
+    none did); "datasets" says how many."""
+    full = [g for g in grids if g.get("axis") and all(v is not None for row in g["accuracy"] for v in row)]
+    axis = full[0]["axis"] if full and all(g["axis"] == full[0]["axis"] for g in full) else []
+    if not axis:
+        return {"axis": [], "datasets": 0}
+    return {"axis": axis, "datasets": len(full),
+            **{m: [[_mean(g[m][i][j] for g in full) for j in range(len(axis))] for i in range(len(axis))]
+               for m in ("accuracy", "macro_f1")}}
 
 
 def verdict(datasets: dict[str, dict], rows: dict[str, dict], expected: int = 7) -> dict:
@@ -235,7 +259,8 @@ def plot_heatmap(grid: dict, path: Path, title: str, metric: str = "accuracy") -
     for i in range(len(axis)):
         for j in range(len(axis)):
             text = "-" if np.isnan(values[i, j]) else f"{values[i, j]:.1f}"
-            ax.text(j, i, text, ha="center", va="center", color="white", fontsize=9)
+            bright = np.isfinite(values[i, j]) and image.norm(values[i, j]) > 0.6  # dark text on the yellow end
+            ax.text(j, i, text, ha="center", va="center", color="black" if bright else "white", fontsize=9)
     fig.colorbar(image, ax=ax, label=f"{metric} %")
     ax.set_title(title, fontsize=10)
     return save_figure(fig, path)
