@@ -181,6 +181,9 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert report.plot_rl({"naive sft": training["naive sft"]}, tmp_path / "none.png", "t") is None
     assert "| definitions rl | 2 | 0.1 | - | 0: 60.0, 2: 65.0 | 2 | 0.25 -> 0.50, 25% |" in text
     assert "`study/plots/ds1-rl.png`" in text
+    assert "Not converged at the budget's end" in text and "naive sft (+10.0)" in text  # 50 -> 60 at the last step
+    assert markdown.last_gain([{"accuracy": 0.9}, {"accuracy": 0.8}]) == pytest.approx(-0.1)
+    assert markdown.last_gain([{"accuracy": 0.9}]) is None
     assert report.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
 
 

@@ -232,4 +232,16 @@ def _training(name: str, training: dict) -> list[str]:
         lines.append(f"| {label} | {t.get('global_step')} | {(t.get('seconds') or 0) / 60:.1f} | {loss} | {held} | "
                      f"{(t.get('best') or {}).get('step', '-')} | {rl} |")
     lines.append("")
+    rising = [f"{label} ({100 * gain:+.1f})" for label, t in sorted(training.items())
+              if t.get("kind") == "sft" and (gain := last_gain(t.get("eval_history") or [])) is not None and round(gain, 6) > 0.01]
+    if rising:
+        lines += ["Not converged at the budget's end (the last held-out accuracy beats every earlier one by more than "
+                  f"1 point): {', '.join(rising)}. The budget rule is the same for every arm; these arms may be "
+                  "under-trained by it.", ""]
     return lines
+
+
+def last_gain(history: list[dict]) -> float | None:
+    """How much the last held-out accuracy beats the best earlier one (None with fewer than two evaluations)."""
+    accs = [h["accuracy"] for h in history if h.get("accuracy") is not None]
+    return accs[-1] - max(accs[:-1]) if len(accs) > 1 else None
