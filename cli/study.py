@@ -23,8 +23,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", nargs="+", default=["trec6"], metavar="NAME",
                         help=f"datasets to study (built under data/); 'all' = {' '.join(ALL_DATASETS)}")
     parser.add_argument("--profile", default="cpu", type=profile_arg("study"),
-                        help="cpu: subsampled, headline < 15 min/dataset on 2 cores; gpu: training pool capped at "
-                             "8,000, test at 2,000, SFT by a 400k-token budget (one H100/H200)")
+                        help="cpu: N = 1,000 per arm, 500 test; a headline takes 25-35 min per dataset on 2 cores "
+                             "(one SFT arm + 32 GRPO steps), the ablation 2-4 h; gpu: N = 8,000, test at 2,000 "
+                             "(one H100/H200)")
     parser.add_argument("--runner", default="local", choices=["local", "dask"],
                         help="Prefect task runner: local threads (1 worker) or Dask")
     parser.add_argument("--dask-address", default=None, metavar="ADDR",
