@@ -23,7 +23,7 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", nargs="+", default=["trec6"], metavar="NAME",
                         help=f"datasets to study (built under data/); 'all' = {' '.join(ALL_DATASETS)}")
     parser.add_argument("--profile", default="cpu", type=profile_arg("study"),
-                        help="cpu: N = 1,000 per arm, 500 test; a headline takes 25-35 min per dataset on 2 cores "
+                        help="cpu: N = 1,000 per arm, 500 test; a headline takes 25-45 min per dataset on 2 cores "
                              "(one SFT arm + 32 GRPO steps), the ablation 2-4 h; gpu: N = 8,000, test at 2,000 "
                              "(one H100/H200)")
     parser.add_argument("--runner", default="local", choices=["local", "dask"],

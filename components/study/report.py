@@ -150,9 +150,10 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
                       "mean_macro_f1": _mean(out_ds[n]["headline"][role]["macro_f1"] for n in have),
                       "vs_naive_sft": stats.mean_bootstrap(pairs[role]) if pairs[role] else None,
                       "vs_naive_sft_datasets": len(pairs[role])}
-    pooled = [{"dimension": dim, "on_at": where, "datasets": p["datasets"], "vs_naive_sft": stats.mean_bootstrap(p["pairs"]),
-               "val_gain": _mean(p["val"]) if len(p["val"]) == len(p["datasets"]) else None}
-              for (dim, where), p in ablation.items()]
+    pooled = sorted(({"dimension": dim, "on_at": where, "datasets": p["datasets"],
+                      "vs_naive_sft": stats.mean_bootstrap(p["pairs"]),
+                      "val_gain": _mean(p["val"]) if len(p["val"]) == len(p["datasets"]) else None}
+                     for (dim, where), p in ablation.items()), key=_dim_order)
     return {"meta": meta, "recipe": recipe, "datasets": out_ds,
             "summary": {"rows": rows, "verdict": verdict(out_ds, rows), "ablation": pooled,
                         "grid_mean": mean_grid([d["grid"] for d in out_ds.values()])}}
@@ -230,10 +231,14 @@ def single_dim_table(cells: Sequence[dict]) -> list[dict]:
                 rows.append({"dimension": dim, "on_at": where, "train": r["train"], "infer": r["infer"], "key": r["key"],
                              "accuracy": r.get("accuracy"), "macro_f1": r.get("macro_f1"),
                              "val_accuracy": r.get("val_accuracy"), "invalid_rate": r.get("invalid_rate")})
-    order = list(TRAIN_DIMS.values()) + list(INFER_ONLY_DIMS.values())
-    where_order = ("train", "inference", "both")
-    return sorted(rows, key=lambda r: (order.index(r["dimension"]) if r["dimension"] in order else 99,
-                                       where_order.index(r["on_at"]) if r["on_at"] in where_order else 9))
+    return sorted(rows, key=_dim_order)
+
+
+def _dim_order(row: dict) -> tuple[int, int]:
+    """Ablation rows in the plan's order: dimension (TRAIN_DIMS, then inference-only), then train / inference / both."""
+    order, where_order = list(TRAIN_DIMS.values()) + list(INFER_ONLY_DIMS.values()), ("train", "inference", "both")
+    return (order.index(row["dimension"]) if row["dimension"] in order else 99,
+            where_order.index(row["on_at"]) if row["on_at"] in where_order else 9)
 
 
 # ----------------------------------------------------------------------------- plots
