@@ -154,13 +154,17 @@ def _ablation(summary: dict) -> list[str]:
                      f"{_diff(r['vs_naive_sft'], 'macro_f1')} | {val} |")
     lines.append("")
     if grid.get("axis"):
-        axis = grid["axis"]
-        lines += [f"Train x inference grid, test accuracy % averaged over the {grid['datasets']} datasets that measured "
-                  "all of it (heatmap `study/plots/interplay-mean.png`):", "",
-                  "| train \\ inference | " + " | ".join(f"`{a}`" for a in axis) + " |", "|" + "---|" * (len(axis) + 1)]
-        lines += [f"| `{t}` | " + " | ".join(_pct(v) for v in row) + " |" for t, row in zip(axis, grid["accuracy"])]
-        lines.append("")
+        lines += _grid_table(f"Train x inference grid, test accuracy % averaged over the {grid['datasets']} datasets "
+                             "that measured all of it (heatmap `study/plots/interplay-mean.png`):", grid)
     return lines
+
+
+def _grid_table(caption: str, grid: dict) -> list[str]:
+    """The train x inference grid as a table (rows: training strategy; columns: inference strategy)."""
+    axis = grid["axis"]
+    lines = [caption, "", "| train \\ inference | " + " | ".join(f"`{a}`" for a in axis) + " |",
+             "|" + "---|" * (len(axis) + 1)]
+    return lines + [f"| `{t}` | " + " | ".join(_pct(v) for v in row) + " |" for t, row in zip(axis, grid["accuracy"])] + [""]
 
 
 def _dataset(name: str, info: dict) -> list[str]:
@@ -185,13 +189,8 @@ def _dataset(name: str, info: dict) -> list[str]:
         lines.append("")
     grid = info.get("grid") or {}
     if grid.get("axis"):
-        axis = grid["axis"]
-        lines += [f"Train x inference grid, test accuracy % (rows: training strategy; columns: inference strategy); "
-                  f"heatmap `study/plots/{name}-interplay.png`.", "",
-                  "| train \\ inference | " + " | ".join(f"`{a}`" for a in axis) + " |", "|" + "---|" * (len(axis) + 1)]
-        for t, row in zip(axis, grid["accuracy"]):
-            lines.append(f"| `{t}` | " + " | ".join(_pct(v) for v in row) + " |")
-        lines.append("")
+        lines += _grid_table("Train x inference grid, test accuracy % (rows: training strategy; columns: inference "
+                             f"strategy); heatmap `study/plots/{name}-interplay.png`.", grid)
     if info.get("rl_vs_sft"):
         lines += [f"RL on its own: SFT + RL minus SFT (same recipe): {_diff(info['rl_vs_sft'])} accuracy points, "
                   f"{_diff(info['rl_vs_sft'], 'macro_f1')} macro-F1 points.", ""]
