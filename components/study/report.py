@@ -77,14 +77,20 @@ def _test_rows(files: dict[str, dict], key: str | None) -> list | None:
     return ((files.get(key) or {}).get("predictions") or {}).get("test") if key else None
 
 
+def _paired(files: dict[str, dict], key_a: str | None, key_b: str | None, labels: list[str]) -> tuple | None:
+    """(gold, pred_a, pred_b, labels) over the test examples both cells predicted (None when either is missing)."""
+    from components.evaluate import stats
+
+    rows_a, rows_b = _test_rows(files, key_a), _test_rows(files, key_b)
+    return (*stats.align(rows_a, rows_b), labels) if rows_a and rows_b else None
+
+
 def _difference(files: dict[str, dict], key_a: str | None, key_b: str | None, labels: list[str]) -> dict | None:
     """Paired-bootstrap difference a - b of two cells' test predictions (None when either is missing)."""
     from components.evaluate import stats
 
-    rows_a, rows_b = _test_rows(files, key_a), _test_rows(files, key_b)
-    if not rows_a or not rows_b:
-        return None
-    return stats.paired_bootstrap(*stats.align(rows_a, rows_b), labels)
+    pair = _paired(files, key_a, key_b, labels)
+    return None if pair is None else stats.paired_bootstrap(*pair)
 
 
 def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None) -> dict:
@@ -119,8 +125,9 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
             r = by_role.get(role)
             headline[role] = None if r is None else {
                 **_pick(r), "vs_naive_sft": None if role == REFERENCE else _difference(files, r["key"], ref, labels)}
-            if r is not None and role != REFERENCE and _test_rows(files, ref) and _test_rows(files, r["key"]):
-                pairs[role].append((*stats.align(_test_rows(files, r["key"]), _test_rows(files, ref)), labels))
+            pair = _paired(files, r["key"], ref, labels) if r is not None and role != REFERENCE else None
+            if pair:
+                pairs[role].append(pair)
         base = (by_role.get(REFERENCE) or {}).get("val_accuracy")
         dims = single_dim_table(results)
         for row in dims:
@@ -128,7 +135,7 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
             row["val_gain"] = None if base is None or row.get("val_accuracy") is None else row["val_accuracy"] - base
             if row["vs_naive_sft"]:
                 pooled = ablation.setdefault((row["dimension"], row["on_at"]), {"pairs": [], "val": [], "datasets": []})
-                pooled["pairs"].append((*stats.align(_test_rows(files, row["key"]), _test_rows(files, ref)), labels))
+                pooled["pairs"].append(_paired(files, row["key"], ref, labels))
                 pooled["datasets"].append(name)
                 if row["val_gain"] is not None:
                     pooled["val"].append(row["val_gain"])
