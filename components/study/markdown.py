@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from components.study.report import REFERENCE, TARGET_POINTS, measured_rows
+from components.study.report import REFERENCE, TARGET_POINTS, last_gain, measured_rows
 
 
 def _pct(value: float | None) -> str:
@@ -101,7 +101,22 @@ def _verdict(v: dict) -> list[str]:
             f"- Mean gain over naive SFT: {gain}: {status}.",
             f"- GenCLS++ >= TF-IDF (same N): "
             f"{', '.join(f'{n} {chr(10003) if ok else chr(10007)}' for n, ok in beats.items()) or 'not measured'}"
-            f"{'' if v['beats_tfidf_met'] is None else (': met' if v['beats_tfidf_met'] else ': NOT met')}.", ""]
+            f"{'' if v['beats_tfidf_met'] is None else (': met' if v['beats_tfidf_met'] else ': NOT met')}.",
+            *_convergence(v), ""]
+
+
+def _convergence(v: dict) -> list[str]:
+    """What the verdict would need to survive a longer SFT budget (naive SFT still rising at its end)."""
+    rising = v.get("naive_rising") or {}
+    if not rising:
+        return []
+    lines = [f"- Naive SFT was still rising at the budget's end on {', '.join(f'{n} ({g:+.1f})' for n, g in rising.items())}: "
+             "the comparisons with TF-IDF and MiniLM there could move with a longer SFT budget."]
+    if v.get("shared_adapter"):
+        lines.append("- The recipe trains naive prompts, so GenCLS++ SFT is the naive SFT adapter decoded otherwise, and "
+                     "GenCLS++ SFT + RL starts from it: a longer SFT budget would lift both arms together, so the gain "
+                     "over naive SFT (decoding and RL) does not rest on the budget.")
+    return lines
 
 
 def _recipe(recipe: dict, val_size: int | None = None) -> list[str]:
@@ -238,9 +253,3 @@ def _training(name: str, training: dict) -> list[str]:
                   f"1 point): {', '.join(rising)}. The budget rule is the same for every arm; these arms may be "
                   "under-trained by it.", ""]
     return lines
-
-
-def last_gain(history: list[dict]) -> float | None:
-    """How much the last held-out accuracy beats the best earlier one (None with fewer than two evaluations)."""
-    accs = [h["accuracy"] for h in history if h.get("accuracy") is not None]
-    return accs[-1] - max(accs[:-1]) if len(accs) > 1 else None
