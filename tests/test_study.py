@@ -162,6 +162,7 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert verdict["beats_tfidf_same_n"] == {"ds1": False} and verdict["beats_tfidf_met"] is False
     assert verdict["naive_rising"] == {"ds1": 10.0} and verdict["shared_adapter"] is False  # recipe trains definitions
     assert report.verdict(study["datasets"], rows, recipe_train="naive")["shared_adapter"] is True
+    assert verdict["naive_weak"] == {"ds1": [0.6, 0.8]}  # 20 points under TF-IDF on the same N
     grid = d1["grid"]
     assert grid["axis"] == ["naive", "numeric"] and grid["accuracy"] == [[0.6, 0.3], [None, None]]
     pooled = {(r["dimension"], r["on_at"]): r for r in study["summary"]["ablation"]}
@@ -184,6 +185,7 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert "| definitions rl | 2 | 0.1 | - | 0: 60.0, 2: 65.0 | 2 | 0.25 -> 0.50, 25% |" in text
     assert "`study/plots/ds1-rl.png`" in text
     assert "Not converged at the budget's end" in text and "naive sft (+10.0)" in text  # 50 -> 60 at the last step
+    assert "still rising at the budget's end on ds1 (+10.0)" in text and "competent baseline" in text and "(60.0 vs 80.0)" in text
     assert "still rising at the budget's end on ds1 (+10.0)" in text and "GenCLS++ SFT is the naive SFT adapter" not in text
     shared = markdown.render_markdown({**study, "summary": {**study["summary"], "verdict": {**verdict, "shared_adapter": True}}})
     assert "GenCLS++ SFT is the naive SFT adapter" in shared

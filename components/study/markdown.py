@@ -107,15 +107,19 @@ def _verdict(v: dict) -> list[str]:
 
 def _convergence(v: dict) -> list[str]:
     """What the verdict would need to survive a longer SFT budget (naive SFT still rising at its end)."""
-    rising = v.get("naive_rising") or {}
-    if not rising:
-        return []
-    lines = [f"- Naive SFT was still rising at the budget's end on {', '.join(f'{n} ({g:+.1f})' for n, g in rising.items())}: "
-             "the comparisons with TF-IDF and MiniLM there could move with a longer SFT budget."]
-    if v.get("shared_adapter"):
+    rising, weak, lines = v.get("naive_rising") or {}, v.get("naive_weak") or {}, []
+    if rising:
+        lines.append(f"- Naive SFT was still rising at the budget's end on "
+                     f"{', '.join(f'{n} ({g:+.1f})' for n, g in rising.items())}: the comparisons with TF-IDF and MiniLM "
+                     "there could move with a longer SFT budget.")
+    if weak:
+        lines.append("- Naive SFT is not a competent baseline (more than 10 points under TF-IDF on the same N) on "
+                     f"{', '.join(f'{n} ({100 * a:.1f} vs {100 * b:.1f})' for n, (a, b) in weak.items())}: "
+                     "under this budget rule the model does not learn the task there.")
+    if v.get("shared_adapter") and (rising or weak):
         lines.append("- The recipe trains naive prompts, so GenCLS++ SFT is the naive SFT adapter decoded otherwise, and "
-                     "GenCLS++ SFT + RL starts from it: a longer SFT budget would lift both arms together, so the gain "
-                     "over naive SFT (decoding and RL) does not rest on the budget.")
+                     "GenCLS++ SFT + RL starts from it: a longer SFT budget would lift both SFT arms together; what "
+                     "separates the arms here (decoding, then RL) was measured on the same adapter.")
     return lines
 
 

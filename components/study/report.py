@@ -179,6 +179,9 @@ def mean_grid(grids: Sequence[dict]) -> dict:
                for m in ("accuracy", "macro_f1")}}
 
 
+WEAK_MARGIN = 0.10  # naive SFT this far below TF-IDF on the same N is not a competent baseline (report flags it)
+
+
 def last_gain(history: list[dict]) -> float | None:
     """How much the last held-out accuracy beats the best earlier one (None with fewer than two evaluations)."""
     accs = [h["accuracy"] for h in history if h.get("accuracy") is not None]
@@ -203,6 +206,9 @@ def verdict(datasets: dict[str, dict], rows: dict[str, dict], expected: int = 7,
             "naive_rising": {n: round(100 * g, 1) for n, d in sorted(datasets.items())
                              for t in [(d.get("training") or {}).get(f"{NAIVE} sft") or {}]
                              if (g := last_gain(t.get("eval_history") or [])) is not None and round(g, 6) > 0.01},
+            "naive_weak": {n: [d["headline"]["naive_sft"]["accuracy"], d["headline"]["tfidf"]["accuracy"]]
+                           for n, d in sorted(datasets.items()) if d["headline"].get("naive_sft") and d["headline"].get("tfidf")
+                           and d["headline"]["naive_sft"]["accuracy"] < d["headline"]["tfidf"]["accuracy"] - WEAK_MARGIN},
             "shared_adapter": recipe_train is not None and canonical(recipe_train) == canonical(NAIVE)}
 
 
