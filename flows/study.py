@@ -39,7 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from components.config import checkpoints_dir, load_params, project_root, reports_dir, set_offline_env
 from components.model.prompts import PROMPT_FORMAT
 from components.ops import tracking
-from components.study import markdown, measure, plan, prepare, report
+from components.study import markdown, measure, plan, plots as figures, prepare, report
 from flows.study_tasks import EXPERIMENT, cell_group_task, register_task
 
 RUNNERS = ("local", "dask")
@@ -342,14 +342,14 @@ def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | No
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.json").write_text(json.dumps(study, indent=1, default=str) + "\n", encoding="utf-8")
     (root / "study.md").write_text(markdown.render_markdown(study), encoding="utf-8")
-    plots = [report.plot_headline(study, plots_dir / "headline.png"), report.plot_heatmap(
+    plots = [figures.plot_headline(study, plots_dir / "headline.png"), figures.plot_heatmap(
         study["summary"]["grid_mean"], plots_dir / "interplay-mean.png", f"mean train x inference accuracy ({profile})")]
     for name, info in study["datasets"].items():
-        plots.append(report.plot_heatmap(info["grid"], plots_dir / f"{name}-interplay.png",
-                                         f"{name}: train x inference accuracy ({meta['profile']})"))
-        plots.append(report.plot_learning(info["training"], plots_dir / f"{name}-learning.png",
-                                          f"{name}: SFT arms ({meta['profile']})"))
-        plots.append(report.plot_rl(info["training"], plots_dir / f"{name}-rl.png", f"{name}: GRPO ({meta['profile']})"))
+        plots.append(figures.plot_heatmap(info["grid"], plots_dir / f"{name}-interplay.png",
+                                          f"{name}: train x inference accuracy ({meta['profile']})"))
+        plots.append(figures.plot_learning(info["training"], plots_dir / f"{name}-learning.png",
+                                           f"{name}: SFT arms ({meta['profile']})"))
+        plots.append(figures.plot_rl(info["training"], plots_dir / f"{name}-rl.png", f"{name}: GRPO ({meta['profile']})"))
     if run_id is None:  # rebuilt from the committed cells only (`gencls study --report-only`)
         return study
     tracking.log_artifact(run_id, root / "study.json")

@@ -9,7 +9,7 @@ import os
 import pytest
 import yaml
 
-from components.study import plan, prepare, report
+from components.study import plan, plots, prepare, report
 
 LABELS = {"negative": "The text expresses an unfavourable opinion.",
           "neutral": "The text states facts without an opinion.",
@@ -125,7 +125,8 @@ def test_aggregate_markdown_and_plots(tmp_path):
            _cell("c", ["naive_sft", "grid:naive|naive"], "naive", "naive", 60),
            _cell("d", ["grid:naive|numeric", "dim:numeric:inference"], "naive", "numeric", 30),
            _cell("e", [], "definitions", "definitions", 70, rl=True),  # recipe + RL: the gencls role comes from the recipe
-           _cell("f", ["gencls"], "numeric", "numeric", 99, rl=True)]  # an old recipe's cell: its stored role is ignored
+           _cell("f", ["gencls"], "numeric", "numeric", 99, rl=True),  # an old recipe's cell: its stored role is ignored
+           _cell("r", [], "definitions,reasoning", "definitions,reasoning", 65, rl=True)]  # the recipe + <think>
     ds2 = [_cell("g", ["naive_sft"], "naive", "naive", 50), _cell("h", [], "definitions", "definitions", 55, rl=True),
            _cell("i", [], "definitions", "definitions", 52),
            # measured by an ablation run: it is also the headline's naive SFT + perplexity (roles follow the cell)
@@ -163,6 +164,9 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert verdict["naive_rising"] == {"ds1": 10.0} and verdict["shared_adapter"] is False  # recipe trains definitions
     assert report.verdict(study["datasets"], rows, recipe_train="naive")["shared_adapter"] is True
     assert verdict["naive_weak"] == {"ds1": [0.6, 0.8]}  # 20 points under TF-IDF on the same N
+    assert d1["reasoning"]["key"] == "r" and d1["reasoning_vs_direct"]["accuracy"]["diff"] == pytest.approx(-0.05)
+    pooled_think = study["summary"]["reasoning_vs_direct"]
+    assert pooled_think["datasets"] == ["ds1"] and pooled_think["accuracy"]["diff"] == pytest.approx(-0.05)
     grid = d1["grid"]
     assert grid["axis"] == ["naive", "numeric"] and grid["accuracy"] == [[0.6, 0.3], [None, None]]
     pooled = {(r["dimension"], r["on_at"]): r for r in study["summary"]["ablation"]}
@@ -176,12 +180,13 @@ def test_aggregate_markdown_and_plots(tmp_path):
     text = markdown.render_markdown(study)
     assert "| GenCLS++ SFT + RL | 70.0 / 0.0<br>+10.0 [" in text and "INCOMPLETE" in text and "NOT met" in text
     assert "| numeric | inference | ds1 | -30.0 [" in text  # the ablation pooled over datasets
+    assert "## Reasoning vs direct answer" in text and "mean over 1 datasets: -5.0 [" in text and "ds1 65.0 vs 70.0" in text
     assert "| naive sft | 4 | 1.0 | " in text and "| MiniLM + LR" not in text  # never measured: no row
-    assert report.plot_heatmap(grid, tmp_path / "h.png", "t").stat().st_size > 0
-    assert report.plot_headline(study, tmp_path / "b.png").stat().st_size > 0
-    assert report.plot_learning(training, tmp_path / "l.png", "t").stat().st_size > 0
-    assert report.plot_rl(training, tmp_path / "rl.png", "t").stat().st_size > 0
-    assert report.plot_rl({"naive sft": training["naive sft"]}, tmp_path / "none.png", "t") is None
+    assert plots.plot_heatmap(grid, tmp_path / "h.png", "t").stat().st_size > 0
+    assert plots.plot_headline(study, tmp_path / "b.png").stat().st_size > 0
+    assert plots.plot_learning(training, tmp_path / "l.png", "t").stat().st_size > 0
+    assert plots.plot_rl(training, tmp_path / "rl.png", "t").stat().st_size > 0
+    assert plots.plot_rl({"naive sft": training["naive sft"]}, tmp_path / "none.png", "t") is None
     assert "| definitions rl | 2 | 0.1 | - | 0: 60.0, 2: 65.0 | 2 | 0.25 -> 0.50, 25% |" in text
     assert "`study/plots/ds1-rl.png`" in text
     assert "Not converged at the budget's end" in text and "naive sft (+10.0)" in text  # 50 -> 60 at the last step
@@ -191,7 +196,7 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert "GenCLS++ SFT is the naive SFT adapter" in shared
     assert markdown.last_gain([{"accuracy": 0.9}, {"accuracy": 0.8}]) == pytest.approx(-0.1)
     assert markdown.last_gain([{"accuracy": 0.9}]) is None
-    assert report.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
+    assert plots.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
 
 
 def _vals(gains, base=0.5, combo=None):
@@ -389,7 +394,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
     on_disk = json.loads((project / "reports" / "study.json").read_text())
     assert on_disk["summary"] == json.loads(json.dumps(study["summary"]))
     assert on_disk["recipe"]["source"] == "validation" and on_disk["recipe"]["datasets"] == ["tinya", "tinyb"]
-    plots = project / "reports" / "study" / "plots"
+    plot_dir = project / "reports" / "study" / "plots"
     for name in ("tinya", "tinyb"):
         ds = on_disk["datasets"][name]
         assert all(ds["headline"][role] for role, _ in report.HEADLINE_ROWS), name
@@ -402,7 +407,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
         assert len(ds["single_dims"]) == 3 * len(plan.TRAIN_DIMS) + len(plan.INFER_ONLY_DIMS)
         assert {k: ds["subsample"]["sizes"][k] for k in ("trained", "val", "test")} == {"trained": 42, "val": 6, "test": 6}
         assert {"naive sft", f"{on_disk['recipe']['train']} rl"} <= set(ds["training"])
-        assert (plots / f"{name}-interplay.png").is_file() and (plots / f"{name}-learning.png").is_file()
+        assert (plot_dir / f"{name}-interplay.png").is_file() and (plot_dir / f"{name}-learning.png").is_file()
         assert ds["register"]["model"] == f"gencls-{name}"
         assert registry.current_champion(name) is not None
         # each cell file holds the test predictions its accuracy was computed from
@@ -414,7 +419,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
             assert len(rows) == 6 and cell["result"]["accuracy"] == pytest.approx(
                 sum(g == p for _, g, p in rows) / len(rows))
     assert on_disk["summary"]["rows"]["gencls"]["vs_naive_sft"]["datasets"] == 2
-    assert (plots / "headline.png").is_file()
+    assert (plot_dir / "headline.png").is_file()
     # the report is rebuilt from the committed cell files alone: same numbers, same intervals
     from flows.study import rebuild_report
 

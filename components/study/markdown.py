@@ -54,7 +54,7 @@ def render_markdown(study: dict) -> str:
     lines += _headline(study, summary)
     lines += _verdict(summary["verdict"])
     lines += _recipe(recipe, (meta.get("settings") or {}).get("val_size"))
-    lines += _ablation(summary)
+    lines += _ablation(summary) + _reasoning(study)
     for name, info in study["datasets"].items():
         lines += _dataset(name, info)
     return "\n".join(lines) + "\n"
@@ -176,6 +176,20 @@ def _ablation(summary: dict) -> list[str]:
         lines += _grid_table(f"Train x inference grid, test accuracy % averaged over the {grid['datasets']} datasets "
                              "that measured all of it (heatmap `study/plots/interplay-mean.png`):", grid)
     return lines
+
+
+def _reasoning(study: dict) -> list[str]:
+    """Reasoning vs the direct answer, pooled over the datasets that measured it, then each dataset."""
+    pooled = study["summary"].get("reasoning_vs_direct")
+    if not pooled:
+        return []
+    each = [f"{n} {_pct(d['reasoning']['accuracy'])} vs {_pct(d['headline']['gencls']['accuracy'])} "
+            f"({_diff(d['reasoning_vs_direct'])})" for n, d in study["datasets"].items() if d.get("reasoning_vs_direct")]
+    return ["## Reasoning vs direct answer", "",
+            "The recipe with `<think>` (SFT warm-up on key-word thoughts, then GRPO with the format reward; generative "
+            "decoding) minus the recipe's direct answer (SFT + RL); same data, SFT epochs and RL steps, longer "
+            f"completions. Test accuracy points, mean over {len(pooled['datasets'])} datasets: {_diff(pooled)} "
+            f"(macro-F1 {_diff(pooled, 'macro_f1')}). Per dataset, reasoning vs direct accuracy %: {'; '.join(each)}.", ""]
 
 
 def _grid_table(caption: str, grid: dict) -> list[str]:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from components.evaluate.evaluation import save_figure
 from components.study.plan import INFER_ONLY_DIMS, INTERPLAY, NAIVE, TRAIN_DIMS, canonical
 
 
@@ -110,6 +108,7 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
     out_ds: dict[str, Any] = {}
     pairs: dict[str, list] = {role: [] for role, _ in HEADLINE_ROWS}
     ablation: dict[tuple[str, str], dict] = {}  # (dimension, on at) -> paired test rows over the datasets
+    reasoning: dict[str, tuple] = {}  # dataset -> paired test rows of reasoning vs the direct answer (both SFT + RL)
     for name, info in datasets.items():
         files = {c["result"]["key"]: c for c in info.get("cells", [])}
         k = int(((info.get("record") or {}).get("settings") or {}).get("icl_k") or (recipe or {}).get("k") or 2)
@@ -139,15 +138,17 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
                 pooled["datasets"].append(name)
                 if row["val_gain"] is not None:
                     pooled["val"].append(row["val_gain"])
-        gencls, best_sft = headline.get("gencls"), headline.get("best_sft")
+        gencls, best_sft, thought = headline.get("gencls"), headline.get("best_sft"), by_role.get("reasoning")
+        think = _paired(files, thought["key"], gencls["key"], labels) if gencls and thought else None
+        if think:
+            reasoning[name] = think
         record = info.get("record") or {}
         out_ds[name] = {
             "subsample": record.get("subsample"), "register": record.get("register"), "seconds": record.get("seconds"),
             "training": record.get("training", {}), "headline": headline, "grid": interplay_grid(results),
-            "single_dims": dims, "reasoning": _pick(by_role.get("reasoning")),
+            "single_dims": dims, "reasoning": _pick(thought),
             "rl_vs_sft": _difference(files, gencls["key"], best_sft["key"], labels) if gencls and best_sft else None,
-            "reasoning_vs_direct": _difference(files, by_role["reasoning"]["key"], gencls["key"], labels)
-            if gencls and by_role.get("reasoning") else None,
+            "reasoning_vs_direct": stats.paired_bootstrap(*think) if think else None,
             "cells": [{**_pick(r), "roles": r["roles"]} for r in results]}
     rows = {}
     for role, title in HEADLINE_ROWS:
@@ -163,7 +164,8 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
                      for (dim, where), p in ablation.items()), key=_dim_order)
     return {"meta": meta, "recipe": recipe, "datasets": out_ds,
             "summary": {"rows": rows, "verdict": verdict(out_ds, rows, recipe_train=(recipe or {}).get("train")),
-                        "ablation": pooled,
+                        "ablation": pooled, "reasoning_vs_direct": {**stats.mean_bootstrap(list(reasoning.values())),
+                                                                       "datasets": list(reasoning)} if reasoning else None,
                         "grid_mean": mean_grid([d["grid"] for d in out_ds.values()])}}
 
 
@@ -267,130 +269,7 @@ def _dim_order(row: dict) -> tuple[int, int]:
             where_order.index(row["on_at"]) if row["on_at"] in where_order else 9)
 
 
-# ----------------------------------------------------------------------------- plots
-def plot_heatmap(grid: dict, path: Path, title: str, metric: str = "accuracy") -> Path | None:
-    """Heatmap PNG of the interplay grid (None when the grid is empty)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    axis = grid.get("axis") or []
-    if not axis:
-        return None
-    values = np.array([[np.nan if v is None else 100 * v for v in row] for row in grid[metric]], dtype=float)
-    fig, ax = plt.subplots(figsize=(2.0 + 1.3 * len(axis), 1.6 + 1.0 * len(axis)))
-    image = ax.imshow(values, cmap="viridis", vmin=np.nanmin(values) if np.isfinite(values).any() else 0,
-                      vmax=np.nanmax(values) if np.isfinite(values).any() else 100)
-    ax.set_xticks(range(len(axis)), axis, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(axis)), axis, fontsize=8)
-    ax.set_xlabel("inference strategy")
-    ax.set_ylabel("training strategy")
-    for i in range(len(axis)):
-        for j in range(len(axis)):
-            text = "-" if np.isnan(values[i, j]) else f"{values[i, j]:.1f}"
-            bright = np.isfinite(values[i, j]) and image.norm(values[i, j]) > 0.6  # dark text on the yellow end
-            ax.text(j, i, text, ha="center", va="center", color="black" if bright else "white", fontsize=9)
-    fig.colorbar(image, ax=ax, label=f"{metric} %")
-    ax.set_title(title, fontsize=10)
-    return save_figure(fig, path)
-
-
-def plot_headline(study: dict, path: Path) -> Path:
-    """Grouped bar chart: accuracy of each headline configuration per dataset (and the mean)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(study["datasets"])
-    rows = measured_rows(study["summary"])
-    data = np.array([[(((study["datasets"][n]["headline"].get(role)) or {}).get("accuracy") or np.nan) * 100
-                      for n in names] for role, _ in rows], dtype=float)
-    means = [study["summary"]["rows"][role]["mean_accuracy"] for role, _ in rows]
-    data = np.column_stack([data, [np.nan if m is None else 100 * m for m in means]]) if names else data
-    labels = names + ["mean"]
-    width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(labels) + 2), 4.2))
-    x = np.arange(len(labels))
-    for n, (role, title) in enumerate(rows):
-        ax.bar(x + (n - (len(rows) - 1) / 2) * width, np.nan_to_num(data[n]), width, label=title)
-    ax.set_xticks(x, labels, rotation=20, ha="right")
-    ax.set_ylabel("test accuracy %")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"GenCLS++ study ({study['meta'].get('profile')} profile, {study['meta'].get('model')})")
-    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
-    return save_figure(fig, path)
-
-
 def config_summary(config: dict) -> dict:
     keys = ("model", "lora", "lora_r", "learning_rate", "epochs", "max_steps", "batch_size", "train_size", "eval_size",
             "max_prompt_tokens", "num_generations", "beta", "focus")
     return {k: config[k] for k in keys if k in config}
-
-
-def plot_learning(training: dict, path: Path, title: str) -> Path | None:
-    """Training loss (lines) and held-out accuracy (markers) over steps of each SFT arm of a dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sft = {name: t for name, t in sorted(training.items()) if t.get("kind") == "sft" and t.get("loss_history")}
-    if not sft:
-        return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, t in sft.items():
-        steps, losses = zip(*[(h["step"], h["loss"]) for h in t["loss_history"]])
-        left.plot(steps, losses, label=t.get("train", name), linewidth=1)
-        held = t.get("eval_history") or []
-        if held:
-            right.plot([h["step"] for h in held], [100 * h["accuracy"] for h in held], marker="o",
-                       label=t.get("train", name))
-    left.set(xlabel="optimizer step", ylabel="training loss", title=title, yscale="log")
-    right.set(xlabel="optimizer step", ylabel="held-out accuracy % (generative)", title="checkpoint selection slice")
-    left.legend(fontsize=7)
-    if right.lines:  # no held-out slice (eval_size 0): nothing to label
-        right.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def plot_rl(training: dict, path: Path, title: str) -> Path | None:
-    """Each RL adapter of a dataset: GRPO reward and zero-variance share per step (left), held-out accuracy at each
-    checkpoint-selection step with the kept step ringed (right; step 0 is the SFT adapter)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rl = {name: t for name, t in sorted(training.items()) if t.get("kind") == "rl" and t.get("train_history")}
-    if not rl:
-        return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, t in rl.items():
-        label = t.get("train", name)
-        steps = [h["step"] for h in t["train_history"]]
-        line, = left.plot(steps, [h.get("reward") for h in t["train_history"]], label=f"{label}: reward", linewidth=1)
-        zero = [h.get("zero_variance_groups", h.get("frac_reward_zero_std")) for h in t["train_history"]]
-        if any(z is not None for z in zero):
-            left.plot(steps, zero, linestyle=":", color=line.get_color(), label=f"{label}: zero-variance groups")
-        held = [h for h in t.get("eval_history") or [] if h.get("macro_f1") is not None]
-        if held:
-            steps = [h["step"] for h in held]
-            right.plot(steps, [100 * h["macro_f1"] for h in held], marker="o", label=f"{label}: macro-F1 (selects)",
-                       color=line.get_color())
-            right.plot(steps, [100 * h["accuracy"] for h in held], marker=".", linestyle="--", linewidth=1,
-                       label=f"{label}: accuracy", color=line.get_color())
-            kept = (t.get("best") or {}).get("step")
-            chosen = [h for h in held if h["step"] == kept]
-            if chosen:
-                right.scatter([kept], [100 * chosen[0]["macro_f1"]], s=160, facecolors="none",
-                              edgecolors=line.get_color(), linewidths=2)
-    left.set(xlabel="GRPO step", ylabel="mean reward / share", title=title)
-    right.set(xlabel="GRPO step (0 = SFT)", ylabel="held-out %", title="checkpoint selection (ringed: kept)")
-    left.legend(fontsize=7)
-    if right.lines:
-        right.legend(fontsize=7)
-    return save_figure(fig, path)
