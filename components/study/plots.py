@@ -12,14 +12,26 @@ from components.evaluate.evaluation import save_figure
 from components.study.report import measured_rows
 
 
-def plot_heatmap(grid: dict, path: Path, title: str, metric: str = "accuracy") -> Path | None:
-    """Heatmap PNG of the interplay grid (None when the grid is empty)."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (servers have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _arms(training: dict, kind: str, history: str) -> dict:
+    """The dataset's adapters of one kind ("sft" or "rl") that logged `history`, by name."""
+    return {name: t for name, t in sorted(training.items()) if t.get("kind") == kind and t.get(history)}
+
+
+def plot_heatmap(grid: dict, path: Path, title: str, metric: str = "accuracy") -> Path | None:
+    """Heatmap PNG of the interplay grid (None when the grid is empty)."""
     import numpy as np
 
+    plt = _pyplot()
     axis = grid.get("axis") or []
     if not axis:
         return None
@@ -43,12 +55,9 @@ def plot_heatmap(grid: dict, path: Path, title: str, metric: str = "accuracy") -
 
 def plot_headline(study: dict, path: Path) -> Path:
     """Grouped bar chart: accuracy of each headline configuration per dataset (and the mean)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = _pyplot()
     names = list(study["datasets"])
     rows = measured_rows(study["summary"])
     data = np.array([[(((study["datasets"][n]["headline"].get(role)) or {}).get("accuracy") or np.nan) * 100
@@ -71,15 +80,10 @@ def plot_headline(study: dict, path: Path) -> Path:
 
 def plot_learning(training: dict, path: Path, title: str) -> Path | None:
     """Training loss (lines) and held-out accuracy (markers) over steps of each SFT arm of a dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sft = {name: t for name, t in sorted(training.items()) if t.get("kind") == "sft" and t.get("loss_history")}
+    sft = _arms(training, "sft", "loss_history")
     if not sft:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 3.8))
     for name, t in sft.items():
         steps, losses = zip(*[(h["step"], h["loss"]) for h in t["loss_history"]])
         left.plot(steps, losses, label=t.get("train", name), linewidth=1)
@@ -98,15 +102,10 @@ def plot_learning(training: dict, path: Path, title: str) -> Path | None:
 def plot_rl(training: dict, path: Path, title: str) -> Path | None:
     """Each RL adapter of a dataset: GRPO reward and zero-variance share per step (left), held-out accuracy at each
     checkpoint-selection step with the kept step ringed (right; step 0 is the SFT adapter)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rl = {name: t for name, t in sorted(training.items()) if t.get("kind") == "rl" and t.get("train_history")}
+    rl = _arms(training, "rl", "train_history")
     if not rl:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 3.8))
     for name, t in rl.items():
         label = t.get("train", name)
         steps = [h["step"] for h in t["train_history"]]
