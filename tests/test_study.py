@@ -194,8 +194,9 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert "still rising at the budget's end on ds1 (+10.0)" in text and "GenCLS++ SFT is the naive SFT adapter" not in text
     shared = markdown.render_markdown({**study, "summary": {**study["summary"], "verdict": {**verdict, "shared_adapter": True}}})
     assert "GenCLS++ SFT is the naive SFT adapter" in shared
-    assert markdown.last_gain([{"accuracy": 0.9}, {"accuracy": 0.8}]) == pytest.approx(-0.1)
-    assert markdown.last_gain([{"accuracy": 0.9}]) is None
+    assert report.last_gain([{"accuracy": 0.9}, {"accuracy": 0.8}]) == pytest.approx(-0.1)
+    assert report.last_gain([{"accuracy": 0.9}]) is None
+    assert report.still_rising([{"accuracy": 0.9}, {"accuracy": 0.905}]) is None  # half a point: not flagged
     assert plots.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
 
 

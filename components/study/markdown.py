@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from components.study.report import REFERENCE, TARGET_POINTS, last_gain, measured_rows
+from components.study.report import REFERENCE, TARGET_POINTS, WEAK_MARGIN, measured_rows, still_rising
 
 
 def _pct(value: float | None) -> str:
@@ -113,7 +113,8 @@ def _convergence(v: dict) -> list[str]:
                      f"{', '.join(f'{n} ({g:+.1f})' for n, g in rising.items())}: the comparisons with TF-IDF and MiniLM "
                      "there could move with a longer SFT budget.")
     if weak:
-        lines.append("- Naive SFT is not a competent baseline (more than 10 points under TF-IDF on the same N) on "
+        lines.append(f"- Naive SFT is not a competent baseline (more than {100 * WEAK_MARGIN:.0f} points under TF-IDF on "
+                     "the same N) on "
                      f"{', '.join(f'{n} ({100 * a:.1f} vs {100 * b:.1f})' for n, (a, b) in weak.items())}: "
                      "under this budget rule the model does not learn the task there.")
     if v.get("shared_adapter") and (rising or weak):
@@ -265,7 +266,7 @@ def _training(name: str, training: dict) -> list[str]:
                      f"{(t.get('best') or {}).get('step', '-')} | {rl} |")
     lines.append("")
     rising = [f"{label} ({100 * gain:+.1f})" for label, t in sorted(training.items())
-              if t.get("kind") == "sft" and (gain := last_gain(t.get("eval_history") or [])) is not None and round(gain, 6) > 0.01]
+              if t.get("kind") == "sft" and (gain := still_rising(t.get("eval_history") or [])) is not None]
     if rising:
         lines += ["Not converged at the budget's end (the last held-out accuracy beats every earlier one by more than "
                   f"1 point): {', '.join(rising)}. The budget rule is the same for every arm; these arms may be "

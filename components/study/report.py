@@ -190,6 +190,12 @@ def last_gain(history: list[dict]) -> float | None:
     return accs[-1] - max(accs[:-1]) if len(accs) > 1 else None
 
 
+def still_rising(history: list[dict]) -> float | None:
+    """The last held-out accuracy's lead over every earlier one, when it is over 1 point (else None): not converged."""
+    gain = last_gain(history)
+    return gain if gain is not None and round(gain, 6) > 0.01 else None
+
+
 def verdict(datasets: dict[str, dict], rows: dict[str, dict], expected: int = 7, recipe_train: str | None = None) -> dict:
     """The issue's target: GenCLS++ (SFT + RL) >= naive SFT + 4.0 points on the mean with the interval above
     zero, and >= TF-IDF on the same N on every dataset; with how many datasets it rests on, the datasets whose
@@ -206,8 +212,8 @@ def verdict(datasets: dict[str, dict], rows: dict[str, dict], expected: int = 7,
             "beats_tfidf_same_n": beats, "beats_tfidf_met": None if not beats else all(beats.values()),
             "datasets": done, "expected_datasets": expected, "complete": done >= expected,
             "naive_rising": {n: round(100 * g, 1) for n, d in sorted(datasets.items())
-                             for t in [(d.get("training") or {}).get(f"{NAIVE} sft") or {}]
-                             if (g := last_gain(t.get("eval_history") or [])) is not None and round(g, 6) > 0.01},
+                             if (g := still_rising(((d.get("training") or {}).get(f"{NAIVE} sft") or {}).get(
+                                 "eval_history") or [])) is not None},
             "naive_weak": {n: [d["headline"]["naive_sft"]["accuracy"], d["headline"]["tfidf"]["accuracy"]]
                            for n, d in sorted(datasets.items()) if d["headline"].get("naive_sft") and d["headline"].get("tfidf")
                            and d["headline"]["naive_sft"]["accuracy"] < d["headline"]["tfidf"]["accuracy"] - WEAK_MARGIN},
