@@ -52,6 +52,8 @@ class SFTConfig:
     train_size: int = _f(1000, "stratified, seeded training subsample (0 = all training data)")
     eval_size: int = _f(100, "held-out slice of the training split for generative eval (0 = none)")
     eval_every_steps: int = _f(50, "generative eval on the held-out slice every N steps (and at the end)")
+    patience: int = _f(0, "early stopping: end SFT once held-out macro-F1 has not improved for this many evaluations "
+                       "in a row (0 = train the whole budget); the best checkpoint is kept either way")
     eval_batch_size: int = _f(16, "batch size of generative eval")
     save_steps: int = _f(25, "trainer checkpoint (for resume) every N steps")
     rebalance: bool = _f(False, "class-weighted resampling of the training subsample (inverse label frequency)")
