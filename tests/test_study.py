@@ -229,6 +229,8 @@ def test_convergence_check_compares_naive_sft_under_two_budget_rules():
     assert "up to 6.0 epochs, held-out evaluation every 63 steps, stopped once 3 evaluations" in text
     assert "| ds | 60.0 / 0.0 (4 of 4; kept 2) | 75.0 / 0.0 (8 of 12, stopped early; kept 6) | +15.0 [" in text
     assert "| 80.0 | +5.0 [" in text and "ds 2: 50.0, 6: 70.0, 8: 60.0" in text
+    assert "- Under-trained by the `cpu` rule (the longer rule's gain has its interval above zero): ds." in text
+    assert "vs TF-IDF + LR on the same N: ds ✓." in text
     assert markdown._longer_budget({"datasets": {}}, "cpu") == [] and markdown._longer_budget(None, "cpu") == []
     # the longer profile's own report never overwrites the main one
     assert [p.name for p in report_paths("cpu")] == ["study.json", "study.md", "plots"]

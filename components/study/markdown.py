@@ -301,6 +301,16 @@ def _longer_budget(comparison: dict | None, main_profile: str) -> list[str]:
     if mean:
         lines += ["", f"Mean over {len(rows)} dataset(s), longer rule minus `{main_profile}` rule (naive SFT): "
                       f"{_diff(mean)} points."]
+    under = [n for n, r in rows.items() if r["longer_vs_main"]["accuracy"]["low"] > 0]
+    worse = [n for n, r in rows.items() if r["longer_vs_main"]["accuracy"]["high"] < 0]
+    same = [n for n in rows if n not in under + worse]
+    lines += ["", f"- Under-trained by the `{main_profile}` rule (the longer rule's gain has its interval above zero): "
+                  f"{', '.join(under) or 'none'}.",
+              f"- No difference the test sample can resolve (interval spans zero): {', '.join(same) or 'none'}.",
+              f"- Worse under the longer rule (interval below zero): {', '.join(worse) or 'none'}.",
+              "- Naive SFT under the longer rule vs TF-IDF + LR on the same N: " + ", ".join(
+                  f"{n} {'✓' if r['longer']['accuracy'] >= r['tfidf']['accuracy'] else '✗'}"
+                  for n, r in rows.items() if r.get("tfidf")) + "."]
     lines += ["", "Held-out accuracy by step under the longer rule: " + "; ".join(
         f"{name} " + ", ".join(f"{s}: {100 * a:.1f}" for s, a in (r["longer"]["budget"] or {}).get("held_out", []))
         for name, r in rows.items()) + ".", ""]
