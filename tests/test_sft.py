@@ -144,6 +144,10 @@ def test_early_stopping_ends_sft_once_patience_evaluations_bring_no_new_best(tin
     assert [h["step"] for h in metrics["eval_history"]] == [2, 4, 6] and metrics["best"]["step"] == 2
     assert "stopping early: held-out macro-F1 has not improved for 2 evaluations (patience 2); best step 2" in \
         capsys.readouterr().out
+    # patience 0 (the default) is left out of the config dict, so keys made before the field existed stay valid
+    from components.train.configs import asdict_config
+
+    assert "patience" not in asdict_config(tiny_config(tiny_model_dir)) and asdict_config(config)["patience"] == 2
     # without patience the same run trains its whole budget
     whole = train_sft("toy", tiny_config(tiny_model_dir, max_steps=6, eval_every_steps=2, learning_rate=0.0),
                       out_dir=tmp_path / "whole", data_dir=toy_data)

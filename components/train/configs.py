@@ -239,6 +239,12 @@ def trainer_settings(config: Any, trainer_dir: Path) -> dict[str, Any]:
             **device_settings(config.bf16)}
 
 
+# Fields added after results were keyed by their config (study cells, trainer run ids, dvc stage keys): at these
+# values they train exactly as before the field existed, so the plain dict leaves them out and those keys stay valid.
+INERT_DEFAULTS = {"patience": 0}
+
+
 def asdict_config(config: Any) -> dict[str, Any]:
-    """The config as a plain dict."""
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    """The config as a plain dict (INERT_DEFAULTS fields left out at their inert value)."""
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return {k: v for k, v in data.items() if k not in INERT_DEFAULTS or v != INERT_DEFAULTS[k]}
