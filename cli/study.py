@@ -5,8 +5,8 @@
     gencls study --datasets trec6 --runner dask --dask-address tcp://host:8786
     gencls study --datasets trec6 --set test_size=100 --set sft.max_steps=20   # budgets
 
-Writes reports/study.md, reports/study.json, reports/study/headline.png and
-reports/study/<dataset>/interplay.png; every cell is an MLflow run under the study run
+Writes reports/study.md, reports/study.json and reports/study/plots/ (profile cpu; another profile writes
+reports/study-<profile>.md/.json and reports/study/plots-<profile>/); every cell is an MLflow run under the study run
 (experiment gencls-study). Finished cells are never re-run, so an interrupted study resumes.
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"datasets to study (built under data/); 'all' = {' '.join(ALL_DATASETS)}")
     parser.add_argument("--profile", default="cpu", type=profile_arg("study"),
                         help="cpu: N = 1,000 per arm, 500 test; a headline takes 25-45 min per dataset on 2 cores "
-                             "(one SFT arm + 32 GRPO steps), the ablation 2-4 h; gpu: N = 8,000, test at 2,000 "
-                             "(one H100/H200)")
+                             "(one SFT arm + 32 GRPO steps), the ablation 2-4 h; cpu-long: cpu with SFT up to 6 epochs and "
+                             "early stopping (the convergence check); gpu: N = 8,000, test at 2,000 (one H100/H200)")
     parser.add_argument("--runner", default="local", choices=["local", "dask"],
                         help="Prefect task runner: local threads (1 worker) or Dask")
     parser.add_argument("--dask-address", default=None, metavar="ADDR",
@@ -71,14 +71,14 @@ def parse_settings(items: list[str]) -> dict:
 
 def run_study(args: argparse.Namespace) -> int:
     """Handler: run the flow, print the headline table and where the report went."""
-    from components.config import reports_dir
     from flows.study import study
 
-    if args.report_only:
-        from flows.study import rebuild_report
+    from flows.study_report import rebuild_report, report_paths
 
+    json_path, report, _ = report_paths(args.profile)
+    if args.report_only:
         rebuilt = rebuild_report(args.profile)
-        print(f"report: {reports_dir() / 'study.md'} ({len(rebuilt['datasets'])} dataset(s) from the committed cells)")
+        print(f"report: {report} ({len(rebuilt['datasets'])} dataset(s) from the committed cells)")
         return 0
     datasets = list(ALL_DATASETS) if args.datasets == ["all"] else args.datasets
     try:
@@ -88,9 +88,8 @@ def run_study(args: argparse.Namespace) -> int:
         return 2
     state = study(datasets, args.profile, args.runner, args.cells, args.model, args.dask_address, args.workers,
                   overrides, args.register, args.only, return_state=True)
-    report = reports_dir() / "study.md"
     if report.is_file():
-        print(f"report: {report} (and study.json, study/headline.png)")
+        print(f"report: {report} (and {json_path.name}, plots)")
     if state.is_failed():
         print(f"study failed: {state.message}", file=sys.stderr)
         return 1

@@ -26,7 +26,6 @@ flows/study_tasks.py; the pure steps in components/study/ (plan, prepare, measur
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,11 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components.config import checkpoints_dir, load_params, project_root, reports_dir, set_offline_env
+from components.config import checkpoints_dir, load_params, project_root, set_offline_env
 from components.model.prompts import PROMPT_FORMAT
 from components.ops import tracking
-from components.study import markdown, measure, plan, plots as figures, prepare, report
+from components.study import measure, plan, prepare, report
+from flows.study_report import RECIPE_FILE, cells_root, study_root, write_report
 from flows.study_tasks import EXPERIMENT, cell_group_task, register_task
 
 RUNNERS = ("local", "dask")
@@ -68,11 +68,6 @@ def make_task_runner(runner: str = "local", address: str | None = None, workers:
 
 
 # ----------------------------------------------------------------------------- dataset context
-def study_root() -> Path:
-    """reports/study/ (cell results, dataset views, plots)."""
-    return reports_dir() / "study"
-
-
 def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | None = None,
                     study_run_id: str = "", torch_threads: int | None = None) -> dict:
     """Subsample one dataset, write its views and resolve its configs; returns the JSON-able context.
@@ -138,11 +133,6 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
         "env": {"GENCLS_ROOT": str(project_root()), "MLFLOW_TRACKING_URI": tracking.tracking_uri()},
         "torch_threads": torch_threads,
     }
-
-
-def cells_root(profile: str) -> Path:
-    """reports/study/cells/<profile>/: one committed JSON per finished cell (result + predictions)."""
-    return study_root() / "cells" / profile
 
 
 # ----------------------------------------------------------------------------- flow
@@ -288,17 +278,6 @@ def dataset_lock(profile: str, dataset: str) -> Any:
     return lock
 
 
-def rebuild_report(profile: str) -> dict:
-    """study.json, study.md and the plots from the committed cell files alone (nothing trained or measured)."""
-    meta = {"profile": profile, "machine": report.machine_info(), "rebuilt_from_cells": True,
-            "settings": {k: v for k, v in prepare.profile_settings(profile, None).items() if not isinstance(v, dict)},
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    previous = measure.read_result(reports_dir() / "study.json") or {}
-    if (previous.get("meta") or {}).get("profile") == profile:  # keep what only a run knows (model, runs, configs)
-        meta = {**previous["meta"], **meta}
-    return write_report(profile, meta, None)
-
-
 def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", overrides: dict | None = None) -> dict:
     """Choose the study's recipe on validation (plan.select_recipe) over every dataset with a complete ablation:
     this run's datasets' cells plus the validation results other datasets left in the committed recipe file,
@@ -321,52 +300,6 @@ def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", override
         recipe = plan.select_recipe({d: v["rows"] for d, v in validation.items()}, k)
         measure.write_result(root / RECIPE_FILE, {**recipe, "k": k, "validation_results": validation})
     return recipe
-
-
-RECIPE_FILE = "recipe.json"
-
-
-def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | None = None) -> dict:
-    """reports/study.json and study.md over every dataset with a record for this profile, plus the plots
-    (headline bars, interplay heatmaps, learning curves) under reports/study/plots/; all logged to MLflow."""
-    root, plots_dir = reports_dir(), study_root() / "plots"
-    per_dataset = {}
-    for folder in sorted(p for p in cells_root(profile).iterdir() if p.is_dir()) if cells_root(profile).is_dir() else []:
-        info = measure.read_dataset(folder)
-        if info is not None:
-            per_dataset[folder.name] = info
-    if recipe is None:
-        recipe = {k: v for k, v in (measure.read_result(cells_root(profile) / RECIPE_FILE) or {}).items()
-                  if k != "validation_results"} or None
-    study = report.aggregate(per_dataset, meta, recipe)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "study.json").write_text(json.dumps(study, indent=1, default=str) + "\n", encoding="utf-8")
-    (root / "study.md").write_text(markdown.render_markdown(study), encoding="utf-8")
-    plots = [figures.plot_headline(study, plots_dir / "headline.png"), figures.plot_heatmap(
-        study["summary"]["grid_mean"], plots_dir / "interplay-mean.png", f"mean train x inference accuracy ({profile})")]
-    for name, info in study["datasets"].items():
-        plots.append(figures.plot_heatmap(info["grid"], plots_dir / f"{name}-interplay.png",
-                                          f"{name}: train x inference accuracy ({meta['profile']})"))
-        plots.append(figures.plot_learning(info["training"], plots_dir / f"{name}-learning.png",
-                                           f"{name}: SFT arms ({meta['profile']})"))
-        plots.append(figures.plot_rl(info["training"], plots_dir / f"{name}-rl.png", f"{name}: GRPO ({meta['profile']})"))
-    if run_id is None:  # rebuilt from the committed cells only (`gencls study --report-only`)
-        return study
-    tracking.log_artifact(run_id, root / "study.json")
-    tracking.log_artifact(run_id, root / "study.md")
-    for plot in filter(None, plots):
-        tracking.log_artifact(run_id, plot, "plots")
-    flat = {}
-    for role, row in study["summary"]["rows"].items():
-        if row["mean_accuracy"] is not None:
-            flat[f"mean/{role}/accuracy"] = row["mean_accuracy"]
-    for name, info in study["datasets"].items():
-        for role, row in info["headline"].items():
-            if row:
-                flat[f"{name}/{role}/accuracy"] = row["accuracy"]
-                flat[f"{name}/{role}/macro_f1"] = row["macro_f1"]
-    tracking.log_metrics(run_id, {k: v for k, v in flat.items() if v is not None})
-    return study
 
 
 def _study_run(study_key: str) -> str | None:

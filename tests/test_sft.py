@@ -132,6 +132,29 @@ def test_train_sft_end_to_end_writes_checkpoint(tiny_model_dir, toy_data, tmp_pa
     assert hasattr(model, "peft_config")
 
 
+def test_early_stopping_ends_sft_once_patience_evaluations_bring_no_new_best(tiny_model_dir, toy_data, tmp_path, capsys):
+    from components.train.sft import train_sft
+
+    # learning rate 0: the held-out macro-F1 never changes, ties keep the earliest step (2) as the best, so with
+    # patience 2 the evaluations at steps 4 and 6 bring nothing new and training ends at 6 of 20 steps
+    config = tiny_config(tiny_model_dir, max_steps=20, eval_every_steps=2, save_steps=2, learning_rate=0.0, patience=2)
+    out = train_sft("toy", config, out_dir=tmp_path / "sft", data_dir=toy_data)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and metrics["max_steps"] == 20 and metrics["stopped_early"] is True
+    assert [h["step"] for h in metrics["eval_history"]] == [2, 4, 6] and metrics["best"]["step"] == 2
+    assert "stopping early: held-out macro-F1 has not improved for 2 evaluations (patience 2); best step 2" in \
+        capsys.readouterr().out
+    # patience 0 (the default) is left out of the config dict, so keys made before the field existed stay valid
+    from components.train.configs import asdict_config
+
+    assert "patience" not in asdict_config(tiny_config(tiny_model_dir)) and asdict_config(config)["patience"] == 2
+    # without patience the same run trains its whole budget
+    whole = train_sft("toy", tiny_config(tiny_model_dir, max_steps=6, eval_every_steps=2, learning_rate=0.0),
+                      out_dir=tmp_path / "whole", data_dir=toy_data)
+    metrics = json.loads((whole / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and metrics["stopped_early"] is False
+
+
 class Interrupt(Exception):
     pass
 
@@ -322,7 +345,11 @@ def test_profiles_are_defined_once_in_params_yaml():
 
     repo = Path(__file__).resolve().parent.parent
     table = yaml.safe_load((repo / "conf" / "params.yaml").read_text())["profiles"]
-    assert set(table) == {"quick", "full", "cpu", "gpu"}
+    assert set(table) == {"quick", "full", "cpu", "cpu-long", "gpu"}
+    # cpu-long is cpu (YAML merge keys) with a longer SFT rule: the convergence check changes nothing else
+    cpu, longer = profile_settings("cpu", None), profile_settings("cpu-long", None)
+    assert {k: v for k, v in longer.items() if k != "sft"} == {k: v for k, v in cpu.items() if k != "sft"}
+    assert longer["sft"] == {**cpu["sft"], "epochs": 6.0, "patience": 3}
     for profile in ("quick", "full"):
         for kind in ("sft", "rl"):
             cfg = load_config(kind, profile, params={})

@@ -200,6 +200,43 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert plots.plot_heatmap({"axis": []}, tmp_path / "none.png", "t") is None
 
 
+def test_convergence_check_compares_naive_sft_under_two_budget_rules():
+    """cpu vs cpu-long: naive SFT's test difference with its interval, GenCLS++ SFT (the recipe without RL) under
+    the longer rule, TF-IDF, the steps each rule ran; only datasets measured under both; one study.md section."""
+    from components.study import convergence, markdown
+    from flows.study_report import report_paths
+
+    def info(naive, gencls, steps, max_steps, stopped):
+        cells = [_cell("n", ["naive_sft"], "naive", "naive", naive), _cell("t", ["tfidf"], "-", "-", 70, kind="tfidf"),
+                 _cell("p", [], "naive", "decoding=perplexity", gencls)]
+        history = [{"step": s, "accuracy": a, "macro_f1": a} for s, a in ((2, 0.5), (steps - 2, 0.7), (steps, 0.6))]
+        training = {"naive sft": {"kind": "sft", "global_step": steps, "max_steps": max_steps, "stopped_early": stopped,
+                                  "best": {"step": steps - 2}, "eval_history": history, "seconds": 60}}
+        return {"cells": cells, "labels": ["a", "b"], "record": {"training": training}}
+
+    main, longer = {"ds": info(60, 61, 4, 4, False), "main-only": info(50, 50, 4, 4, False)}, {"ds": info(75, 80, 8, 12, True)}
+    out = convergence.compare(main, longer, {"train": "naive", "infer": "decoding=perplexity"}, "cpu-long",
+                              {"epochs": 6.0, "patience": 3, "eval_every_steps": 63, "learning_rate": 1e-4})
+    assert list(out["datasets"]) == ["ds"] and out["rule"] == {"epochs": 6.0, "patience": 3, "eval_every_steps": 63}
+    row = out["datasets"]["ds"]
+    assert row["longer_vs_main"]["accuracy"]["diff"] == pytest.approx(0.15)
+    assert row["longer_vs_main"]["accuracy"]["low"] > 0  # 15 of 100 examples turned right, none wrong
+    assert row["gencls_sft_vs_naive"]["accuracy"]["diff"] == pytest.approx(0.05)
+    assert row["tfidf"]["accuracy"] == 0.7 and row["gencls_sft"]["accuracy"] == 0.8
+    assert row["longer"]["budget"]["steps"] == 8 and row["longer"]["budget"]["stopped_early"] is True
+    assert out["mean"]["accuracy"]["diff"] == pytest.approx(0.15)
+    text = "\n".join(markdown._longer_budget(out, "cpu"))
+    assert "up to 6.0 epochs, held-out evaluation every 63 steps, stopped once 3 evaluations" in text
+    assert "| ds | 60.0 / 0.0 (4 of 4; kept 2) | 75.0 / 0.0 (8 of 12, stopped early; kept 6) | +15.0 [" in text
+    assert "| 80.0 | +5.0 [" in text and "ds 2: 50.0, 6: 70.0, 8: 60.0" in text
+    assert "- Under-trained by the `cpu` rule (the longer rule's gain has its interval above zero): ds." in text
+    assert "vs TF-IDF + LR on the same N: ds ✓." in text
+    assert markdown._longer_budget({"datasets": {}}, "cpu") == [] and markdown._longer_budget(None, "cpu") == []
+    # the longer profile's own report never overwrites the main one
+    assert [p.name for p in report_paths("cpu")] == ["study.json", "study.md", "plots"]
+    assert [p.name for p in report_paths("cpu-long")] == ["study-cpu-long.json", "study-cpu-long.md", "plots-cpu-long"]
+
+
 def _vals(gains, base=0.5, combo=None):
     rows = [_val("naive", "naive", base)]
     specs = {"definitions": "definitions", "uncertain": "uncertain", "numeric": "numeric",
@@ -422,7 +459,7 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
     assert on_disk["summary"]["rows"]["gencls"]["vs_naive_sft"]["datasets"] == 2
     assert (plot_dir / "headline.png").is_file()
     # the report is rebuilt from the committed cell files alone: same numbers, same intervals
-    from flows.study import rebuild_report
+    from flows.study_report import rebuild_report
 
     (project / "reports" / "study.json").unlink()
     assert rebuild_report("cpu")["summary"] == on_disk["summary"]

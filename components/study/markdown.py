@@ -52,11 +52,12 @@ def render_markdown(study: dict) -> str:
              "the format. Compared with the direct answer at equal budget (same recipe, SFT epochs and RL steps; "
              "longer completions).", ""]
     lines += _headline(study, summary)
-    lines += _verdict(summary["verdict"])
+    lines += _verdict(summary["verdict"]) + _longer_budget(study.get("convergence"), meta.get("profile", ""))
     lines += _recipe(recipe, (meta.get("settings") or {}).get("val_size"))
-    lines += _ablation(summary) + _reasoning(study)
+    plots = meta.get("plots") or "study/plots"  # relative to reports/ (flows/study_report.report_paths)
+    lines += _ablation(summary, plots) + _reasoning(study)
     for name, info in study["datasets"].items():
-        lines += _dataset(name, info)
+        lines += _dataset(name, info, plots)
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +158,7 @@ def _recipe(recipe: dict, val_size: int | None = None) -> list[str]:
     return lines
 
 
-def _ablation(summary: dict) -> list[str]:
+def _ablation(summary: dict, plots: str) -> list[str]:
     """Each dimension alone, pooled over the datasets that measured it; the mean interplay grid."""
     rows, grid = summary.get("ablation") or [], summary.get("grid_mean") or {}
     if not rows:
@@ -175,7 +176,7 @@ def _ablation(summary: dict) -> list[str]:
     lines.append("")
     if grid.get("axis"):
         lines += _grid_table(f"Train x inference grid, test accuracy % averaged over the {grid['datasets']} datasets "
-                             "that measured all of it (heatmap `study/plots/interplay-mean.png`):", grid)
+                             f"that measured all of it (heatmap `{plots}/interplay-mean.png`):", grid)
     return lines
 
 
@@ -201,7 +202,7 @@ def _grid_table(caption: str, grid: dict) -> list[str]:
     return lines + [f"| `{t}` | " + " | ".join(_pct(v) for v in row) + " |" for t, row in zip(axis, grid["accuracy"])] + [""]
 
 
-def _dataset(name: str, info: dict) -> list[str]:
+def _dataset(name: str, info: dict, plots: str) -> list[str]:
     sub = info.get("subsample") or {}
     lines = [f"## {name}", "",
              f"Sizes {sub.get('sizes')} (source {sub.get('source_sizes')}), seed {sub.get('seed')}, texts cut to "
@@ -209,7 +210,7 @@ def _dataset(name: str, info: dict) -> list[str]:
              f"({(sub.get('text_tokens') or {}).get('cut_train_split')} training / "
              f"{(sub.get('text_tokens') or {}).get('cut_test_split')} test texts cut), prompt budget "
              f"{sub.get('max_prompt_tokens')} tokens; compute {(info.get('seconds') or 0) / 60:.1f} min.", ""]
-    lines += _training(name, info.get("training") or {})
+    lines += _training(name, info.get("training") or {}, plots)
     dims = info.get("single_dims") or []
     if dims:
         lines += ["Ablation: each dimension alone, gain over naive SFT (test accuracy points, 95% interval; validation "
@@ -224,7 +225,7 @@ def _dataset(name: str, info: dict) -> list[str]:
     grid = info.get("grid") or {}
     if grid.get("axis"):
         lines += _grid_table("Train x inference grid, test accuracy % (rows: training strategy; columns: inference "
-                             f"strategy); heatmap `study/plots/{name}-interplay.png`.", grid)
+                             f"strategy); heatmap `{plots}/{name}-interplay.png`.", grid)
     if info.get("rl_vs_sft"):
         lines += [f"RL on its own: SFT + RL minus SFT (same recipe): {_diff(info['rl_vs_sft'])} accuracy points, "
                   f"{_diff(info['rl_vs_sft'], 'macro_f1')} macro-F1 points.", ""]
@@ -243,13 +244,13 @@ def _dataset(name: str, info: dict) -> list[str]:
     return lines
 
 
-def _training(name: str, training: dict) -> list[str]:
+def _training(name: str, training: dict, plots: str) -> list[str]:
     """One row per trained adapter: steps, time, loss at the start and the end, held-out curve, RL signal."""
     if not training:
         return []
     rl = any(t.get("kind") == "rl" for t in training.values())
-    lines = [f"Training (learning curves: `study/plots/{name}-learning.png`"
-             + (f"; GRPO reward and checkpoint selection: `study/plots/{name}-rl.png`" if rl else "") + "):", "",
+    lines = [f"Training (learning curves: `{plots}/{name}-learning.png`"
+             + (f"; GRPO reward and checkpoint selection: `{plots}/{name}-rl.png`" if rl else "") + "):", "",
              "| adapter | steps | minutes | loss first 10% -> last 10% | held-out accuracy by step | kept step | "
              "RL reward first -> last, zero-variance groups |", "|---|---|---|---|---|---|---|"]
     for label, t in sorted(training.items()):
@@ -272,3 +273,52 @@ def _training(name: str, training: dict) -> list[str]:
                   f"1 point): {', '.join(rising)}. The budget rule is the same for every arm; these arms may be "
                   "under-trained by it.", ""]
     return lines
+
+
+def _longer_budget(comparison: dict | None, main_profile: str) -> list[str]:
+    """The convergence check (components/study/convergence.py): naive SFT under the main and a longer budget rule."""
+    rows, profile = (comparison or {}).get("datasets") or {}, (comparison or {}).get("profile")
+    if not rows:
+        return []
+    rule = comparison.get("rule") or {}
+    lines = ["## Convergence check: naive SFT under a longer budget", "",
+             f"Profile `{profile}` trains the headline's SFT arms again under a longer rule (conf/params.yaml: up to "
+             f"{rule.get('epochs')} epochs, held-out evaluation every {rule.get('eval_every_steps')} steps, stopped once "
+             f"{rule.get('patience')} evaluations in a row do not beat the best held-out macro-F1; best checkpoint kept) on the "
+             f"same N, held-out slice, test sample, text cut and seed as `{main_profile}`. Test accuracy % / macro-F1 %; "
+             f"differences in points with their 95% paired-bootstrap interval. Its cells: "
+             f"`reports/study/cells/{profile}/`; its own report: `reports/study-{profile}.md`.", "",
+             f"| dataset | naive SFT, {main_profile} rule (steps; kept) | naive SFT, longer rule (steps; kept) | longer - "
+             f"{main_profile} | GenCLS++ SFT, longer rule | GenCLS++ SFT - naive SFT, longer rule | TF-IDF + LR, same N |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        m, lg, g = r["main"], r["longer"], r["gencls_sft"]
+        lines.append(f"| {name} | {_pct(m['accuracy'])} / {_pct(m['macro_f1'])} ({_budget_steps(m['budget'])}) | "
+                     f"{_pct(lg['accuracy'])} / {_pct(lg['macro_f1'])} ({_budget_steps(lg['budget'])}) | "
+                     f"{_diff(r['longer_vs_main'])} | {_pct((g or {}).get('accuracy'))} | "
+                     f"{_diff(r['gencls_sft_vs_naive'])} | {_pct((r['tfidf'] or {}).get('accuracy'))} |")
+    mean = comparison.get("mean")
+    if mean:
+        lines += ["", f"Mean over {len(rows)} dataset(s), longer rule minus `{main_profile}` rule (naive SFT): "
+                      f"{_diff(mean)} points."]
+    under = [n for n, r in rows.items() if r["longer_vs_main"]["accuracy"]["low"] > 0]
+    worse = [n for n, r in rows.items() if r["longer_vs_main"]["accuracy"]["high"] < 0]
+    same = [n for n in rows if n not in under + worse]
+    lines += ["", f"- Under-trained by the `{main_profile}` rule (the longer rule's gain has its interval above zero): "
+                  f"{', '.join(under) or 'none'}.",
+              f"- No difference the test sample can resolve (interval spans zero): {', '.join(same) or 'none'}.",
+              f"- Worse under the longer rule (interval below zero): {', '.join(worse) or 'none'}.",
+              "- Naive SFT under the longer rule vs TF-IDF + LR on the same N: " + ", ".join(
+                  f"{n} {'✓' if r['longer']['accuracy'] >= r['tfidf']['accuracy'] else '✗'}"
+                  for n, r in rows.items() if r.get("tfidf")) + "."]
+    lines += ["", "Held-out accuracy by step under the longer rule: " + "; ".join(
+        f"{name} " + ", ".join(f"{s}: {100 * a:.1f}" for s, a in (r["longer"]["budget"] or {}).get("held_out", []))
+        for name, r in rows.items()) + ".", ""]
+    return lines
+
+
+def _budget_steps(budget: dict | None) -> str:
+    if not budget:
+        return "-"
+    stop = ", stopped early" if budget["stopped_early"] else ""
+    return f"{budget['steps']} of {budget['max_steps']}{stop}; kept {budget['kept_step']}"

@@ -178,7 +178,8 @@ def training_summaries(ctx: dict) -> dict[str, dict]:
             "seconds": timing.get("seconds", info.get("seconds")), "train_loss": metrics.get("train_loss"),
             "best": {k: (metrics.get("best") or {}).get(k) for k in ("step", "accuracy", "macro_f1")},
             "eval_history": [{k: h.get(k) for k in ("step", "accuracy", "macro_f1")} for h in metrics.get("eval_history") or []],
-            "loss_history": metrics.get("loss_history") or [], "train_history": metrics.get("train_history") or []}
+            "loss_history": metrics.get("loss_history") or [], "train_history": metrics.get("train_history") or [],
+            **{k: metrics[k] for k in ("max_steps", "stopped_early") if k in metrics}}  # early-stopping budgets
     return out
 
 

@@ -52,6 +52,8 @@ class SFTConfig:
     train_size: int = _f(1000, "stratified, seeded training subsample (0 = all training data)")
     eval_size: int = _f(100, "held-out slice of the training split for generative eval (0 = none)")
     eval_every_steps: int = _f(50, "generative eval on the held-out slice every N steps (and at the end)")
+    patience: int = _f(0, "early stopping: end SFT once held-out macro-F1 has not improved for this many evaluations "
+                       "in a row (0 = train the whole budget); the best checkpoint is kept either way")
     eval_batch_size: int = _f(16, "batch size of generative eval")
     save_steps: int = _f(25, "trainer checkpoint (for resume) every N steps")
     rebalance: bool = _f(False, "class-weighted resampling of the training subsample (inverse label frequency)")
@@ -237,6 +239,12 @@ def trainer_settings(config: Any, trainer_dir: Path) -> dict[str, Any]:
             **device_settings(config.bf16)}
 
 
+# Fields added after results were keyed by their config (study cells, trainer run ids, dvc stage keys): at these
+# values they train exactly as before the field existed, so the plain dict leaves them out and those keys stay valid.
+INERT_DEFAULTS = {"patience": 0}
+
+
 def asdict_config(config: Any) -> dict[str, Any]:
-    """The config as a plain dict."""
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    """The config as a plain dict (INERT_DEFAULTS fields left out at their inert value)."""
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return {k: v for k, v in data.items() if k not in INERT_DEFAULTS or v != INERT_DEFAULTS[k]}

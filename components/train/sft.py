@@ -305,7 +305,7 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
         eval_builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
         evaluator = GenerativeEval(eval_builder, tokenizer, held, list(labels), best_dir,
                                    trainer_dir / "eval_history.json", config.eval_every_steps,
-                                   config.eval_batch_size, log_fn, "sft", log=log)
+                                   config.eval_batch_size, log_fn, "sft", log=log, patience=config.patience)
     trainer = build_trainer(model, tokenizer, rows, config, trainer_dir, make_callbacks(log_fn, evaluator, "sft"))
     trainer.gencls_started = started  # each checkpoint records the seconds spent so far
     use_compact_progress(trainer, "sft")
@@ -315,7 +315,8 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
     history = evaluator.history if evaluator else []
     metrics = {
         "kind": "sft", "dataset": dataset, "train_loss": float(result.training_loss),
-        "global_step": int(trainer.state.global_step), "resumed_from_step": evaluator.resumed_from if evaluator
+        "global_step": int(trainer.state.global_step), "max_steps": int(trainer.state.max_steps),
+        "stopped_early": bool(evaluator and evaluator.should_stop), "resumed_from_step": evaluator.resumed_from if evaluator
         else (int(resume.rsplit("-", 1)[-1]) if resume else 0),
         "eval_history": history, "best": evaluator.best if evaluator else None,
         "seconds": round(time.time() - started, 1), **stats,

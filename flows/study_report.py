@@ -1,0 +1,105 @@
+"""Where the study's results live and how its report is written (flows/study.py runs the cells).
+
+    reports/study/cells/<profile>/<dataset>/<key>.json   one committed file per finished cell (cells_root)
+    reports/study.md, study.json, study/plots/           the `cpu` profile's report (MAIN_PROFILE)
+    reports/study-<profile>.md, .json, study/plots-<profile>/   any other profile's (report_paths)
+
+The main profile's report also carries the convergence check (components/study/convergence.py) when a longer
+budget profile (LONGER_PROFILE) has measured naive SFT on some of its datasets.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from components.config import reports_dir
+from components.ops import tracking
+from components.study import convergence, markdown, measure, plots as figures, prepare, report
+
+MAIN_PROFILE = "cpu"  # `gencls study`'s default profile: its report is reports/study.md
+LONGER_PROFILE = "cpu-long"  # the main profile under a longer SFT budget rule (conf/params.yaml)
+RECIPE_FILE = "recipe.json"
+
+
+def study_root() -> Path:
+    """reports/study/ (cell results, dataset views, plots)."""
+    return reports_dir() / "study"
+
+
+def cells_root(profile: str) -> Path:
+    """reports/study/cells/<profile>/: one committed JSON per finished cell (result + predictions)."""
+    return study_root() / "cells" / profile
+
+
+def report_paths(profile: str) -> tuple[Path, Path, Path]:
+    """(study.json, study.md, plots folder) of a profile's report: reports/study.* for the main profile,
+    reports/study-<profile>.* for any other, so that a second profile never overwrites the main report."""
+    stem, plots = ("study", "plots") if profile == MAIN_PROFILE else (f"study-{profile}", f"plots-{profile}")
+    return reports_dir() / f"{stem}.json", reports_dir() / f"{stem}.md", study_root() / plots
+
+
+def read_datasets(profile: str) -> dict[str, dict]:
+    """{dataset: its record and cell files} of every dataset with a record under cells_root(profile)."""
+    root = cells_root(profile)
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return {folder.name: info for folder in folders if (info := measure.read_dataset(folder)) is not None}
+
+
+def read_recipe(profile: str) -> dict | None:
+    """The profile's recipe (chosen on validation), without the validation rows it was chosen from."""
+    stored = measure.read_result(cells_root(profile) / RECIPE_FILE) or {}
+    return {k: v for k, v in stored.items() if k != "validation_results"} or None
+
+
+def rebuild_report(profile: str) -> dict:
+    """study.json, study.md and the plots from the committed cell files alone (nothing trained or measured)."""
+    meta = {"profile": profile, "machine": report.machine_info(), "rebuilt_from_cells": True,
+            "settings": {k: v for k, v in prepare.profile_settings(profile, None).items() if not isinstance(v, dict)},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    previous = measure.read_result(report_paths(profile)[0]) or {}
+    if (previous.get("meta") or {}).get("profile") == profile:  # keep what only a run knows (model, runs, configs)
+        meta = {**previous["meta"], **meta}
+    return write_report(profile, meta, None)
+
+
+def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | None = None) -> dict:
+    """The profile's study.json and study.md over every dataset with a record for it, plus the plots (headline
+    bars, interplay heatmaps, learning curves; report_paths); all logged to MLflow when `run_id` is given."""
+    json_path, md_path, plots_dir = report_paths(profile)
+    meta = {**meta, "plots": plots_dir.relative_to(reports_dir()).as_posix()}
+    recipe = recipe if recipe is not None else read_recipe(profile)
+    study = report.aggregate(read_datasets(profile), meta, recipe)
+    if profile == MAIN_PROFILE and cells_root(LONGER_PROFILE).is_dir():
+        longer = convergence.compare(read_datasets(profile), read_datasets(LONGER_PROFILE), recipe, LONGER_PROFILE,
+                                     prepare.profile_settings(LONGER_PROFILE, None)["sft"])
+        if longer["datasets"]:
+            study["convergence"] = longer
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(study, indent=1, default=str) + "\n", encoding="utf-8")
+    md_path.write_text(markdown.render_markdown(study), encoding="utf-8")
+    plots = [figures.plot_headline(study, plots_dir / "headline.png"), figures.plot_heatmap(
+        study["summary"]["grid_mean"], plots_dir / "interplay-mean.png", f"mean train x inference accuracy ({profile})")]
+    for name, info in study["datasets"].items():
+        plots.append(figures.plot_heatmap(info["grid"], plots_dir / f"{name}-interplay.png",
+                                          f"{name}: train x inference accuracy ({profile})"))
+        plots.append(figures.plot_learning(info["training"], plots_dir / f"{name}-learning.png",
+                                           f"{name}: SFT arms ({profile})"))
+        plots.append(figures.plot_rl(info["training"], plots_dir / f"{name}-rl.png", f"{name}: GRPO ({profile})"))
+    if run_id is None:  # rebuilt from the committed cells only (`gencls study --report-only`)
+        return study
+    tracking.log_artifact(run_id, json_path)
+    tracking.log_artifact(run_id, md_path)
+    for plot in filter(None, plots):
+        tracking.log_artifact(run_id, plot, "plots")
+    flat = {}
+    for role, row in study["summary"]["rows"].items():
+        if row["mean_accuracy"] is not None:
+            flat[f"mean/{role}/accuracy"] = row["mean_accuracy"]
+    for name, info in study["datasets"].items():
+        for role, row in info["headline"].items():
+            if row:
+                flat[f"{name}/{role}/accuracy"] = row["accuracy"]
+                flat[f"{name}/{role}/macro_f1"] = row["macro_f1"]
+    tracking.log_metrics(run_id, {k: v for k, v in flat.items() if v is not None})
+    return study
