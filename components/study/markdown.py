@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from components.study.plan import INFER_ONLY_DIMS, TRAIN_DIMS
 from components.study.report import REFERENCE, TARGET_POINTS, WEAK_MARGIN, measured_rows, still_rising
 
 
@@ -133,7 +134,8 @@ def _recipe(recipe: dict, val_size: int | None = None) -> list[str]:
              f"Rule: {recipe.get('rule')}", ""]
     per = recipe.get("per_dataset") or {}
     if per:
-        dims = list(recipe["gains"])
+        order = [*TRAIN_DIMS, *INFER_ONLY_DIMS]  # the plan's order, whichever order recipe.json stored them in
+        dims = sorted(recipe["gains"], key=lambda d: order.index(d) if d in order else len(order))
         lines += ["Validation accuracy gain over naive SFT, points:", "",
                   "| dimension | " + " | ".join(per) + " | mean |", "|---|" + "---|" * (len(per) + 1)]
         for dim in dims:
