@@ -74,7 +74,7 @@ def prepare_dataset(dataset: str, profile: str, model: str, overrides: dict | No
 
     Args:
         dataset: dataset name (data/<dataset>/ built).
-        profile: study profile ("cpu" or "gpu").
+        profile: study profile (conf/params.yaml: "cpu", "cpu-long" or "gpu").
         model: base model name or folder.
         overrides: study settings (`train_size`, `val_size`, `test_size`, `icl_k`, `seed`, `eval.batch_size`,
             ...) and training config keys (`sft.max_steps`, `rl.max_steps`, ...).
@@ -163,11 +163,12 @@ def _collect(futures: list[Any], logger: Any) -> tuple[list[dict], list[str]]:
 def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local", cells: str = "headline",
                model: str | None = None, overrides: dict[str, Any] | None = None, register_model: bool = True,
                torch_threads: int | None = None, only: list[str] | None = None) -> dict:
-    """Run the GenCLS++ study (see module docstring) and write reports/study.{md,json} + plots.
+    """Run the GenCLS++ study (see module docstring) and write its report (flows/study_report.report_paths).
 
     Args:
         datasets: dataset names (each built under data/).
-        profile: "cpu" (subsampled, 2 cores) or "gpu" (pool capped at 8,000, test at 2,000; one GPU).
+        profile: "cpu" (subsampled, 2 cores), "cpu-long" (cpu with a longer SFT budget rule) or "gpu" (pool capped
+            at 8,000, test at 2,000; one GPU).
         runner: recorded only; the task runner is set by `study()` / `with_options`.
         cells: "headline", "ablation" or "all".
         model: base model (default smollm2-135m).

@@ -69,11 +69,11 @@ def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | No
     json_path, md_path, plots_dir = report_paths(profile)
     meta = {**meta, "plots": plots_dir.relative_to(reports_dir()).as_posix()}
     recipe = recipe if recipe is not None else read_recipe(profile)
-    study = report.aggregate(read_datasets(profile), meta, recipe)
+    datasets = read_datasets(profile)
+    study = report.aggregate(datasets, meta, recipe)
     if profile == MAIN_PROFILE and cells_root(LONGER_PROFILE).is_dir():
-        longer = convergence.compare(read_datasets(profile), read_datasets(LONGER_PROFILE), recipe, LONGER_PROFILE,
-                                     prepare.profile_settings(LONGER_PROFILE, None)["sft"])
-        if longer["datasets"]:
+        longer = convergence.compare(datasets, read_datasets(LONGER_PROFILE), recipe, LONGER_PROFILE)
+        if longer["datasets"] or longer["skipped"]:
             study["convergence"] = longer
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(study, indent=1, default=str) + "\n", encoding="utf-8")
@@ -86,6 +86,8 @@ def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | No
         plots.append(figures.plot_learning(info["training"], plots_dir / f"{name}-learning.png",
                                            f"{name}: SFT arms ({profile})"))
         plots.append(figures.plot_rl(info["training"], plots_dir / f"{name}-rl.png", f"{name}: GRPO ({profile})"))
+    if profile == LONGER_PROFILE and cells_root(MAIN_PROFILE).is_dir():  # study.md's convergence check reads these cells
+        rebuild_report(MAIN_PROFILE)
     if run_id is None:  # rebuilt from the committed cells only (`gencls study --report-only`)
         return study
     tracking.log_artifact(run_id, json_path)

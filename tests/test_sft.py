@@ -148,11 +148,24 @@ def test_early_stopping_ends_sft_once_patience_evaluations_bring_no_new_best(tin
     from components.train.configs import asdict_config
 
     assert "patience" not in asdict_config(tiny_config(tiny_model_dir)) and asdict_config(config)["patience"] == 2
-    # without patience the same run trains its whole budget
-    whole = train_sft("toy", tiny_config(tiny_model_dir, max_steps=6, eval_every_steps=2, learning_rate=0.0),
+    # killed after the stop, before the output was written: the rerun resumes checkpoint-6 and trains nothing more
+    # (the Trainer would train a step before it looks at a stop, and evaluate it)
+    again = train_sft("toy", config, out_dir=tmp_path / "sft", data_dir=toy_data)
+    rerun = json.loads((again / "metrics.json").read_text())
+    assert "nothing left to train" in capsys.readouterr().out
+    assert rerun["global_step"] == 6 and rerun["stopped_early"] is True and rerun["eval_history"] == metrics["eval_history"]
+    # a budget whose last evaluation reaches the patience ran in full: not an early stop
+    whole = train_sft("toy", tiny_config(tiny_model_dir, max_steps=6, eval_every_steps=2, learning_rate=0.0, patience=2),
                       out_dir=tmp_path / "whole", data_dir=toy_data)
     metrics = json.loads((whole / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and metrics["stopped_early"] is False
+    # min_epochs: evaluations count only after it (16 rows / 4 per step = 4 steps an epoch): stops at 8, not 6
+    late = train_sft("toy", tiny_config(tiny_model_dir, max_steps=20, eval_every_steps=2, learning_rate=0.0, patience=2,
+                                        min_epochs=1.0), out_dir=tmp_path / "late", data_dir=toy_data)
+    assert json.loads((late / "metrics.json").read_text())["global_step"] == 8
+    with pytest.raises(ValueError, match="sft.patience=2 needs held-out evaluations"):
+        train_sft("toy", tiny_config(tiny_model_dir, eval_every_steps=0, patience=2), out_dir=tmp_path / "x",
+                  data_dir=toy_data)
 
 
 class Interrupt(Exception):
@@ -349,7 +362,7 @@ def test_profiles_are_defined_once_in_params_yaml():
     # cpu-long is cpu (YAML merge keys) with a longer SFT rule: the convergence check changes nothing else
     cpu, longer = profile_settings("cpu", None), profile_settings("cpu-long", None)
     assert {k: v for k, v in longer.items() if k != "sft"} == {k: v for k, v in cpu.items() if k != "sft"}
-    assert longer["sft"] == {**cpu["sft"], "epochs": 6.0, "patience": 3}
+    assert longer["sft"] == {**cpu["sft"], "epochs": 6.0, "patience": 3, "min_epochs": 2.0}
     for profile in ("quick", "full"):
         for kind in ("sft", "rl"):
             cfg = load_config(kind, profile, params={})

@@ -216,8 +216,9 @@ def test_convergence_check_compares_naive_sft_under_two_budget_rules():
 
     main, longer = {"ds": info(60, 61, 4, 4, False), "main-only": info(50, 50, 4, 4, False)}, {"ds": info(75, 80, 8, 12, True)}
     out = convergence.compare(main, longer, {"train": "naive", "infer": "decoding=perplexity"}, "cpu-long",
-                              {"epochs": 6.0, "patience": 3, "eval_every_steps": 63, "learning_rate": 1e-4})
-    assert list(out["datasets"]) == ["ds"] and out["rule"] == {"epochs": 6.0, "patience": 3, "eval_every_steps": 63}
+                              {"epochs": 6.0, "patience": 3, "min_epochs": 2.0, "eval_every_steps": 63, "learning_rate": 1})
+    assert list(out["datasets"]) == ["ds"]
+    assert out["rule"] == {"epochs": 6.0, "patience": 3, "min_epochs": 2.0, "eval_every_steps": 63}
     row = out["datasets"]["ds"]
     assert row["longer_vs_main"]["accuracy"]["diff"] == pytest.approx(0.15)
     assert row["longer_vs_main"]["accuracy"]["low"] > 0  # 15 of 100 examples turned right, none wrong
@@ -226,11 +227,18 @@ def test_convergence_check_compares_naive_sft_under_two_budget_rules():
     assert row["longer"]["budget"]["steps"] == 8 and row["longer"]["budget"]["stopped_early"] is True
     assert out["mean"]["accuracy"]["diff"] == pytest.approx(0.15)
     text = "\n".join(markdown._longer_budget(out, "cpu"))
-    assert "up to 6.0 epochs, held-out evaluation every 63 steps, stopped once 3 evaluations" in text
+    assert ("up to 6.0 epochs, held-out evaluation every 63 steps, stopped once 3 evaluations in a row after the first "
+            "2.0 epochs") in text
     assert "| ds | 60.0 / 0.0 (4 of 4; kept 2) | 75.0 / 0.0 (8 of 12, stopped early; kept 6) | +15.0 [" in text
     assert "| 80.0 | +5.0 [" in text and "ds 2: 50.0, 6: 70.0, 8: 60.0" in text
-    assert "- Under-trained by the `cpu` rule (the longer rule's gain has its interval above zero): ds." in text
-    assert "vs TF-IDF + LR on the same N: ds ✓." in text
+    assert "- Better under the longer rule (test accuracy interval above zero): ds." in text
+    assert "vs TF-IDF + LR on the same N (point estimates): ds at or above." in text
+    # a dataset whose two profiles measured different test examples is named, not compared
+    other = info(75, 80, 8, 12, True)
+    other["cells"][0]["predictions"]["test"] = [[f"x{i}", "a", "a"] for i in range(100)]
+    skipped = convergence.compare(main, {"ds": other}, {"train": "naive", "infer": "decoding=perplexity"}, "cpu-long")
+    assert not skipped["datasets"] and "ids differ" in skipped["skipped"]["ds"] and skipped["mean"] is None
+    assert "- Not compared: ds (cells measured on different examples" in "\n".join(markdown._longer_budget(skipped, "cpu"))
     assert markdown._longer_budget({"datasets": {}}, "cpu") == [] and markdown._longer_budget(None, "cpu") == []
     # the longer profile's own report never overwrites the main one
     assert [p.name for p in report_paths("cpu")] == ["study.json", "study.md", "plots"]

@@ -15,39 +15,18 @@ Pure functions; flows/study_report.py reads the cell folders.
 """
 from __future__ import annotations
 
-from components.study.plan import NAIVE, canonical
-
-NAIVE_CELL = ("trained", NAIVE, NAIVE, False)  # (kind, train, infer, rl) of naive SFT (generative)
-
-
-def _cells(info: dict) -> dict[tuple, dict]:
-    """A dataset's cell files by (kind, train, infer, rl)."""
-    out = {}
-    for cell in info.get("cells") or []:
-        r = cell["result"]
-        trained = r.get("kind") == "trained"
-        out.setdefault((r.get("kind"), canonical(r["train"]) if trained else r.get("train"),
-                        canonical(r["infer"]) if trained else r.get("infer"), bool(r.get("rl"))), cell)
-    return out
+from components.study import report
+from components.study.plan import NAIVE
 
 
-def _find(cells: dict[tuple, dict], kind: str, train: str | None = None, infer: str | None = None,
-          rl: bool = False) -> dict | None:
-    if kind != "trained":
-        return next((c for (k, *_), c in cells.items() if k == kind), None)
-    return cells.get((kind, canonical(train), canonical(infer), rl))
+def _roles(info: dict, recipe: dict | None) -> dict[str, dict]:
+    """A dataset's cell results by role (report.assign_roles: naive_sft, tfidf, best_sft = the recipe without RL ...)."""
+    results = report.assign_roles([c["result"] for c in info.get("cells") or []], recipe)
+    return report.first_by_role(sorted(results, key=lambda r: r["key"]))  # the order report.aggregate uses
 
 
-def _metrics(cell: dict | None) -> dict | None:
-    return None if cell is None else {k: cell["result"].get(k) for k in ("key", "accuracy", "macro_f1", "n")}
-
-
-def _pair(cell_a: dict | None, cell_b: dict | None, labels: list[str]) -> tuple | None:
-    """(gold, pred_a, pred_b, labels) over the test examples of two cells (None when either is missing)."""
-    from components.evaluate import stats
-
-    rows = [((c or {}).get("predictions") or {}).get("test") for c in (cell_a, cell_b)]
-    return (*stats.align(*rows), labels) if all(rows) else None
+def _metrics(result: dict | None) -> dict | None:
+    return None if result is None else {k: result.get(k) for k in ("key", "accuracy", "macro_f1", "n")}
 
 
 def _budget(training: dict) -> dict | None:
@@ -68,26 +47,36 @@ def compare(main: dict[str, dict], longer: dict[str, dict], recipe: dict | None,
         main, longer: {dataset: {"cells": [cell file], "labels": [...], "record": dataset record}} of each profile
             (flows/study_report.py reads them with components.study.measure.read_dataset).
         recipe: the study's recipe ({"train", "infer"}); GenCLS++ SFT is its cell without RL.
-        profile, rule: the longer profile's name and its SFT settings (epochs, patience, eval_every_steps), reported.
+        profile: the longer profile's name.
+        rule: its SFT settings (epochs, patience, min_epochs, eval_every_steps) to report; None reads them from the longer
+            profile's dataset records (what its cells were trained with).
 
     Returns:
-        {"profile", "rule", "datasets": {name: row}, "mean": pooled longer - main naive SFT (accuracy/macro-F1 with
-        interval) or None}.
+        {"profile", "rule", "datasets": {name: row}, "skipped": {name: why}, "mean": pooled longer - main naive SFT
+        (accuracy/macro-F1 with interval) or None}.
     """
     from components.evaluate import stats
 
-    rows, pooled = {}, []
+    rows, pooled, skipped = {}, [], {}
     for name in sorted(set(main) & set(longer)):
-        a, b = _cells(main[name]), _cells(longer[name])
-        short, long_ = _find(a, *NAIVE_CELL), _find(b, *NAIVE_CELL)
+        a, b = _roles(main[name], recipe), _roles(longer[name], recipe)
+        short, long_ = a.get("naive_sft"), b.get("naive_sft")
         if short is None or long_ is None:
             continue
+        files = {f"{side}:{c['result']['key']}": c for side, info in (("main", main[name]), ("longer", longer[name]))
+                 for c in info.get("cells") or []}  # cell keys per profile, kept apart
         labels = list(main[name].get("labels") or longer[name].get("labels") or [])
-        pair = _pair(long_, short, labels)
+        try:  # different test examples (another test_size) or a cell without predictions: not comparable
+            pair = report.paired_rows(files, f"longer:{long_['key']}", f"main:{short['key']}", labels)
+        except ValueError as exc:
+            pair, skipped[name] = None, str(exc)
+        if pair is None:
+            skipped.setdefault(name, "a naive SFT cell has no test predictions")
+            continue
         pooled.append(pair)
-        gencls = _find(b, "trained", recipe["train"], recipe["infer"]) if recipe else None
-        gencls_pair = _pair(gencls, long_, labels) if gencls is not None else None
-        tfidf = _find(a, "tfidf")
+        gencls = b.get("best_sft")
+        gencls_pair = (report.paired_rows(files, f"longer:{gencls['key']}", f"longer:{long_['key']}", labels)
+                       if gencls else None)
         training = [((info[name].get("record") or {}).get("training") or {}).get(f"{NAIVE} sft") or {}
                     for info in (main, longer)]
         rows[name] = {"main": {**_metrics(short), "budget": _budget(training[0])},
@@ -95,7 +84,9 @@ def compare(main: dict[str, dict], longer: dict[str, dict], recipe: dict | None,
                       "longer_vs_main": stats.paired_bootstrap(*pair),
                       "gencls_sft": _metrics(gencls),
                       "gencls_sft_vs_naive": stats.paired_bootstrap(*gencls_pair) if gencls_pair else None,
-                      "tfidf": _metrics(tfidf)}
-    return {"profile": profile, "rule": {k: (rule or {}).get(k) for k in ("epochs", "patience", "eval_every_steps")},
-            "datasets": rows, "mean": stats.mean_bootstrap(pooled) if pooled else None}
+                      "tfidf": _metrics(a.get("tfidf"))}
+    if rule is None:  # the settings the longer cells were trained with (dataset.json), not today's params.yaml
+        rule = next((((longer[n].get("record") or {}).get("settings") or {}).get("sft") for n in rows), None)
+    return {"profile": profile, "rule": {k: (rule or {}).get(k) for k in ("epochs", "patience", "min_epochs", "eval_every_steps")},
+            "datasets": rows, "skipped": skipped, "mean": stats.mean_bootstrap(pooled) if pooled else None}
 

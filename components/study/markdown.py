@@ -1,5 +1,7 @@
-"""reports/study.md from study.json: the design, the headline with paired-bootstrap intervals, the verdict,
-the recipe and how it was chosen, and per dataset the ablation, the interplay grid, RL and reasoning.
+"""A study profile's report (reports/study.md for cpu, reports/study-<profile>.md otherwise) from its study.json:
+the design, the headline with paired-bootstrap intervals, the verdict, the convergence check (naive SFT under
+a longer budget profile), the recipe and how it was chosen, and per dataset the ablation, the interplay grid,
+RL and reasoning.
 """
 from __future__ import annotations
 
@@ -280,13 +282,14 @@ def _training(name: str, training: dict, plots: str) -> list[str]:
 def _longer_budget(comparison: dict | None, main_profile: str) -> list[str]:
     """The convergence check (components/study/convergence.py): naive SFT under the main and a longer budget rule."""
     rows, profile = (comparison or {}).get("datasets") or {}, (comparison or {}).get("profile")
-    if not rows:
+    if not rows and not (comparison or {}).get("skipped"):
         return []
     rule = comparison.get("rule") or {}
     lines = ["## Convergence check: naive SFT under a longer budget", "",
              f"Profile `{profile}` trains the headline's SFT arms again under a longer rule (conf/params.yaml: up to "
              f"{rule.get('epochs')} epochs, held-out evaluation every {rule.get('eval_every_steps')} steps, stopped once "
-             f"{rule.get('patience')} evaluations in a row do not beat the best held-out macro-F1; best checkpoint kept) on the "
+             f"{rule.get('patience')} evaluations in a row after the first {rule.get('min_epochs') or 0} epochs do not beat the "
+             f"best held-out macro-F1; best checkpoint kept) on the "
              f"same N, held-out slice, test sample, text cut and seed as `{main_profile}`. Test accuracy % / macro-F1 %; "
              f"differences in points with their 95% paired-bootstrap interval. Its cells: "
              f"`reports/study/cells/{profile}/`; its own report: `reports/study-{profile}.md`.", "",
@@ -303,16 +306,23 @@ def _longer_budget(comparison: dict | None, main_profile: str) -> list[str]:
     if mean:
         lines += ["", f"Mean over {len(rows)} dataset(s), longer rule minus `{main_profile}` rule (naive SFT): "
                       f"{_diff(mean)} points."]
-    under = [n for n, r in rows.items() if r["longer_vs_main"]["accuracy"]["low"] > 0]
+    better = [n for n, r in rows.items() if r["longer_vs_main"]["accuracy"]["low"] > 0]
     worse = [n for n, r in rows.items() if r["longer_vs_main"]["accuracy"]["high"] < 0]
-    same = [n for n in rows if n not in under + worse]
-    lines += ["", f"- Under-trained by the `{main_profile}` rule (the longer rule's gain has its interval above zero): "
-                  f"{', '.join(under) or 'none'}.",
+    same = [n for n in rows if n not in better + worse]
+    tfidf = [f"{n} {'at or above' if r['longer']['accuracy'] >= r['tfidf']['accuracy'] else 'below'}"
+             for n, r in rows.items() if r.get("tfidf")]
+    lines += ["", f"- Better under the longer rule (test accuracy interval above zero): {', '.join(better) or 'none'}. "
+                  f"The longer rule also spreads the learning-rate decay over more epochs and picks among more "
+                  f"checkpoints, so a gain says the `{main_profile}` rule left accuracy on the table, not which part "
+                  f"of the rule did.",
               f"- No difference the test sample can resolve (interval spans zero): {', '.join(same) or 'none'}.",
-              f"- Worse under the longer rule (interval below zero): {', '.join(worse) or 'none'}.",
-              "- Naive SFT under the longer rule vs TF-IDF + LR on the same N: " + ", ".join(
-                  f"{n} {'✓' if r['longer']['accuracy'] >= r['tfidf']['accuracy'] else '✗'}"
-                  for n, r in rows.items() if r.get("tfidf")) + "."]
+              f"- Worse under the longer rule (interval below zero): {', '.join(worse) or 'none'}."]
+    if tfidf:
+        lines.append("- Naive SFT under the longer rule vs TF-IDF + LR on the same N (point estimates): "
+                     + ", ".join(tfidf) + ".")
+    skipped = comparison.get("skipped") or {}
+    if skipped:
+        lines.append("- Not compared: " + "; ".join(f"{n} ({why})" for n, why in skipped.items()) + ".")
     lines += ["", "Held-out accuracy by step under the longer rule: " + "; ".join(
         f"{name} " + ", ".join(f"{s}: {100 * a:.1f}" for s, a in (r["longer"]["budget"] or {}).get("held_out", []))
         for name, r in rows.items()) + ".", ""]
@@ -323,4 +333,4 @@ def _budget_steps(budget: dict | None) -> str:
     if not budget:
         return "-"
     stop = ", stopped early" if budget["stopped_early"] else ""
-    return f"{budget['steps']} of {budget['max_steps']}{stop}; kept {budget['kept_step']}"
+    return f"{budget['steps']} of {budget['max_steps']}{stop}; kept {budget['kept_step'] if budget['kept_step'] is not None else '-'}"

@@ -2,7 +2,7 @@
 
     from components.study import plots
     plots.plot_heatmap(study["datasets"]["trec6"]["grid"], Path("trec6-interplay.png"), "trec6")
-    # flows/study.py writes them under reports/study/plots/ from report.aggregate's study dict.
+    # flows/study_report.py writes them under reports/study/plots/ (plots-<profile>/ for a non-cpu profile).
 """
 from __future__ import annotations
 

@@ -71,11 +71,20 @@ def assign_roles(results: Sequence[dict], recipe: dict | None, k: int = 2) -> li
     return out
 
 
+def first_by_role(results: Sequence[dict]) -> dict[str, dict]:
+    """{role: the first result (in the given order) that has it}."""
+    out: dict[str, dict] = {}
+    for r in results:
+        for role in r["roles"]:
+            out.setdefault(role, r)
+    return out
+
+
 def _test_rows(files: dict[str, dict], key: str | None) -> list | None:
     return ((files.get(key) or {}).get("predictions") or {}).get("test") if key else None
 
 
-def _paired(files: dict[str, dict], key_a: str | None, key_b: str | None, labels: list[str]) -> tuple | None:
+def paired_rows(files: dict[str, dict], key_a: str | None, key_b: str | None, labels: list[str]) -> tuple | None:
     """(gold, pred_a, pred_b, labels) over the test examples both cells predicted (None when either is missing)."""
     from components.evaluate import stats
 
@@ -87,7 +96,7 @@ def _difference(files: dict[str, dict], key_a: str | None, key_b: str | None, la
     """Paired-bootstrap difference a - b of two cells' test predictions (None when either is missing)."""
     from components.evaluate import stats
 
-    pair = _paired(files, key_a, key_b, labels)
+    pair = paired_rows(files, key_a, key_b, labels)
     return None if pair is None else stats.paired_bootstrap(*pair)
 
 
@@ -114,15 +123,12 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
         k = int(((info.get("record") or {}).get("settings") or {}).get("icl_k") or (recipe or {}).get("k") or 2)
         results = sorted(assign_roles([c["result"] for c in files.values()], recipe, k), key=lambda r: r["key"])
         labels = list(info.get("labels") or [])
-        by_role: dict[str, dict] = {}
-        for r in results:
-            for role in r["roles"]:
-                by_role.setdefault(role, r)
+        by_role = first_by_role(results)
         ref = (by_role.get(REFERENCE) or {}).get("key")
         headline = {}
         for role, _ in HEADLINE_ROWS:
             r = by_role.get(role)
-            pair = _paired(files, r["key"], ref, labels) if r is not None and role != REFERENCE else None
+            pair = paired_rows(files, r["key"], ref, labels) if r is not None and role != REFERENCE else None
             headline[role] = None if r is None else {
                 **_pick(r), "vs_naive_sft": stats.paired_bootstrap(*pair) if pair else None}
             if pair:
@@ -130,7 +136,7 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
         base = (by_role.get(REFERENCE) or {}).get("val_accuracy")
         dims = single_dim_table(results)
         for row in dims:
-            pair = _paired(files, row["key"], ref, labels)
+            pair = paired_rows(files, row["key"], ref, labels)
             row["vs_naive_sft"] = stats.paired_bootstrap(*pair) if pair else None
             row["val_gain"] = None if base is None or row.get("val_accuracy") is None else row["val_accuracy"] - base
             if pair:
@@ -140,7 +146,7 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
                 if row["val_gain"] is not None:
                     pooled["val"].append(row["val_gain"])
         gencls, best_sft, thought = headline.get("gencls"), headline.get("best_sft"), by_role.get("reasoning")
-        think = _paired(files, thought["key"], gencls["key"], labels) if gencls and thought else None
+        think = paired_rows(files, thought["key"], gencls["key"], labels) if gencls and thought else None
         if think:
             reasoning[name] = think
         record = info.get("record") or {}
@@ -277,6 +283,7 @@ def _dim_order(row: dict) -> tuple[int, int]:
 
 
 def config_summary(config: dict) -> dict:
-    keys = ("model", "lora", "lora_r", "learning_rate", "epochs", "max_steps", "batch_size", "train_size", "eval_size",
+    keys = ("model", "lora", "lora_r", "learning_rate", "epochs", "patience", "max_steps", "batch_size", "train_size",
+            "eval_size",
             "max_prompt_tokens", "num_generations", "beta", "focus")
     return {k: config[k] for k in keys if k in config}

@@ -65,6 +65,7 @@ def make_callbacks(log_fn: LogFn | None, evaluator: "GenerativeEval | None", pre
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             evaluator.resumed_from = int(state.global_step)
+            evaluator.trim(int(state.global_step))  # evaluations after the checkpoint resumed from are redone
             if evaluator.eval_at_start and not evaluator.history:
                 evaluator.run(model, int(state.global_step))
 
@@ -72,11 +73,10 @@ def make_callbacks(log_fn: LogFn | None, evaluator: "GenerativeEval | None", pre
             step = int(state.global_step)
             if evaluator.every > 0 and step % evaluator.every == 0:
                 evaluator.run(model, step)
-            if evaluator.should_stop:  # early stopping (also right after a resume whose history already says so)
-                if not control.should_training_stop:
-                    evaluator.log(f"[{evaluator.prefix} step {step}] stopping early: held-out macro-F1 has not "
-                                  f"improved for {evaluator.stale} evaluations (patience {evaluator.patience}); "
-                                  f"best step {evaluator.best['step']}")
+            if evaluator.should_stop and not control.should_training_stop:  # early stopping
+                evaluator.log(f"[{evaluator.prefix} step {step}] stopping early: held-out macro-F1 has not "
+                              f"improved for {evaluator.stale} evaluations (patience {evaluator.patience}); "
+                              f"best step {evaluator.best['step']}")
                 control.should_training_stop = True
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -156,17 +156,17 @@ class GenerativeEval:
     computes `components.evaluate.evaluation.compute_metrics`, appends to `history` (persisted in
     `state_path`, so a resumed run keeps it), reports through `log_fn`, and saves the model
     to `best_dir` when macro-F1 improves (ties keep the earlier checkpoint). With `patience` > 0 training
-    stops once that many evaluations in a row have not improved on the best (`should_stop`).
+    stops once that many evaluations in a row after `min_step` have not improved on the best (`should_stop`).
     """
 
     def __init__(self, builder: Any, tokenizer: Any, examples: list[dict], labels: Sequence[str],
                  best_dir: Path, state_path: Path, every: int, batch_size: int, log_fn: LogFn | None,
                  prefix: str, eval_at_start: bool = False, log: Callable[[str], None] = print,
-                 patience: int = 0) -> None:
+                 patience: int = 0, min_step: int = 0) -> None:
         self.builder, self.tokenizer, self.examples, self.labels = builder, tokenizer, examples, list(labels)
         self.best_dir, self.state_path = Path(best_dir), Path(state_path)
         self.every, self.batch_size, self.log_fn, self.prefix = every, batch_size, log_fn, prefix
-        self.eval_at_start, self.log, self.patience = eval_at_start, log, int(patience)
+        self.eval_at_start, self.log, self.patience, self.min_step = eval_at_start, log, int(patience), int(min_step)
         self.history: list[dict] = read_json(self.state_path, {}).get("history", [])
         self.resumed_from = 0
 
@@ -181,10 +181,18 @@ class GenerativeEval:
         best = self.best
         return sum(1 for h in self.history if h["step"] > best["step"]) if best else 0
 
+    def trim(self, step: int) -> None:
+        """Forget evaluations after `step` (a run resumed from an earlier checkpoint evaluates them again)."""
+        self.history = [h for h in self.history if h["step"] <= step]
+
     @property
     def should_stop(self) -> bool:
-        """Early stopping: `patience` evaluations in a row without a new best macro-F1."""
-        return self.patience > 0 and self.stale >= self.patience
+        """Early stopping: `patience` evaluations in a row without a new best macro-F1, counted only after
+        `min_step` (a run is never stopped before it, and gets `patience` evaluations past it)."""
+        best = self.best
+        if self.patience <= 0 or best is None:
+            return False
+        return sum(1 for h in self.history if h["step"] > max(best["step"], self.min_step)) >= self.patience
 
     def run(self, model: Any, step: int) -> dict:
         """Evaluate now; returns the history entry."""

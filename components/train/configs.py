@@ -54,6 +54,8 @@ class SFTConfig:
     eval_every_steps: int = _f(50, "generative eval on the held-out slice every N steps (and at the end)")
     patience: int = _f(0, "early stopping: end SFT once held-out macro-F1 has not improved for this many evaluations "
                        "in a row (0 = train the whole budget); the best checkpoint is kept either way")
+    min_epochs: float = _f(0.0, "early stopping counts evaluations only after this many epochs: a run never stops "
+                           "before min_epochs + patience evaluations (robust to a plateau early in training)")
     eval_batch_size: int = _f(16, "batch size of generative eval")
     save_steps: int = _f(25, "trainer checkpoint (for resume) every N steps")
     rebalance: bool = _f(False, "class-weighted resampling of the training subsample (inverse label frequency)")
@@ -241,7 +243,7 @@ def trainer_settings(config: Any, trainer_dir: Path) -> dict[str, Any]:
 
 # Fields added after results were keyed by their config (study cells, trainer run ids, dvc stage keys): at these
 # values they train exactly as before the field existed, so the plain dict leaves them out and those keys stay valid.
-INERT_DEFAULTS = {"patience": 0}
+INERT_DEFAULTS = {"patience": 0, "min_epochs": 0.0}
 
 
 def asdict_config(config: Any) -> dict[str, Any]:

@@ -300,23 +300,43 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
         import shutil
 
         shutil.rmtree(best_dir)
+    if config.patience > 0 and not (held and config.eval_every_steps > 0):
+        raise ValueError(f"sft.patience={config.patience} needs held-out evaluations to stop on: set sft.eval_size > 0 "
+                         f"and sft.eval_every_steps > 0 (got {config.eval_size} and {config.eval_every_steps})")
     evaluator = None
     if held:
         eval_builder = make_builder(tokenizer, labels, strategy, pool, config.max_prompt_tokens, config.seed)
         evaluator = GenerativeEval(eval_builder, tokenizer, held, list(labels), best_dir,
                                    trainer_dir / "eval_history.json", config.eval_every_steps,
-                                   config.eval_batch_size, log_fn, "sft", log=log, patience=config.patience)
+                                   config.eval_batch_size, log_fn, "sft", log=log, patience=config.patience,
+                                   min_step=math.ceil(config.min_epochs * math.ceil(len(rows) / (config.batch_size
+                                                                                              * config.grad_accum))))
     trainer = build_trainer(model, tokenizer, rows, config, trainer_dir, make_callbacks(log_fn, evaluator, "sft"))
     trainer.gencls_started = started  # each checkpoint records the seconds spent so far
     use_compact_progress(trainer, "sft")
-    result = trainer.train(resume_from_checkpoint=resume)
+    if resume and evaluator is not None:
+        evaluator.trim(int(Path(resume).name.rsplit("-", 1)[-1]))
+    if resume and evaluator is not None and evaluator.should_stop:
+        # stopped early, then killed before the output was written: nothing is left to train (the Trainer would
+        # train one more step before it looks at a stop), so the checkpoint's state stands
+        from transformers import TrainerState
+
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        evaluator.resumed_from = int(trainer.state.global_step)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        train_loss = sum(losses) / len(losses) if losses else 0.0
+        log(f"{resume}: stopped early at this step (held-out macro-F1 best at step {evaluator.best['step']}); "
+            "nothing left to train")
+    else:
+        train_loss = float(trainer.train(resume_from_checkpoint=resume).training_loss)
 
     save_final(trainer.model, tokenizer, out_dir, best_dir, evaluator)
     history = evaluator.history if evaluator else []
     metrics = {
-        "kind": "sft", "dataset": dataset, "train_loss": float(result.training_loss),
+        "kind": "sft", "dataset": dataset, "train_loss": train_loss,
         "global_step": int(trainer.state.global_step), "max_steps": int(trainer.state.max_steps),
-        "stopped_early": bool(evaluator and evaluator.should_stop), "resumed_from_step": evaluator.resumed_from if evaluator
+        "stopped_early": bool(evaluator and evaluator.should_stop and trainer.state.global_step < trainer.state.max_steps),
+        "resumed_from_step": evaluator.resumed_from if evaluator
         else (int(resume.rsplit("-", 1)[-1]) if resume else 0),
         "eval_history": history, "best": evaluator.best if evaluator else None,
         "seconds": round(time.time() - started, 1), **stats,
