@@ -60,6 +60,14 @@ def rebuild_report(profile: str) -> dict:
     previous = measure.read_result(report_paths(profile)[0]) or {}
     if (previous.get("meta") or {}).get("profile") == profile:  # keep what only a run knows (model, runs, configs)
         meta = {**previous["meta"], **meta}
+    if not meta.get("model"):  # no finished run wrote this profile's report (one stopped mid-way): the cells say
+        datasets = read_datasets(profile)
+        cell = next((c["result"] for info in datasets.values() for c in info.get("cells") or []), {})
+        settings = next((info["record"].get("settings") or {} for info in datasets.values()), {})
+        meta["model"] = cell.get("model")
+        for kind in ("sft", "rl"):
+            meta[f"{kind}_config_summary"] = meta.get(f"{kind}_config_summary") or report.config_summary(
+                settings.get(kind) or {})
     return write_report(profile, meta, None)
 
 

@@ -283,7 +283,6 @@ def _dim_order(row: dict) -> tuple[int, int]:
 
 
 def config_summary(config: dict) -> dict:
-    keys = ("model", "lora", "lora_r", "learning_rate", "epochs", "patience", "max_steps", "batch_size", "train_size",
-            "eval_size",
-            "max_prompt_tokens", "num_generations", "beta", "focus")
+    keys = ("model", "lora", "lora_r", "learning_rate", "epochs", "patience", "min_epochs", "max_steps", "batch_size",
+            "train_size", "eval_size", "max_prompt_tokens", "num_generations", "beta", "focus")
     return {k: config[k] for k in keys if k in config}
