@@ -60,24 +60,26 @@ def rebuild_report(profile: str) -> dict:
     previous = measure.read_result(report_paths(profile)[0]) or {}
     if (previous.get("meta") or {}).get("profile") == profile:  # keep what only a run knows (model, runs, configs)
         meta = {**previous["meta"], **meta}
+    datasets = read_datasets(profile)
     if not meta.get("model"):  # no finished run wrote this profile's report (one stopped mid-way): the cells say
-        datasets = read_datasets(profile)
         cell = next((c["result"] for info in datasets.values() for c in info.get("cells") or []), {})
         settings = next((info["record"].get("settings") or {} for info in datasets.values()), {})
         meta["model"] = cell.get("model")
         for kind in ("sft", "rl"):
             meta[f"{kind}_config_summary"] = meta.get(f"{kind}_config_summary") or report.config_summary(
                 settings.get(kind) or {})
-    return write_report(profile, meta, None)
+    return write_report(profile, meta, None, datasets=datasets)
 
 
-def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | None = None) -> dict:
-    """The profile's study.json and study.md over every dataset with a record for it, plus the plots (headline
-    bars, interplay heatmaps, learning curves; report_paths); all logged to MLflow when `run_id` is given."""
+def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | None = None,
+                 datasets: dict[str, dict] | None = None) -> dict:
+    """The profile's study.json and study.md over every dataset with a record for it (`datasets`: read_datasets,
+    when the caller has already read them), plus the plots (headline bars, interplay heatmaps, learning curves;
+    report_paths); all logged to MLflow when `run_id` is given."""
     json_path, md_path, plots_dir = report_paths(profile)
     meta = {**meta, "plots": plots_dir.relative_to(reports_dir()).as_posix()}
     recipe = recipe if recipe is not None else read_recipe(profile)
-    datasets = read_datasets(profile)
+    datasets = read_datasets(profile) if datasets is None else datasets
     study = report.aggregate(datasets, meta, recipe)
     if profile == MAIN_PROFILE and cells_root(LONGER_PROFILE).is_dir():
         longer = convergence.compare(datasets, read_datasets(LONGER_PROFILE), recipe, LONGER_PROFILE)

@@ -314,8 +314,9 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
     trainer = build_trainer(model, tokenizer, rows, config, trainer_dir, make_callbacks(log_fn, evaluator, "sft"))
     trainer.gencls_started = started  # each checkpoint records the seconds spent so far
     use_compact_progress(trainer, "sft")
+    resumed_step = int(resume.rsplit("-", 1)[-1]) if resume else 0
     if resume and evaluator is not None:
-        evaluator.trim(int(Path(resume).name.rsplit("-", 1)[-1]))
+        evaluator.trim(resumed_step)
     if resume and evaluator is not None and evaluator.should_stop:
         # stopped early, then killed before the output was written: nothing is left to train (the Trainer would
         # train one more step before it looks at a stop), so the checkpoint's state stands
@@ -336,8 +337,7 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
         "kind": "sft", "dataset": dataset, "train_loss": train_loss,
         "global_step": int(trainer.state.global_step), "max_steps": int(trainer.state.max_steps),
         "stopped_early": bool(evaluator and evaluator.should_stop and trainer.state.global_step < trainer.state.max_steps),
-        "resumed_from_step": evaluator.resumed_from if evaluator
-        else (int(resume.rsplit("-", 1)[-1]) if resume else 0),
+        "resumed_from_step": evaluator.resumed_from if evaluator else resumed_step,
         "eval_history": history, "best": evaluator.best if evaluator else None,
         "seconds": round(time.time() - started, 1), **stats,
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
