@@ -1,6 +1,7 @@
 """Project paths, offline switches and conf/params.yaml loading (no side effects at import)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import urllib.request
@@ -38,6 +39,10 @@ def set_offline_env() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(cache_dir() / "prefect"))
+    # Prefect creates its home without parents: on a fresh machine (no ~/.cache/gencls yet) its sqlite database
+    # cannot be opened and the temporary API server times out, so make the whole path here.
+    with contextlib.suppress(OSError):
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     if not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
         for key, value in FILE_OUTPUT_ENV.items():
             os.environ.setdefault(key, value)

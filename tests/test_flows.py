@@ -182,3 +182,21 @@ def test_summary_interval_pairs_the_two_rows_on_their_shared_test_examples(tmp_p
     assert "points [+" in line and line.count("better") == 2
     (tmp_path / "reports" / "tiny" / "sft" / "predictions.jsonl").unlink()
     assert summary_interval("tiny") is None
+
+
+def test_prefect_home_is_made_on_a_machine_without_a_cache_dir(tmp_path):
+    """A fresh machine has no ~/.cache/gencls: Prefect makes its home without parents, so its sqlite database
+    could not open and every flow's temporary server timed out. set_offline_env makes the path first."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "fresh" / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"} | {"GENCLS_CACHE": str(cache)}
+    code = ("from components.config import set_offline_env; set_offline_env()\n"
+            "import prefect.settings as s; print(s.get_current_settings().home)")
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning:prefect.context", "-c", code], env=env,
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Path(out.stdout.strip()) == cache / "prefect"
+    assert (cache / "prefect").is_dir()
