@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.train.engine import (
-    IGNORE,
-    SharedPrefixCollator,
-    answer_loss,
+from components.train.engine import IGNORE, SharedPrefixCollator, answer_loss
+from components.train.grpo_engine import (
+    FrozenPrefix,
+    PromptStash,
     group_shared_logps,
     prompt_groups,
     shared_generate,
@@ -144,6 +144,70 @@ def test_group_shared_logps_carry_gradients_like_the_unshared_forward(lora_model
         torch.testing.assert_close(fast[name], grad, atol=1e-4, rtol=1e-4)
 
 
+def _unshared_logps(model, ids, mask, keep):
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -keep - 1:-1]
+    return logits.log_softmax(-1).gather(-1, ids[:, -keep:].unsqueeze(-1)).squeeze(-1)
+
+
+def test_scattered_groups_run_each_prompt_once_and_give_the_unshared_numbers(lora_model):
+    """TRL shuffles the batch before the loss: a group's rows are no longer consecutive."""
+    model, tokenizer = lora_model
+    ids, mask, keep = _grpo_batch(tokenizer)
+    order = torch.tensor([4, 0, 3, 1, 5, 2])
+    ids, mask = ids[order], mask[order]
+    firsts, group = prompt_groups(ids[:, :-keep], mask[:, :-keep])
+    assert firsts.tolist() == [0, 1] and group.tolist() == [0, 1, 0, 1, 0, 1]
+    valid = mask[:, -keep:].bool()
+    shared, _ = group_shared_logps(model, ids, mask, keep)
+    torch.testing.assert_close(shared[valid], _unshared_logps(model, ids, mask, keep)[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_prefix_is_kept_across_calls_and_cut_to_a_shorter_prefix(lora_model):
+    model, tokenizer = lora_model
+    ids, mask, keep = _grpo_batch(tokenizer)
+    frozen = FrozenPrefix()
+    valid = mask[:, -keep:].bool()
+    with torch.no_grad():
+        first, _ = group_shared_logps(model, ids, mask, keep, frozen=frozen)
+        held, held_ids = frozen.held, frozen.ids
+        assert len(held_ids) > 16  # the system message and instructions
+        # one prompt group: its common prefix is the whole prompt but its last token, longer than the held one
+        again, _ = group_shared_logps(model, ids[3:], mask[3:], keep, frozen=frozen)
+        assert frozen.held is held and frozen.ids == held_ids  # served from the held cache, nothing recomputed
+        plain = _unshared_logps(model, ids, mask, keep)
+    torch.testing.assert_close(first[valid], plain[valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again[valid[3:]], plain[3:][valid[3:]], atol=1e-4, rtol=1e-4)
+    layers, common = frozen.layers(model, torch.tensor([held_ids[:5]]))
+    assert common == 5 and layers[0][0].shape[2] == 5 and frozen.held is held  # a cut, not a new pass
+
+
+def test_prompt_stash_from_generation_gives_the_losss_logps_and_gradients(lora_model):
+    """Generation's prompt pass (kept with its graph) serves the policy loss: same log-probs and LoRA gradients
+    as the unshared forward, on the shuffled rows the loss sees."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = lora_model
+    ids, mask, keep = _grpo_batch(tokenizer, group_size=2)
+    width = ids.shape[1] - keep
+    config = GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        out, fed, stash = shared_generate(model, ids[:, :width], mask[:, :width], config, keep_graph=True)
+        plain = model.generate(input_ids=ids[:, :width], attention_mask=mask[:, :width], generation_config=config)
+    assert torch.equal(out[:, fed:], plain[:, width:])  # generation unchanged by keeping the graph
+    order = torch.tensor([3, 1, 0, 2])
+    ids, mask = ids[order], mask[order]
+    valid = mask[:, -keep:].bool()
+    fast, _ = stash.logps(model, ids, mask, keep)
+    fast_grads = _lora_grads(model, fast[valid].sum())
+    reference = _unshared_logps(model, ids, mask, keep)
+    torch.testing.assert_close(fast[valid], reference[valid].detach(), atol=1e-4, rtol=1e-4)
+    for name, grad in _lora_grads(model, reference[valid].sum()).items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-4)
+    other = ids.clone()
+    other[0, width - 2] += 1  # a prompt generation never saw
+    assert stash.logps(model, other, mask, keep) is None
+
+
 def test_shared_generation_is_the_plain_generation(lora_model):
     from transformers import GenerationConfig
 
@@ -153,7 +217,7 @@ def test_shared_generation_is_the_plain_generation(lora_model):
     config = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         plain = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-        shared, fed = shared_generate(model, prompt_ids, prompt_mask, config)
+        shared, fed, stash = shared_generate(model, prompt_ids, prompt_mask, config)
     assert torch.equal(plain[:, prompt_ids.shape[1]:], shared[:, fed:])
     prefix, rests, _ = split_common_prefix(prompt_ids, prompt_mask)
     assert prefix.shape[1] > 16 and rests.shape[0] == len(prompt_ids)  # system message + instructions shared

@@ -209,3 +209,39 @@ def test_rl_selects_on_sfts_held_out_slice_when_that_slice_is_also_the_gate(tiny
     assert [h["step"] for h in metrics["eval_history"]] == [0, 1]
     assert metrics["best"] is not None and metrics["best"]["step"] in (0, 1)
     assert json.loads((out / "gencls_config.json").read_text())["best_step"] == metrics["best"]["step"]
+
+
+def test_group_shared_steps_reuse_generations_prompt_pass_and_the_reference_prefix(sft_run, tmp_path, monkeypatch):
+    """In a real GRPO run the loss continues from generation's prompt pass (same log-probs as a fresh pass, so
+    the weights did not move in between) and the reference's prompt prefix runs once for the whole run."""
+    import torch
+
+    from components.train import grpo_engine
+    from components.train.rl import train_rl
+
+    used, prefix_runs = [], []
+    stash_logps, frozen_layers = grpo_engine.PromptStash.logps, grpo_engine.FrozenPrefix.layers
+
+    def checked_logps(self, model, input_ids, attention_mask, logits_to_keep, temperature=1.0, compute_entropy=False):
+        out = stash_logps(self, model, input_ids, attention_mask, logits_to_keep, temperature, compute_entropy)
+        if out is not None:
+            with torch.no_grad():
+                fresh, _ = grpo_engine.group_shared_logps(model, input_ids, attention_mask, logits_to_keep,
+                                                          temperature)
+            torch.testing.assert_close(out[0].detach(), fresh, atol=1e-5, rtol=1e-5)
+            used.append(out[0].shape)
+        return out
+
+    def counted_layers(self, model, prefix_ids):
+        before = self.held
+        out = frozen_layers(self, model, prefix_ids)
+        prefix_runs.append(self.held is not before)
+        return out
+
+    monkeypatch.setattr(grpo_engine.PromptStash, "logps", checked_logps)
+    monkeypatch.setattr(grpo_engine.FrozenPrefix, "layers", counted_layers)
+    data, sft_dir = sft_run
+    train_rl("toy", rl_config(max_steps=3, eval_every=10, temperature=1.5), sft_dir=sft_dir, out_dir=tmp_path / "rl",
+             data_dir=data)
+    assert len(used) == 3  # every step's loss
+    assert prefix_runs and prefix_runs[0] and not any(prefix_runs[1:])  # the reference prefix ran once

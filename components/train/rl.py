@@ -227,7 +227,7 @@ def build_grpo_trainer(model: Any, tokenizer: Any, rows: list[dict], reward_func
     )
     trainer_class = GRPOTrainer
     if config.engine == "group-shared":
-        from components.train.engine import make_grpo_trainer_class
+        from components.train.grpo_engine import make_grpo_trainer_class
 
         trainer_class = make_grpo_trainer_class()
     trainer_class = with_atomic_checkpoints(trainer_class)
