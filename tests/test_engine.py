@@ -62,12 +62,15 @@ def _lora_grads(model, loss):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_shared_prefix_sft_loss_and_lora_gradients_equal_the_plain_path(lora_model, share):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("share,pack", [(True, True), (True, False), (False, False), (False, True)])
+def test_shared_prefix_sft_loss_and_lora_gradients_equal_the_plain_path(lora_model, share, pack, attention):
     model, tokenizer = lora_model
+    model.config._attn_implementation = attention
     rows = _rows(tokenizer, ["great film , loved it", "terrible plot", "see you at lunch tomorrow , it was fine"],
                  ["positive", "negative", "negative positive"])
-    batch = SharedPrefixCollator(pad_id=tokenizer.pad_token_id, share=share)(rows)
+    batch = SharedPrefixCollator(pad_id=tokenizer.pad_token_id, share=share, pack=pack)(rows)
+    assert int(batch["pack"]) == pack
     assert (batch["prefix_ids"].shape[1] > 16) == share  # the system message and instructions are shared
     assert batch["input_ids"].shape[1] < max(len(r["input_ids"]) for r in rows) or not share
     fast, _ = answer_loss(model, batch)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from components.model.scoring import MIN_SHARED_PREFIX, _cache_kwarg, _output_cache, shared_prefix_length
 
 IGNORE = -100  # label of a position that carries no loss (prompt, padding)
+PACK_MAX_TOKENS = 2048  # a packed row attends through a [T, T] mask: beyond this, padded rows cost less
 
 
 # ----------------------------------------------------------------------------- SFT batches
@@ -36,7 +37,9 @@ class SharedPrefixCollator:
     made inside the rest.
 
     Returns (torch tensors): `prefix_ids` [1, n], `input_ids`/`attention_mask`/`labels` [B, W]
-    (left padding), `answer_tokens` (scalar): the most positions any row supervises.
+    (left padding), `answer_tokens` (scalar): the most positions any row supervises, `pack` (scalar):
+    1 when `pack` is asked and the prefix and the rests' real tokens make at most PACK_MAX_TOKENS, so the
+    loss runs them as one packed row (`packed_answer_logits`: no padding, one forward).
 
     Example:
         >>> c = SharedPrefixCollator(pad_id=0, min_prefix=2)
@@ -49,6 +52,7 @@ class SharedPrefixCollator:
     pad_id: int
     min_prefix: int = MIN_SHARED_PREFIX
     share: bool = True
+    pack: bool = False
 
     def __call__(self, features: Sequence[dict]) -> dict:
         import torch
@@ -66,6 +70,7 @@ class SharedPrefixCollator:
             "attention_mask": torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pads, rests)], dtype=torch.long),
             "labels": torch.tensor([[IGNORE] * p + lab for p, lab in zip(pads, rest_labels)], dtype=torch.long),
             "answer_tokens": torch.tensor(max(len(row) - s for row, s in zip(ids, starts))),
+            "pack": torch.tensor(int(self.pack and n + sum(map(len, rests)) <= PACK_MAX_TOKENS)),
         }
 
 
@@ -93,8 +98,58 @@ def answer_logits(model: Any, batch: dict) -> tuple[Any, Any]:
     prefix = batch.get("prefix_ids")
     if prefix is None:
         prefix = ids[:1, :0]
+    if int(batch.get("pack", 0)) and _takes_a_custom_mask(model):
+        return packed_answer_logits(model, prefix, ids, mask, labels)
     _, logits, _ = prompt_pass(model, prefix, ids, mask, logits_to_keep=keep + 1)
     return logits[:, :-1], labels[:, -keep:]
+
+
+def _takes_a_custom_mask(model: Any) -> bool:
+    """Whether the model's attention applies a 4D additive mask as given (eager and SDPA do; flash kernels do not)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+
+
+def packed_answer_logits(model: Any, prefix: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, Any]:
+    """(logits [1, K, V] at the K positions that predict answer tokens, those tokens [1, K]) from one packed row.
+
+    The row is [prefix | row 1's real tokens | row 2's | ...]: each row's tokens sit at their true positions
+    (after the prefix) and attend, through a block mask, to the prefix and to their own row only, so every
+    logit is the padded forward's; padding and a second forward for the prefix are gone.
+
+    Example:
+        >>> import torch
+        >>> calls = []
+        >>> class Echo(torch.nn.Module):  # a stand-in model recording what it is given
+        ...     config = None
+        ...     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
+        ...         calls.append((input_ids.tolist(), position_ids.tolist(), logits_to_keep.tolist()))
+        ...         return type("Out", (), {"logits": torch.zeros(1, len(logits_to_keep), 3)})
+        >>> _, targets = packed_answer_logits(Echo(), torch.tensor([[7, 8]]), torch.tensor([[0, 5, 6], [4, 5, 9]]),
+        ...                                   torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        ...                                   torch.tensor([[-100, -100, 6], [-100, 5, 9]]))
+        >>> calls[0], targets.tolist()
+        (([[7, 8, 5, 6, 4, 5, 9]], [[0, 1, 2, 3, 2, 3, 4]], [2, 4, 5]), [[6, 5, 9]])
+    """
+    import torch
+
+    device, n = ids.device, prefix.shape[1]
+    real = mask.bool()
+    rows = [row[keep] for row, keep in zip(ids, real)]
+    packed = torch.cat([prefix[0], *rows])
+    positions = torch.cat([torch.arange(n, device=device), *(n + torch.arange(len(r), device=device) for r in rows)])
+    segment = torch.cat([torch.zeros(n, dtype=torch.long, device=device),
+                         *(torch.full((len(r),), i + 1, device=device) for i, r in enumerate(rows))])
+    order = torch.arange(len(packed), device=device)
+    allowed = (order[None, :] <= order[:, None]) & ((segment[None, :] == 0) | (segment[None, :] == segment[:, None]))
+    block = allowed  # SDPA takes a boolean mask (True: attend); eager adds the mask to the scores
+    if getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") == "eager":
+        block = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    targets = torch.cat([torch.full((n,), IGNORE, device=device), *(lab[keep] for lab, keep in zip(labels, real))])
+    answer = (targets != IGNORE).nonzero().flatten()
+    out = model(input_ids=packed[None], attention_mask=block[None, None], position_ids=positions[None],
+                logits_to_keep=answer - 1)
+    return out.logits, targets[answer][None]
 
 
 def answer_loss(model: Any, batch: dict, num_items_in_batch: Any = None, metrics: bool = False) -> tuple[Any, dict]:

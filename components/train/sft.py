@@ -228,7 +228,8 @@ def build_trainer(model: Any, tokenizer: Any, rows: list[dict], config: SFTConfi
         trainer_class = make_sft_trainer_class()
         trainer_class.token_metrics = config.token_metrics
         kwargs["data_collator"] = SharedPrefixCollator(pad_id=tokenizer.pad_token_id,
-                                                       share=config.engine == "shared-prefix")
+                                                       share=config.engine == "shared-prefix",
+                                                       pack=config.engine == "shared-prefix")
     trainer_class = with_atomic_checkpoints(trainer_class)
     with python_print():  # TRL maps the dataset: no bytecode in a Prefect run's log
         return trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows),
