@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.train.engine import IGNORE, SharedPrefixCollator, answer_loss
+from components.train import engine
+from components.train.engine import IGNORE, SharedPrefixCollator, answer_loss, packed_answer_logits
 from components.train.grpo_engine import (
     FrozenPrefix,
     PromptStash,
@@ -64,16 +65,21 @@ def _lora_grads(model, loss):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("share,pack", [(True, True), (True, False), (False, False), (False, True)])
-def test_shared_prefix_sft_loss_and_lora_gradients_equal_the_plain_path(lora_model, share, pack, attention):
+def test_shared_prefix_sft_loss_and_lora_gradients_equal_the_plain_path(lora_model, share, pack, attention,
+                                                                       monkeypatch):
     model, tokenizer = lora_model
     model.config._attn_implementation = attention
     rows = _rows(tokenizer, ["great film , loved it", "terrible plot", "see you at lunch tomorrow , it was fine"],
                  ["positive", "negative", "negative positive"])
     batch = SharedPrefixCollator(pad_id=tokenizer.pad_token_id, share=share, pack=pack)(rows)
     assert int(batch["pack"]) == pack
+    packed_calls = []
+    monkeypatch.setattr(engine, "packed_answer_logits",
+                        lambda *a: packed_calls.append(1) or packed_answer_logits(*a))
     assert (batch["prefix_ids"].shape[1] > 16) == share  # the system message and instructions are shared
     assert batch["input_ids"].shape[1] < max(len(r["input_ids"]) for r in rows) or not share
     fast, _ = answer_loss(model, batch)
+    assert len(packed_calls) == int(pack)  # the packed row was taken when asked
     fast_grads = _lora_grads(model, fast)
     plain = _plain_loss(model, rows, tokenizer.pad_token_id)
     plain_grads = _lora_grads(model, plain)
@@ -102,11 +108,11 @@ def test_collator_without_a_long_common_prefix_pads_whole_rows():
     assert out["labels"][:, -1].tolist() == [3, 4] and int(out["answer_tokens"]) == 1
 
 
-def _grpo_batch(tokenizer, group_size=3):
+def _grpo_batch(tokenizer, group_size=3, texts=("great film , loved it", "terrible plot and bad acting , who wrote hamlet")):
     """TRL's layout: left-padded prompts repeated G times, right-padded completions."""
     prompts = [tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": t}],
                                              tokenize=False, add_generation_prompt=True)
-               for t in ["great film , loved it", "terrible plot and bad acting , who wrote hamlet"]]
+               for t in texts]
     completions = ["positive<|im_end|>", "negative", "uncertain positive<|im_end|>"]
     p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(group_size)]
     c_ids = [tokenizer(completions[i % 3], add_special_tokens=False)["input_ids"] for i in range(len(p_ids))]
@@ -174,12 +180,19 @@ def test_frozen_prefix_is_kept_across_calls_and_cut_to_a_shorter_prefix(lora_mod
         first, _ = group_shared_logps(model, ids, mask, keep, frozen=frozen)
         held, held_ids = frozen.held, frozen.ids
         assert len(held_ids) > 16  # the system message and instructions
-        # one prompt group: its common prefix is the whole prompt but its last token, longer than the held one
-        again, _ = group_shared_logps(model, ids[3:], mask[3:], keep, frozen=frozen)
+        # two prompts that share more than the held prefix ("great film , "): the held cache serves its part,
+        # the rest of their common prefix runs with each prompt's rest
+        more, more_mask, _ = _grpo_batch(tokenizer, group_size=2, texts=("great film , loved it", "great film , hated it"))
+        prefix, _, _ = split_common_prefix(more[:, :-keep][[0, 2]], more_mask[:, :-keep][[0, 2]])
+        assert prefix.shape[1] > len(held_ids)
+        again, _ = group_shared_logps(model, more, more_mask, keep, frozen=frozen)
         assert frozen.held is held and frozen.ids == held_ids  # served from the held cache, nothing recomputed
         plain = _unshared_logps(model, ids, mask, keep)
+        plain_more = _unshared_logps(model, more, more_mask, keep)
     torch.testing.assert_close(first[valid], plain[valid], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(again[valid[3:]], plain[3:][valid[3:]], atol=1e-4, rtol=1e-4)
+    more_valid = more_mask[:, -keep:].bool()
+    torch.testing.assert_close(again[more_valid], plain_more[more_valid], atol=1e-4, rtol=1e-4)
+    assert (again[~more_valid] == 0).all()  # completion padding gets 0, as in TRL's pass
     layers, common = frozen.layers(model, torch.tensor([held_ids[:5]]))
     assert common == 5 and layers[0][0].shape[2] == 5 and frozen.held is held  # a cut, not a new pass
 

@@ -211,9 +211,12 @@ def test_rl_selects_on_sfts_held_out_slice_when_that_slice_is_also_the_gate(tiny
     assert json.loads((out / "gencls_config.json").read_text())["best_step"] == metrics["best"]["step"]
 
 
-def test_group_shared_steps_reuse_generations_prompt_pass_and_the_reference_prefix(sft_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_group_shared_steps_reuse_generations_prompt_pass_and_the_reference_prefix(sft_run, tmp_path, monkeypatch,
+                                                                                   grad_accum):
     """In a real GRPO run the loss continues from generation's prompt pass (same log-probs as a fresh pass, so
-    the weights did not move in between) and the reference's prompt prefix runs once for the whole run."""
+    the weights did not move in between) and the reference's prompt prefix runs once for the whole run. With
+    gradient accumulation one generation serves two loss passes (TRL's steps_per_generation): no reuse."""
     import torch
 
     from components.train import grpo_engine
@@ -241,7 +244,7 @@ def test_group_shared_steps_reuse_generations_prompt_pass_and_the_reference_pref
     monkeypatch.setattr(grpo_engine.PromptStash, "logps", checked_logps)
     monkeypatch.setattr(grpo_engine.FrozenPrefix, "layers", counted_layers)
     data, sft_dir = sft_run
-    train_rl("toy", rl_config(max_steps=3, eval_every=10, temperature=1.5), sft_dir=sft_dir, out_dir=tmp_path / "rl",
-             data_dir=data)
-    assert len(used) == 3  # every step's loss
+    train_rl("toy", rl_config(max_steps=3, eval_every=10, temperature=1.5, grad_accum=grad_accum,
+                              batch_size=4 // grad_accum), sft_dir=sft_dir, out_dir=tmp_path / "rl", data_dir=data)
+    assert len(used) == (3 if grad_accum == 1 else 0)  # every step's loss, or none
     assert prefix_runs and prefix_runs[0] and not any(prefix_runs[1:])  # the reference prefix ran once

@@ -105,9 +105,12 @@ def answer_logits(model: Any, batch: dict) -> tuple[Any, Any]:
 
 
 def _takes_a_custom_mask(model: Any) -> bool:
-    """Whether the model's attention applies a 4D additive mask as given (eager and SDPA do; flash kernels do not)."""
+    """Whether the model's attention applies a 4D mask as given: eager and SDPA do, flash kernels do not, and a
+    sliding window (Gemma 3's local layers) would be dropped by a block mask passed as is."""
     config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    windowed = bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True) is not False
+    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa") and not windowed
 
 
 def packed_answer_logits(model: Any, prefix: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, Any]:

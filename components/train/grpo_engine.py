@@ -148,7 +148,7 @@ def group_shared_logps(model: Any, input_ids: Any, attention_mask: Any, logits_t
     if logits_to_keep > 1:
         tail = _continue(model, cache, mask, group, input_ids[:, width:-1], attention_mask[:, width:-1])
         logits = torch.cat([logits, tail], dim=1)
-    return _token_logps(logits, input_ids[:, width:], temperature, compute_entropy)
+    return _token_logps(logits, input_ids[:, width:], attention_mask[:, width:], temperature, compute_entropy)
 
 
 def _continue(model: Any, cache: Any, mask: Any, group: Any, ids: Any, ids_mask: Any) -> Any:
@@ -161,11 +161,14 @@ def _continue(model: Any, cache: Any, mask: Any, group: Any, ids: Any, ids_mask:
     return out.logits
 
 
-def _token_logps(logits: Any, targets: Any, temperature: float, compute_entropy: bool) -> tuple[Any, Any]:
-    """(log-prob of each target token, the distribution's entropy or None) from logits [B, L, V]."""
+def _token_logps(logits: Any, targets: Any, mask: Any, temperature: float,
+                 compute_entropy: bool) -> tuple[Any, Any]:
+    """(log-prob of each target token, the distribution's entropy or None) from logits [B, L, V]; 0 where `mask`
+    is 0 (completion padding), as TRL's own pass gives."""
     logp = (logits.float() / temperature).log_softmax(-1)
-    token_logps = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return token_logps, (-(logp.exp() * logp).sum(-1) if compute_entropy else None)
+    pad = mask == 0
+    token_logps = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(pad, 0.0)
+    return token_logps, ((-(logp.exp() * logp).sum(-1)).masked_fill(pad, 0.0) if compute_entropy else None)
 
 
 @dataclass
@@ -206,7 +209,7 @@ class PromptStash:
         group = torch.tensor(rows, dtype=torch.long, device=input_ids.device)
         logits = _continue(model, self.cache, self.mask, group, input_ids[:, width - 1:-1],
                            attention_mask[:, width - 1:-1])
-        return _token_logps(logits, input_ids[:, width:], temperature, compute_entropy)
+        return _token_logps(logits, input_ids[:, width:], attention_mask[:, width:], temperature, compute_entropy)
 
 
 def _real(ids: Any, mask: Any) -> tuple:
@@ -279,9 +282,11 @@ def make_grpo_trainer_class():
 
         def _keep_prompt_graph(self) -> bool:
             """Whether generation's prompt pass can serve the loss: the weights must not move in between (every
-            step generates for itself), one process (no DDP/DeepSpeed forward hooks), no recomputation."""
+            step generates for itself), one process and no DeepSpeed/FSDP (their parameters are gathered for
+            generation only), no recomputation."""
             return bool(self.model.training and self.args.steps_per_generation == 1 and self.num_iterations == 1
-                        and self.accelerator.num_processes == 1 and not self.args.gradient_checkpointing)
+                        and self.accelerator.num_processes == 1 and not self.args.gradient_checkpointing
+                        and not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
 
         def _frozen_prefix(self, model) -> FrozenPrefix | None:
             """The reference pass's prefix cache, kept across steps (None for the policy: its weights move)."""
