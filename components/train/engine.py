@@ -74,16 +74,10 @@ class SharedPrefixCollator:
         }
 
 
-def prefix_cache(model: Any, prefix_ids: Any, batch: int, grad: bool = True) -> tuple[Any, int]:
-    """(KV cache of `prefix_ids` [1, n] broadcast to `batch` rows, n); gradients flow through it."""
-    import torch
-    from transformers import DynamicCache
-
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
-    layers = [(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
-              for layer in _output_cache(out).layers]
-    return DynamicCache(layers), prefix_ids.shape[1]
+def prefix_layers_of(model: Any, prefix_ids: Any) -> list:
+    """Per-layer (keys, values) [1, ..., n, ...] of `prefix_ids` [1, n]; gradients flow through them when enabled."""
+    out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in _output_cache(out).layers]
 
 
 def answer_logits(model: Any, batch: dict) -> tuple[Any, Any]:
@@ -218,12 +212,10 @@ def prompt_pass(model: Any, prefix_ids: Any, rest_ids: Any, rest_mask: Any,
 
     rows, n = rest_ids.shape[0], prefix_ids.shape[1]
     kwargs: dict[str, Any] = {}
-    if n and prefix_layers is not None:
+    if n:  # the prefix's cache broadcast to the rows (`expand`, no copy): gradients from every row flow back
+        layers = prefix_layers if prefix_layers is not None else prefix_layers_of(model, prefix_ids)
         kwargs[_cache_kwarg(model)] = DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-                                                    for k, v in prefix_layers])
-    elif n:
-        cache, _ = prefix_cache(model, prefix_ids, rows)
-        kwargs[_cache_kwarg(model)] = cache
+                                                    for k, v in layers])
     ones = torch.ones((rows, n), dtype=rest_mask.dtype, device=rest_mask.device)
     mask = torch.cat([ones, rest_mask], dim=1)
     if rest_ids.shape[1] == 0:

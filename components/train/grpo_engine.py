@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from components.model.scoring import MIN_SHARED_PREFIX, _cache_kwarg, _output_cache, shared_prefix_length
-from components.train.engine import prompt_pass
+from components.model.scoring import MIN_SHARED_PREFIX, _cache_kwarg, shared_prefix_length
+from components.train.engine import prefix_layers_of, prompt_pass
 
 
 def prompt_groups(prompt_ids: Any, prompt_mask: Any) -> tuple[Any, Any]:
@@ -113,8 +113,7 @@ class FrozenPrefix:
             common += 1
         if common < min(MIN_SHARED_PREFIX, len(ids)):
             with torch.no_grad():
-                out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
-            self.ids, self.held = ids, [(layer.keys, layer.values) for layer in _output_cache(out).layers]
+                self.ids, self.held = ids, prefix_layers_of(model, prefix_ids)
             common = len(ids)
         return [(k[:, :, :common], v[:, :, :common]) for k, v in self.held], common
 
@@ -231,15 +230,12 @@ def shared_generate(model: Any, padded_ids: Any, attention_mask: Any, generation
         the completions are `output[:, width:]`.
     """
     import torch
-    from transformers import DynamicCache
 
     with torch.set_grad_enabled(keep_graph):
         stash, group, (input_ids, mask) = PromptStash.run(model, padded_ids, attention_mask)
-    cache = DynamicCache([(layer.keys.detach().index_select(0, group), layer.values.detach().index_select(0, group))
-                          for layer in stash.cache.layers])
-    with torch.no_grad():
+    with torch.no_grad():  # generate gets a copy outside the graph; the stash keeps the graph for the loss
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=generation_config,
-                             **{_cache_kwarg(model): cache})
+                             **{_cache_kwarg(model): _expand_cache(stash.cache, group)})
     return out, input_ids.shape[1], (stash if keep_graph else None)
 
 
