@@ -1,7 +1,7 @@
 """dvc stage entry points: `python -m flows.stages <stage>` (dvc.yaml calls these).
 
     python -m flows.stages data|validate|render|sft|rl|register
-    python -m flows.stages evaluate zeroshot|sft|gencls|tfidf
+    python -m flows.stages evaluate [tfidf|zeroshot|sft|gencls]   # no name: every row, in one process
 
 The dataset and profile come from conf/params.yaml (`data.dataset`, `profile`); each stage
 opens its own MLflow run (tag `stage`), marked FAILED when the stage raises.
@@ -16,6 +16,7 @@ from components.config import load_params, set_offline_env
 from components.threads import apply_thread_policy
 
 STAGES = ("data", "validate", "render", "sft", "rl", "evaluate", "register")
+EVALUATIONS = ("tfidf", "zeroshot", "sft", "gencls")  # the summary's rows, in the order `evaluate` runs them
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("name", nargs="?", help="evaluate only: zeroshot | sft | gencls | tfidf (both TF-IDF rows)")
+    parser.add_argument("name", nargs="?", help="evaluate only: one row, tfidf (both TF-IDF rows) | zeroshot | sft | "
+                                                "gencls; none: all of them")
     args = parser.parse_args(argv)
     from flows import steps
 
@@ -52,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "rl":
         steps.step_rl(dataset, profile)
     elif args.stage == "evaluate":
-        if args.name not in ("zeroshot", "sft", "gencls", "tfidf"):
-            parser.error("evaluate needs one of: zeroshot, sft, gencls, tfidf")
-        if args.name == "tfidf":
-            steps.step_baselines(dataset, profile)
-        else:
-            steps.step_evaluate(dataset, args.name, profile=profile)
+        if args.name not in (None, *EVALUATIONS):
+            parser.error(f"evaluate takes one of: {', '.join(EVALUATIONS)} (none: all of them, as dvc.yaml runs it)")
+        for name in [args.name] if args.name else EVALUATIONS:  # one process: torch, PEFT and MLflow load once
+            if name == "tfidf":
+                steps.step_baselines(dataset, profile)
+            else:
+                steps.step_evaluate(dataset, name, profile=profile)
     elif args.stage == "register":
         decision = steps.step_register(dataset, profile=profile)
         print(f"[register] {decision['model']} v{decision['version']}: {decision['decision']} ({decision['reason']})")

@@ -85,10 +85,11 @@ def step_validate(dataset: str, run_id: str | None = None) -> dict:
     the Data Docs site (validation/data_docs/, opens offline), tag validation.success and metrics
     validation.success and validation.failed_expectations, whether the data passes or not.
     """
-    from components.data.validation import DataValidationError, validate_dataset
+    from components.data.validation import DataValidationError, remember_pass, validate_dataset
 
     with run_scope(dataset, "validate", run_id) as rid:
         report = validate_dataset(dataset)
+        remember_pass(report)  # SFT and RL check the same files again with `require_valid`: not another GX run
         data = report.as_dict()
         data["docs_path"] = config.portable(data.get("docs_path"))  # the same file in every clone
         path = write_json(reports(dataset) / "validation.json", data)

@@ -14,8 +14,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DVC = str(Path(sys.executable).parent / "dvc")
-ALL_STAGES = {"data", "validate", "render", "sft", "rl", "evaluate_zeroshot", "evaluate_sft", "evaluate_tfidf", "evaluate",
-              "register"}
+ALL_STAGES = {"data", "validate", "render", "sft", "rl", "evaluate", "register"}
 
 
 def _run(args: list[str], cwd: Path, **extra_env: str) -> str:
@@ -32,6 +31,8 @@ def _stages(output: str) -> set[str]:
 
 STUB = """import json, sys, time, pathlib
 stage, outs = sys.argv[1], sys.argv[2:]
+with open("kept.log", "a") as fh:  # the outputs dvc left in place for the stage (`persist`)
+    fh.write(json.dumps({"stage": stage, "kept": [o for o in outs if pathlib.Path(o).exists()], "outs": outs}) + "\\n")
 SCORES = json.loads(pathlib.Path("scores.json").read_text())  # metrics files: the real format
 for out in outs:
     path = pathlib.Path(out)
@@ -80,7 +81,7 @@ def pipeline(tmp_path_factory) -> Path:
     metrics = {"accuracy": 0.5, "macro_f1": 0.4, "invalid_rate": 0.1, "n": 200, "ece": None}
     (root / "scores.json").write_text(json.dumps({path_of(m): json.dumps(scores(metrics, Path(path_of(m)).parent.name))
                                                   for st in spec["stages"].values() for m in st.get("metrics", [])}))
-    (root / ".gitignore").write_text("ran.log\n")
+    (root / ".gitignore").write_text("ran.log\nkept.log\n")
     _run(["git", "init", "-q"], root)
     _run([DVC, "init", "-q"], root)
     _run([DVC, "repro", "-q"], root)
@@ -110,15 +111,39 @@ def test_rl_param_reruns_rl_and_later_never_sft(pipeline, tmp_path):
     assert ran == {"rl", "evaluate", "register"}
 
 
+def test_evaluate_keeps_its_rows_so_unchanged_ones_are_skipped(pipeline, tmp_path):
+    """One stage evaluates every row; dvc must leave the rows' files in place (`persist`), or the rows whose inputs
+    did not change (zero-shot and naive SFT after an RL change) could not be skipped by their records."""
+    (tmp_path / "repo").mkdir()
+    _after_change(pipeline, tmp_path / "repo", "rl", "learning_rate", 3e-5)
+    runs = [json.loads(line) for line in (tmp_path / "repo" / "repo" / "kept.log").read_text().splitlines()]
+    last = [r for r in runs if r["stage"] == "evaluate"][-1]
+    assert len(last["outs"]) == 16 and last["kept"] == last["outs"]
+    assert not [r for r in runs if r["stage"] == "register"][-1]["kept"]  # outputs without `persist` are removed first
+
+
+def test_evaluate_stage_runs_every_row_in_one_process(monkeypatch):
+    from flows import stages, steps
+
+    calls = []
+    monkeypatch.setattr(steps, "step_baselines", lambda dataset, profile: calls.append("tfidf"))
+    monkeypatch.setattr(steps, "step_evaluate", lambda dataset, name, profile: calls.append(name))
+    assert stages.main(["evaluate"]) == 0 and calls == ["tfidf", "zeroshot", "sft", "gencls"]
+    calls.clear()
+    assert stages.main(["evaluate", "sft"]) == 0 and calls == ["sft"]
+    with pytest.raises(SystemExit):
+        stages.main(["evaluate", "nope"])
+
+
 def test_sft_param_reruns_sft_and_everything_downstream(pipeline, tmp_path):
     dry, ran = _after_change(pipeline, tmp_path, "sft", "lora_r", 8)
     assert dry == {"sft"}
-    assert ran == {"sft", "rl", "evaluate_sft", "evaluate", "register"}
+    assert ran == {"sft", "rl", "evaluate", "register"}
 
 
 def test_eval_param_reruns_only_evaluations(pipeline, tmp_path):
     _, ran = _after_change(pipeline, tmp_path, "evaluate", "batch_size", 8)
-    assert ran == {"evaluate_zeroshot", "evaluate_sft", "evaluate", "register"}
+    assert ran == {"evaluate", "register"}
 
 
 def test_exp_run_sweeps_a_param(pipeline, tmp_path):
@@ -158,8 +183,7 @@ def test_every_stage_lists_its_script_and_params():
 # ----------------------------------------------------------------------------- deps derived from the code
 STAGE_ENTRY = {  # dvc stage -> the flows.steps functions `python -m flows.stages <stage>` calls
     "data": ["step_data"], "validate": ["step_validate"], "render": ["step_render", "resolve_configs", "eval_settings"],
-    "sft": ["step_sft"], "rl": ["step_rl"], "evaluate_zeroshot": ["step_evaluate"], "evaluate_sft": ["step_evaluate"],
-    "evaluate": ["step_evaluate"], "evaluate_tfidf": ["step_baselines"], "register": ["step_register"],
+    "sft": ["step_sft"], "rl": ["step_rl"], "evaluate": ["step_evaluate", "step_baselines"], "register": ["step_register"],
 }
 
 

@@ -147,6 +147,28 @@ def test_require_valid_raises_with_report(data_dir, tmp_path, tiny_rows, dataset
     assert not info.value.report.success
 
 
+def test_require_valid_skips_files_that_already_passed(data_dir, tmp_path, tiny_rows, dataset_writer, monkeypatch):
+    monkeypatch.setenv("GENCLS_CACHE", str(tmp_path / "cache"))
+    dataset_writer(data_dir, "tiny", tiny_rows())
+    runs = []
+    real = validation.validate_dataset
+    monkeypatch.setattr(validation, "validate_dataset", lambda *a, **k: runs.append(1) or real(*a, **k))
+    first = require_valid("tiny", data_dir=data_dir, docs_dir=tmp_path / "docs")
+    again = require_valid("tiny", data_dir=data_dir)
+    assert len(runs) == 1 and again.success and again.rows == first.rows and again.results == first.results
+    assert require_valid("tiny", data_dir=data_dir, min_per_label=2) and len(runs) == 2  # other thresholds: GX again
+    validation.remember_pass(real("tiny", data_dir=data_dir, docs_dir=tmp_path / "docs", min_per_label=3), data_dir,
+                             min_per_label=3)  # what the validate stage records
+    assert require_valid("tiny", data_dir=data_dir, min_per_label=3) and len(runs) == 2
+    train = data_dir / "tiny" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines + [lines[0]]) + "\n")  # a duplicated row: the bytes changed, and they fail
+    for _ in range(2):  # a failure is never recorded
+        with pytest.raises(DataValidationError):
+            require_valid("tiny", data_dir=data_dir)
+    assert len(runs) == 4
+
+
 def test_missing_dataset_is_a_data_error(data_dir, tmp_path):
     with pytest.raises(DataError, match="labels.yaml"):
         _validate(data_dir, tmp_path, name="absent")

@@ -306,18 +306,58 @@ def _data_run_name(paths: list[Path]) -> str:
 def require_valid(name: str, data_dir: str | Path | None = None, **kwargs: Any) -> ValidationReport:
     """Validate and stop the caller on failure: the gate every downstream step calls.
 
+    Files whose exact bytes already passed this suite with the same thresholds (`passed_path`, a record in
+    the user cache keyed by their sha256, the thresholds and the suite's source) are not validated again:
+    SFT and RL call this right after the validate stage, and a GX run costs ~10 s of imports on 2 cores.
+    A failure is never recorded, so bad files fail every time.
+
     Args:
         name: Dataset name.
         data_dir: Folder holding all datasets; default `config.data_dir()`.
         **kwargs: Passed on to `validate_dataset` (docs_dir and thresholds).
 
     Returns:
-        The passing ValidationReport.
+        The passing ValidationReport (the recorded one when the files had passed before).
 
     Raises:
         DataValidationError: When any expectation fails.
     """
+    record = passed_path(name, data_dir, **kwargs)
+    if record is not None and record.is_file():
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+            return ValidationReport(**{**data, "failures": [], "success": True,
+                                       "docs_path": Path(data["docs_path"]) if data.get("docs_path") else None})
+        except (ValueError, TypeError, KeyError):
+            pass  # a torn or older record: validate again
     report = validate_dataset(name, data_dir=data_dir, **kwargs)
     if not report.success:
         raise DataValidationError(report)
+    remember_pass(report, data_dir, **kwargs)
     return report
+
+
+def remember_pass(report: ValidationReport, data_dir: str | Path | None = None, **kwargs: Any) -> None:
+    """Record a passing report of `validate_dataset` (same data_dir and thresholds) for `require_valid`."""
+    record = passed_path(report.name, data_dir, **kwargs) if report.success else None
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report.as_dict(), default=str), encoding="utf-8")
+        tmp.replace(record)
+
+
+def passed_path(name: str, data_dir: str | Path | None = None, **kwargs: Any) -> Path | None:
+    """Where `require_valid` records that these files passed: ``<cache>/validated/<key>.json``, the key hashing
+    the split files and labels.yaml, the resolved thresholds and the source of this module and what it imports.
+    None when a file is missing (validation reports that)."""
+    from components.fingerprint import fingerprint, sha256_files, source_hash
+
+    folder = dataset_dir(name, data_dir)
+    files = [folder / f"{s}.jsonl" for s in SPLITS] + [folder / "labels.yaml"]
+    if not all(path.is_file() for path in files):
+        return None
+    thresholds = resolve_thresholds(name, **{k: v for k, v in kwargs.items() if k != "docs_dir"})
+    key = fingerprint({"data": sha256_files(files), "thresholds": thresholds, "src": source_hash(__name__),
+                       "name": name})
+    return config.cache_dir() / "validated" / f"{key}.json"
