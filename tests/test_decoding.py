@@ -109,6 +109,29 @@ def test_predict_generative_records(model_and_tokenizer):
     assert [r["raw"] for r in again] == [r["raw"] for r in records]
 
 
+@pytest.mark.parametrize("spec", ["decoding=perplexity", "naive"])
+def test_predict_batches_prompts_of_similar_length_and_keeps_the_order(spec, model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    builder = PromptBuilder(tokenizer, LABELS, Strategy.parse(spec), TRAIN)
+    examples = TEST[::-1] + TEST[:3]  # long, short, long: the given order pads every batch
+    batches = []
+    for name in ("score_candidates", "generate_answers"):
+        real = getattr(decoding, name)
+        monkeypatch.setattr(decoding, name, lambda m, t, prompts, *a, _real=real, **k: batches.append(
+            [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]) or _real(m, t, prompts, *a, **k))
+    records = predict(model, tokenizer, builder, examples, batch_size=3, progress=False)
+    assert [r["id"] for r in records] == [ex["id"] for ex in examples]
+    flat = [n for batch in batches for n in batch]
+    assert flat == sorted(flat) and len(flat) == len(examples)
+    monkeypatch.undo()
+    one_batch = predict(model, tokenizer, builder, examples, batch_size=len(examples), progress=False)
+    assert [r["raw"] for r in records] == [r["raw"] for r in one_batch]
+    if spec != "naive":
+        naive = score_candidates_naive(model, tokenizer, [builder.prompt(ex) for ex in examples], builder.space.answers)
+        np.testing.assert_allclose([[r["probs"][k] for k in LABELS] for r in records],
+                                   [np.exp(row - row.max()) / np.exp(row - row.max()).sum() for row in naive], atol=1e-4)
+
+
 def test_generation_budget_grows_with_reasoning(model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
     direct = decoding.answer_budget(tokenizer, PromptBuilder(tokenizer, LABELS, Strategy()))

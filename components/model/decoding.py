@@ -10,6 +10,8 @@ Usage:
   (`components.model.scoring.score_candidates`: prompt once, candidates as one packed trie row).
 * shared prefix: the tokens every prompt of a `predict` call starts with run once
   (`components.model.scoring.SharedPrefix`); each batch continues from their KV cache.
+* batches: prompts of similar token length go together (`length_order`: less padding); the records
+  come back in the order of the examples.
 * `uncertain` (when the strategy offers it) is resolved to the most likely real label by
   scoring the real labels only, and the record is marked `abstained`.
 """
@@ -29,6 +31,7 @@ from components.model.scoring import (
     candidate_ids,
     end_token_id,
     find_shared_prefix,
+    length_order,
     score_candidates,
     softmax,
 )
@@ -140,6 +143,8 @@ def predict(
     records: list[dict] = []
     all_prompts = [builder.prompt(ex) for ex in examples]
     prefix = find_shared_prefix(model, tokenizer, all_prompts) if share_prefix else None
+    order = length_order(tokenizer, all_prompts)  # batches of similar length; records come back in input order
+    examples, all_prompts = [examples[i] for i in order], [all_prompts[i] for i in order]
     bar = _progress(len(examples), progress, "perplexity" if perplexity else "generative")
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -160,7 +165,10 @@ def predict(
                 records.append(_generative_record(ex, text, label, space, resolved.get(i)))
         bar.update(len(chunk))
     bar.close()
-    return records
+    in_order: list[dict] = [{}] * len(records)
+    for position, index in enumerate(order):
+        in_order[index] = records[position]
+    return in_order
 
 
 def _perplexity_record(ex: dict, row: np.ndarray, space: Any, answers: list[str], prior: np.ndarray | None) -> dict:
