@@ -53,10 +53,18 @@ def read_record(folder: str | Path) -> dict:
         return {}  # a torn write: the output is not finished
 
 
-def write_record(folder: str | Path, record: dict) -> None:
-    """Write the record last and atomically (written aside, renamed): a crash leaves no record."""
+def write_record(folder: str | Path, record: dict, outputs: Iterable[str] = ()) -> None:
+    """Write the record last and atomically (written aside, renamed): a crash leaves no record.
+
+    `outputs` (file names in `folder`) are recorded with their sha256, and `finished` then holds the folder
+    finished only while those files are the ones written: outputs that something else put back (a
+    `dvc checkout` of another experiment into a `persist`ed folder, whose record dvc ignores) are not taken
+    for this run's.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if outputs:
+        record = {**record, "outputs": {name: sha256_files([folder / name]) for name in outputs}}
     tmp = folder / (RECORD_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, folder / RECORD_FILE)
@@ -67,6 +75,8 @@ def finished(folder: str | Path, key: str, needs: tuple[str, ...] = ()) -> dict 
     record = read_record(folder)
     if record.get("fingerprint") != key or not all((Path(folder) / name).exists() for name in needs):
         return None
+    if any(sha256_files([Path(folder) / name]) != digest for name, digest in (record.get("outputs") or {}).items()):
+        return None  # the recorded outputs were replaced or changed since
     return record
 
 

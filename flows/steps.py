@@ -85,11 +85,12 @@ def step_validate(dataset: str, run_id: str | None = None) -> dict:
     the Data Docs site (validation/data_docs/, opens offline), tag validation.success and metrics
     validation.success and validation.failed_expectations, whether the data passes or not.
     """
-    from components.data.validation import DataValidationError, remember_pass, validate_dataset
+    from components.data.validation import DataValidationError, passed_path, remember_pass, validate_dataset
 
     with run_scope(dataset, "validate", run_id) as rid:
+        before = passed_path(dataset)
         report = validate_dataset(dataset)
-        remember_pass(report)  # SFT and RL check the same files again with `require_valid`: not another GX run
+        remember_pass(report, before)  # SFT and RL check the same files again with `require_valid`: no second GX run
         data = report.as_dict()
         data["docs_path"] = config.portable(data.get("docs_path"))  # the same file in every clone
         path = write_json(reports(dataset) / "validation.json", data)
@@ -239,6 +240,9 @@ def eval_settings(name: str, params_data: dict | None = None, profile: str = "qu
             "max_prompt_tokens": int(ev.get("max_prompt_tokens", 384))}
 
 
+EVAL_OUTPUTS = ("metrics.json", "scores.json", "predictions.jsonl", "confusion.png")  # what a row writes and dvc tracks
+
+
 def step_evaluate(dataset: str, name: str, model: str | None = None, profile: str = "quick",
                   run_id: str | None = None, overrides: dict | None = None) -> dict:
     """Evaluate one row of the summary (zeroshot | sft | gencls) into reports/<d>/<name>/."""
@@ -251,10 +255,12 @@ def step_evaluate(dataset: str, name: str, model: str | None = None, profile: st
         model = resolve_configs(profile)["sft"].model
     out = reports(dataset) / name
     upstream = read_record(adapter).get("fingerprint") if adapter else None
+    weights = sha256_files([adapter / "adapter_model.safetensors", adapter / "adapter_config.json"]) if adapter else None
     key = fingerprint({"settings": settings, "model": model, "adapter": str(adapter), "upstream": upstream,
-                       "test": data_hash(dataset, ("test",)), "src": source_hash(evaluate.__module__)})
+                       "weights": weights, "data": data_hash(dataset),  # train.jsonl: demonstrations
+                       "src": source_hash(evaluate.__module__)})
     with run_scope(dataset, f"evaluate-{name}", run_id, {"strategy": settings["strategy"]}) as rid:
-        done = finished(out, key, ("metrics.json", "predictions.jsonl", "confusion.png"))
+        done = finished(out, key, EVAL_OUTPUTS)  # also checks that the outputs are the ones this key wrote
         if done:
             print(f"[evaluate:{name}] {out} is up to date; skipped")
             metrics = json.loads((out / "metrics.json").read_text())
@@ -262,7 +268,7 @@ def step_evaluate(dataset: str, name: str, model: str | None = None, profile: st
             metrics = evaluate(dataset, model, settings["strategy"], adapter=str(adapter) if adapter else None,
                                limit=settings["limit"], out_dir=out, batch_size=settings["batch_size"],
                                max_prompt_tokens=settings["max_prompt_tokens"], progress=False)
-            write_record(out, {"fingerprint": key, "run_id": rid})
+            write_record(out, {"fingerprint": key, "run_id": rid}, outputs=EVAL_OUTPUTS)
         tracking.log_metrics(rid, {k: v for k, v in metrics.items() if k not in ("confusion", "seed", "limit")},
                              prefix=f"{name}/")
         for file in ("metrics.json", "predictions.jsonl", "confusion.png", "prompts_sample.txt"):

@@ -280,3 +280,50 @@ def test_skip_records_are_one_mechanism(tmp_path):
     (tmp_path / RECORD_FILE).write_text('{"fingerprint": "')  # torn by a kill
     assert finished(tmp_path, key) is None and not list(tmp_path.glob("*.tmp"))
     assert fingerprint({"a": 1}, 16) == fingerprint({"a": 1})[:16]  # resume ids and study keys: the same hash
+    (tmp_path / "predictions.jsonl").write_text("run A\n")
+    write_record(tmp_path, {"fingerprint": key}, outputs=("predictions.jsonl",))
+    assert finished(tmp_path, key, ("predictions.jsonl",))
+    (tmp_path / "predictions.jsonl").write_text("run B\n")  # e.g. `dvc checkout` of another experiment's outputs
+    assert finished(tmp_path, key, ("predictions.jsonl",)) is None
+
+
+def test_an_evaluation_row_is_skipped_only_with_its_own_outputs(tmp_path, monkeypatch):
+    """The evaluate stage's outputs persist across runs: a row is skipped only when its record's inputs match and
+    its outputs are the ones it wrote; new adapter weights or restored outputs make it evaluate again."""
+    from components import config
+    from flows import steps
+
+    root = tmp_path / "project"
+    for sub in ("data/toy", "checkpoints/toy/sft", "reports"):
+        (root / sub).mkdir(parents=True)
+    for name in ("train.jsonl", "test.jsonl", "labels.yaml"):
+        (root / "data/toy" / name).write_text(f"{name}\n")
+    (root / "checkpoints/toy/sft/adapter_model.safetensors").write_bytes(b"weights 1")
+    monkeypatch.setattr(config, "data_dir", lambda: root / "data")
+    monkeypatch.setattr(config, "checkpoints_dir", lambda: root / "checkpoints")
+    monkeypatch.setattr(config, "reports_dir", lambda: root / "reports")
+    monkeypatch.setattr(steps.tracking, "log_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(steps.tracking, "log_artifact", lambda *a, **k: None)
+    monkeypatch.setattr(steps, "run_scope", lambda *a, **k: __import__("contextlib").nullcontext("run"))
+    calls = []
+
+    def fake_evaluate(dataset, model, strategy, out_dir, **kwargs):
+        calls.append(1)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in steps.EVAL_OUTPUTS:
+            (out_dir / name).write_text(json.dumps({"accuracy": 0.5, "call": len(calls)}))
+        return {"accuracy": 0.5}
+
+    import components.evaluate.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    for _ in range(2):
+        steps.step_evaluate("toy", "sft", model="tiny")
+    assert len(calls) == 1  # the second run skipped the row
+    out = root / "reports/toy/sft"
+    (out / "predictions.jsonl").write_text("another experiment's predictions\n")  # restored by dvc, say
+    steps.step_evaluate("toy", "sft", model="tiny")
+    assert len(calls) == 2
+    (root / "checkpoints/toy/sft/adapter_model.safetensors").write_bytes(b"weights 2")  # no record upstream
+    steps.step_evaluate("toy", "sft", model="tiny")
+    assert len(calls) == 3

@@ -157,9 +157,15 @@ def test_require_valid_skips_files_that_already_passed(data_dir, tmp_path, tiny_
     again = require_valid("tiny", data_dir=data_dir)
     assert len(runs) == 1 and again.success and again.rows == first.rows and again.results == first.results
     assert require_valid("tiny", data_dir=data_dir, min_per_label=2) and len(runs) == 2  # other thresholds: GX again
-    validation.remember_pass(real("tiny", data_dir=data_dir, docs_dir=tmp_path / "docs", min_per_label=3), data_dir,
-                             min_per_label=3)  # what the validate stage records
+    before = validation.passed_path("tiny", data_dir, min_per_label=3)  # what the validate stage records
+    validation.remember_pass(real("tiny", data_dir=data_dir, docs_dir=tmp_path / "docs", min_per_label=3), before,
+                             data_dir, min_per_label=3)
     assert require_valid("tiny", data_dir=data_dir, min_per_label=3) and len(runs) == 2
+    stale = validation.passed_path("tiny", data_dir, min_per_label=4)
+    labels = data_dir / "tiny" / "labels.yaml"
+    labels.write_text(labels.read_text() + "\n")  # the bytes changed while "GX ran": not recorded
+    validation.remember_pass(first, stale, data_dir, min_per_label=4)
+    assert not stale.exists() and not validation.passed_path("tiny", data_dir, min_per_label=4).exists()
     train = data_dir / "tiny" / "train.jsonl"
     lines = train.read_text().splitlines()
     train.write_text("\n".join(lines + [lines[0]]) + "\n")  # a duplicated row: the bytes changed, and they fail

@@ -333,18 +333,30 @@ def require_valid(name: str, data_dir: str | Path | None = None, **kwargs: Any) 
     report = validate_dataset(name, data_dir=data_dir, **kwargs)
     if not report.success:
         raise DataValidationError(report)
-    remember_pass(report, data_dir, **kwargs)
+    remember_pass(report, record, data_dir, **kwargs)
     return report
 
 
-def remember_pass(report: ValidationReport, data_dir: str | Path | None = None, **kwargs: Any) -> None:
-    """Record a passing report of `validate_dataset` (same data_dir and thresholds) for `require_valid`."""
-    record = passed_path(report.name, data_dir, **kwargs) if report.success else None
-    if record is not None:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(report.as_dict(), default=str), encoding="utf-8")
-        tmp.replace(record)
+def remember_pass(report: ValidationReport, before: Path | None, data_dir: str | Path | None = None,
+                  **kwargs: Any) -> None:
+    """Record a passing report of `validate_dataset` (same data_dir and thresholds) for `require_valid`.
+
+    `before` is `passed_path` taken before the validation: the pass is recorded only when the files still hash
+    the same (bytes replaced while GX read them are not recorded as validated). The record only saves time, so
+    a cache that cannot be written is skipped.
+    """
+    import tempfile
+
+    if not report.success or before is None or passed_path(report.name, data_dir, **kwargs) != before:
+        return
+    try:
+        before.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=before.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(report.as_dict(), default=str))
+        os.replace(tmp, before)
+    except OSError as exc:
+        logging.getLogger(__name__).warning("validation record %s not written (%s)", before, exc)
 
 
 def passed_path(name: str, data_dir: str | Path | None = None, **kwargs: Any) -> Path | None:
@@ -358,6 +370,8 @@ def passed_path(name: str, data_dir: str | Path | None = None, **kwargs: Any) ->
     if not all(path.is_file() for path in files):
         return None
     thresholds = resolve_thresholds(name, **{k: v for k, v in kwargs.items() if k != "docs_dir"})
+    from importlib.metadata import version
+
     key = fingerprint({"data": sha256_files(files), "thresholds": thresholds, "src": source_hash(__name__),
-                       "name": name})
+                       "name": name, "libraries": [version("great_expectations"), pd.__version__]})
     return config.cache_dir() / "validated" / f"{key}.json"
