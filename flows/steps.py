@@ -106,13 +106,11 @@ def step_validate(dataset: str, run_id: str | None = None) -> dict:
 
 def step_render(dataset: str, strategies: dict[str, str], model: str, n: int = 3, run_id: str | None = None) -> Path:
     """Render prompt samples (training and inference strategies) to reports/<d>/prompt_samples.txt."""
-    from transformers import AutoTokenizer
-
     from components.data.datasets import load_labels, load_split
-    from components.model.models import resolve_model
+    from components.model.models import load_tokenizer
     from components.model.prompts import PromptBuilder, Strategy
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    tokenizer = load_tokenizer(model, text_only=True)  # text only: no torch import for three samples
     labels, train = load_labels(dataset), load_split(dataset, "train")
     test = load_split(dataset, "test")[:n]
     parts = []

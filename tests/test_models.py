@@ -73,3 +73,30 @@ def test_smollm2_converted_once_and_cached(monkeypatch):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert tokenizer.pad_token == "<|im_end|>" and tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
     assert model_provenance("smollm2-135m")["sha256"]
+
+
+def test_text_only_tokenizer_renders_the_same_prompts(tiny_model_dir):
+    """render's torch-free tokenizer gives the same prompt text and token ids as AutoTokenizer, every strategy."""
+    from components.model.prompts import PromptBuilder, Strategy
+
+    full = models.load_tokenizer(str(tiny_model_dir))
+    light = models.load_tokenizer(str(tiny_model_dir), text_only=True)
+    labels = {"positive": "good", "negative": "bad"}
+    train = [{"id": f"t{i}", "text": f"text number {i} is fine", "label": "positive" if i % 2 else "negative"}
+             for i in range(6)]
+    ex = {"id": "x", "text": "the soup was cold", "label": "negative"}
+    for spec in ("naive", "icl=random,k=2,definitions,uncertain", "numeric,decoding=perplexity"):
+        prompts = [PromptBuilder(tok, labels, Strategy.parse(spec), train).prompt(ex) for tok in (full, light)]
+        assert prompts[0] == prompts[1], spec
+        assert full(prompts[0])["input_ids"] == light(prompts[1])["input_ids"]
+    assert light.pad_token == full.pad_token and light.padding_side == "left"
+
+
+def test_text_only_tokenizer_does_not_import_torch(tiny_model_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from components.model.models import load_tokenizer; "
+            f"load_tokenizer({str(tiny_model_dir)!r}, text_only=True); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
