@@ -39,7 +39,7 @@ from components.config import checkpoints_dir, load_params, project_root, set_of
 from components.model.prompts import PROMPT_FORMAT
 from components.ops import tracking
 from components.study import measure, plan, prepare, report
-from flows.study_report import RECIPE_FILE, cells_root, study_root, write_report
+from flows.study_report import RECIPE_FILE, cells_root, inherited_recipe, study_root, write_report
 from flows.study_tasks import EXPERIMENT, cell_group_task, register_task
 
 RUNNERS = ("local", "dask")
@@ -285,6 +285,9 @@ def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", override
     only those measured with the same model and study settings (a lock keeps two studies from racing on it)."""
     from filelock import FileLock
 
+    inherited = inherited_recipe(profile, overrides)
+    if inherited is not None:  # a profile that re-runs another study under other budgets keeps that study's recipe
+        return inherited
     root = cells_root(profile)
     root.mkdir(parents=True, exist_ok=True)
     config = prepare.recipe_config(profile, model, overrides)

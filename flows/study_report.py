@@ -48,8 +48,28 @@ def read_datasets(profile: str) -> dict[str, dict]:
 
 def read_recipe(profile: str) -> dict | None:
     """The profile's recipe (chosen on validation), without the validation rows it was chosen from."""
+    inherited = inherited_recipe(profile)
+    if inherited is not None:
+        return inherited
     stored = measure.read_result(cells_root(profile) / RECIPE_FILE) or {}
     return {k: v for k, v in stored.items() if k != "validation_results"} or None
+
+
+def inherited_recipe(profile: str, overrides: dict | None = None) -> dict | None:
+    """The recipe of the study named by the profile's `recipe_from` (cpu-long: cpu's, chosen on cpu's validation
+    ablation; cpu-long changes only the SFT budget), marked `inherited_from`; None when the profile chooses its own.
+
+    Raises:
+        ValueError: `recipe_from` names a study with no recipe yet (run its ablation first).
+    """
+    source = prepare.profile_settings(profile, overrides).get("recipe_from")
+    if not source:
+        return None
+    recipe = read_recipe(str(source))
+    if recipe is None:
+        raise ValueError(f"profile {profile}: recipe_from {source!r}, but {cells_root(str(source)) / RECIPE_FILE} "
+                         f"holds no recipe yet: run `gencls study --profile {source} --cells ablation` first")
+    return {**recipe, "inherited_from": str(source)}
 
 
 def rebuild_report(profile: str) -> dict:

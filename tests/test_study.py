@@ -580,3 +580,27 @@ def test_recipe_section_says_when_a_switched_on_dimension_is_within_noise():
     strong = dict(recipe, gains={**gains, "decoding=perplexity": 0.05}, per_dataset={"a": gains})
     text = "\n".join(markdown._recipe(strong, 200))
     assert "One validation example is 0.5 points" in text and "within noise" not in text
+
+
+def test_cpu_long_keeps_the_cpu_studys_recipe(tmp_path, monkeypatch):
+    """cpu-long changes only the SFT budget: its GenCLS++ is the recipe cpu chose on validation, never re-chosen
+    from cpu-long's own (ablation-free) cells, and a missing source recipe is one clear error."""
+    from pathlib import Path
+
+    from flows import study, study_report
+    from components.study import markdown
+
+    monkeypatch.setattr(study_report, "study_root", lambda: tmp_path)
+    with pytest.raises(ValueError, match="recipe_from 'cpu'.*run `gencls study --profile cpu --cells ablation`"):
+        study.update_recipe("cpu-long", {})
+    chosen = {"source": "validation", "train": "numeric", "infer": "decoding=perplexity", "rule": "r", "k": 2,
+              "gains": {"numeric": 0.01}, "validation_results": {"x": {"rows": []}}}
+    (tmp_path / "cells" / "cpu").mkdir(parents=True)
+    (tmp_path / "cells" / "cpu" / "recipe.json").write_text(json.dumps(chosen))
+    for recipe in (study.update_recipe("cpu-long", {}), study_report.read_recipe("cpu-long")):
+        assert (recipe["train"], recipe["infer"], recipe["inherited_from"]) == ("numeric", "decoding=perplexity", "cpu")
+        assert "validation_results" not in recipe
+    assert not (tmp_path / "cells" / "cpu-long" / "recipe.json").exists()  # nothing chosen, nothing written
+    assert "the cpu study's, chosen on its validation ablation" in "\n".join(markdown._recipe(recipe))
+    assert study_report.inherited_recipe("cpu") is None  # cpu chooses its own
+    assert Path(study_report.cells_root("cpu")) == tmp_path / "cells" / "cpu"

@@ -131,8 +131,11 @@ def _convergence(v: dict) -> list[str]:
 def _recipe(recipe: dict, val_size: int | None = None) -> list[str]:
     if not recipe:
         return []
+    source = recipe.get("source")
+    if recipe.get("inherited_from"):
+        source = f"the {recipe['inherited_from']} study's, chosen on its validation ablation; not chosen again here"
     lines = ["## The recipe (chosen on validation)", "",
-             f"Recipe ({recipe.get('source')}): train `{recipe.get('train')}`, inference `{recipe.get('infer')}`.", "",
+             f"Recipe ({source}): train `{recipe.get('train')}`, inference `{recipe.get('infer')}`.", "",
              f"Rule: {recipe.get('rule')}", ""]
     per = recipe.get("per_dataset") or {}
     if per:
