@@ -74,12 +74,12 @@ def inherited_recipe(profile: str, overrides: dict | None = None) -> dict | None
 
 def rebuild_report(profile: str) -> dict:
     """study.json, study.md and the plots from the committed cell files alone (nothing trained or measured)."""
-    meta = {"profile": profile, "machine": report.machine_info(), "rebuilt_from_cells": True,
+    meta = {"profile": profile, "machine": {}, "rebuilt_from_cells": True, "rebuilt_on": report.machine_info(),
             "settings": {k: v for k, v in prepare.profile_settings(profile, None).items() if not isinstance(v, dict)},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     previous = measure.read_result(report_paths(profile)[0]) or {}
-    if (previous.get("meta") or {}).get("profile") == profile:  # keep what only a run knows (model, runs, configs)
-        meta = {**previous["meta"], **meta}
+    if (previous.get("meta") or {}).get("profile") == profile:  # keep what only a run knows (model, runs, machine)
+        meta = {**meta, **{k: v for k, v in previous["meta"].items() if k not in meta or k == "machine"}}
     datasets = read_datasets(profile)
     if not meta.get("model"):  # no finished run wrote this profile's report (one stopped mid-way): the cells say
         cell = next((c["result"] for info in datasets.values() for c in info.get("cells") or []), {})

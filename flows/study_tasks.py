@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 import time
 from pathlib import Path
@@ -145,6 +146,7 @@ def run_cell(ctx: dict, cell: plan.Cell, roles: list[str], loaded: Any = None, a
         metrics = measure.evaluate_cell(ctx, cell, out, loaded=loaded, adapter=adapter, views=views)
         result = {**measure.cell_fields(cell, key, ctx), "roles": roles, "run_id": rid,
                   "adapter": str(adapter) if adapter else None, "worker": f"{socket.gethostname()}:{os.getpid()}",
+                  "machine": platform.platform(),
                   **measure.metric_subset(metrics["test"]), **measure.metric_subset(metrics.get("val", {}), "val_")}
         tracking.log_metrics(rid, {k: v for k, v in result.items() if isinstance(v, float)})
         for name in ("metrics.json", "confusion.png", "predictions.jsonl", "prompts_sample.txt"):

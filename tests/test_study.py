@@ -471,6 +471,9 @@ def test_study_all_cells_resumes_after_fault_and_report_matches_mlflow(prefect_h
 
     (project / "reports" / "study.json").unlink()
     assert rebuild_report("cpu")["summary"] == on_disk["summary"]
+    import platform
+
+    assert on_disk["machines"] == {platform.platform(): ["tinya", "tinyb"]}  # every cell says where it was measured
 
     # the report tables match the MLflow metrics of each cell run
     by_key = {r.data.tags["study.cell_key"]: r for r in done}
@@ -604,3 +607,18 @@ def test_cpu_long_keeps_the_cpu_studys_recipe(tmp_path, monkeypatch):
     assert "the cpu study's, chosen on its validation ablation" in "\n".join(markdown._recipe(recipe))
     assert study_report.inherited_recipe("cpu") is None  # cpu chooses its own
     assert Path(study_report.cells_root("cpu")) == tmp_path / "cells" / "cpu"
+
+
+def test_a_rebuilt_report_names_the_machines_that_measured_the_cells_not_its_own():
+    from components.study import markdown, report
+
+    def cell(machine=None):
+        return {"result": {"key": "k", **({"machine": machine} if machine else {})}}
+
+    datasets = {"a": {"cells": [cell("Linux-fc-v857"), cell("Linux-fc-v857")]}, "b": {"cells": [cell("Linux-fc-v1045")]},
+                "c": {"cells": [cell()]}}
+    machines = report.cell_machines(datasets)
+    assert machines == {"Linux-fc-v857": ["a"], "Linux-fc-v1045": ["b"], "not recorded": ["c"]}
+    text = "\n".join(markdown._machines({"machines": machines, "meta": {"rebuilt_on": {"platform": "Linux-here"}}}))
+    assert "Cells measured on: Linux-fc-v857 (a); Linux-fc-v1045 (b); not recorded by older cells (c)." in text
+    assert "Rebuilt from the committed cells on Linux-here, which measured nothing here." in text

@@ -23,6 +23,21 @@ def _diff(diff: dict | None, metric: str = "accuracy") -> str:
     return f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
 
 
+def _machines(study: dict) -> list[str]:
+    """Where the cells were measured (each cell records it) and where the report was rebuilt (which measured nothing)."""
+    machines = study.get("machines") or {}
+    out = []
+    if any(p != "not recorded" for p in machines):
+        out.append("- Cells measured on: " + "; ".join(f"{p} ({', '.join(ds)})" for p, ds in machines.items()
+                                                        if p != "not recorded")
+                   + (f"; not recorded by older cells ({', '.join(machines['not recorded'])})"
+                      if "not recorded" in machines else "") + ".")
+    rebuilt = (study.get("meta") or {}).get("rebuilt_on") or {}
+    if rebuilt:
+        out.append(f"- Rebuilt from the committed cells on {rebuilt.get('platform')}, which measured nothing here.")
+    return out
+
+
 def render_markdown(study: dict) -> str:
     """study.md (see module docstring)."""
     meta, summary, recipe = study["meta"], study["summary"], study.get("recipe") or {}
@@ -34,8 +49,9 @@ def render_markdown(study: dict) -> str:
              f"(`reports/study/cells/{meta.get('profile')}/<dataset>/<key>.json`: every result with its test "
              "predictions, so every number and interval below can be recomputed without re-running).", "",
              "## Design", "",
-             f"- Machine: {machine.get('platform')}, {machine.get('cpu_count')} CPU cores, torch device "
+             f"- Machine: {machine.get('platform') or 'not recorded'}, {machine.get('cpu_count')} CPU cores, torch device "
              f"`{machine.get('torch_device')}`{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}.",
+             *_machines(study),
              f"- Settings: {json.dumps(meta.get('settings'))}.",
              "- Equal data: within a dataset every arm (each SFT strategy, RL, TF-IDF and MiniLM on the same N, the "
              "in-context demonstrations) learns from the same N stratified training examples; SFT also gets the "

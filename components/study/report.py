@@ -27,6 +27,18 @@ def machine_info() -> dict:
     return info
 
 
+def cell_machines(datasets: dict[str, dict]) -> dict[str, list[str]]:
+    """{platform that measured cells: the datasets it measured}, from the cells themselves (a report rebuilt on
+    another machine must not name that one); cells from before cells recorded it count as "not recorded"."""
+    out: dict[str, list[str]] = {}
+    for name, info in datasets.items():
+        for cell in info.get("cells") or []:
+            where = out.setdefault(cell["result"].get("machine") or "not recorded", [])
+            if name not in where:
+                where.append(name)
+    return out
+
+
 # ----------------------------------------------------------------------------- aggregation
 HEADLINE_ROWS = (("tfidf", "TF-IDF + LR, same N"), ("tfidf_all", "TF-IDF + LR, all data"),
                  ("minilm", "MiniLM + LR, same N"), ("zeroshot", "zero-shot"),
@@ -169,7 +181,7 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
                       "vs_naive_sft": stats.mean_bootstrap(p["pairs"]),
                       "val_gain": _mean(p["val"]) if len(p["val"]) == len(p["datasets"]) else None}
                      for (dim, where), p in ablation.items()), key=_dim_order)
-    return {"meta": meta, "recipe": recipe, "datasets": out_ds,
+    return {"meta": meta, "recipe": recipe, "datasets": out_ds, "machines": cell_machines(datasets),
             "summary": {"rows": rows, "verdict": verdict(out_ds, rows, recipe_train=(recipe or {}).get("train")),
                         "ablation": pooled, "reasoning_vs_direct": {**stats.mean_bootstrap(list(reasoning.values())),
                                                                        "datasets": list(reasoning)} if reasoning else None,
