@@ -622,3 +622,7 @@ def test_a_rebuilt_report_names_the_machines_that_measured_the_cells_not_its_own
     text = "\n".join(markdown._machines({"machines": machines, "meta": {"rebuilt_on": {"platform": "Linux-here"}}}))
     assert "Cells measured on: Linux-fc-v857 (a); Linux-fc-v1045 (b); not recorded by older cells (c)." in text
     assert "Rebuilt from the committed cells on Linux-here, which measured nothing here." in text
+    study = {**report.aggregate({}, {"notes": ["paused 75 min for benchmarks"],
+                                     "rebuilt_on": {"platform": "Linux-here"}}), "machines": machines}
+    md = markdown.render_markdown(study)
+    assert "- Note: paused 75 min for benchmarks" in md and "Cells measured on: Linux-fc-v857 (a)" in md

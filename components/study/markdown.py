@@ -52,6 +52,7 @@ def render_markdown(study: dict) -> str:
              f"- Machine: {machine.get('platform') or 'not recorded'}, {machine.get('cpu_count')} CPU cores, torch device "
              f"`{machine.get('torch_device')}`{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}.",
              *_machines(study),
+             *[f"- Note: {note}" for note in meta.get("notes") or []],  # study.json meta.notes: kept by rebuilds
              f"- Settings: {json.dumps(meta.get('settings'))}.",
              "- Equal data: within a dataset every arm (each SFT strategy, RL, TF-IDF and MiniLM on the same N, the "
              "in-context demonstrations) learns from the same N stratified training examples; SFT also gets the "
