@@ -200,6 +200,7 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
                                       "profile": profile, "study.cells": cells, "model": model, "runner": runner}) as run:
             run_id = run.info.run_id
             logger.info("MLflow study run %s (%s)", run_id, tracking.tracking_uri())
+            inherited_recipe(profile, overrides, model)  # a missing or mismatched inherited recipe: stop before training
             ctxs = {d: prepare_dataset(d, profile, model, overrides, run_id, torch_threads) for d in datasets}
             for ctx in ctxs.values():  # written again at the end; now, so that an interrupted study still reports
                 measure.write_dataset_record(ctx)
@@ -285,7 +286,7 @@ def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", override
     only those measured with the same model and study settings (a lock keeps two studies from racing on it)."""
     from filelock import FileLock
 
-    inherited = inherited_recipe(profile, overrides)
+    inherited = inherited_recipe(profile, overrides, model or None)
     if inherited is not None:  # a profile that re-runs another study under other budgets keeps that study's recipe
         return inherited
     root = cells_root(profile)

@@ -47,29 +47,47 @@ def read_datasets(profile: str) -> dict[str, dict]:
 
 
 def read_recipe(profile: str) -> dict | None:
-    """The profile's recipe (chosen on validation), without the validation rows it was chosen from."""
-    inherited = inherited_recipe(profile)
-    if inherited is not None:
-        return inherited
+    """The profile's recipe (chosen on validation), without the validation rows it was chosen from; for a profile
+    with `recipe_from`, the source study's (None while that study has none: a report can still be written)."""
+    try:
+        inherited = inherited_recipe(profile)
+    except ValueError:
+        return None
+    return inherited if inherited is not None else stored_recipe(profile)
+
+
+def stored_recipe(profile: str, with_validation: bool = False) -> dict | None:
+    """cells/<profile>/recipe.json as the profile's own study wrote it (never follows `recipe_from`)."""
     stored = measure.read_result(cells_root(profile) / RECIPE_FILE) or {}
-    return {k: v for k, v in stored.items() if k != "validation_results"} or None
+    return {k: v for k, v in stored.items() if with_validation or k != "validation_results"} or None
 
 
-def inherited_recipe(profile: str, overrides: dict | None = None) -> dict | None:
+def inherited_recipe(profile: str, overrides: dict | None = None, model: str | None = None) -> dict | None:
     """The recipe of the study named by the profile's `recipe_from` (cpu-long: cpu's, chosen on cpu's validation
     ablation; cpu-long changes only the SFT budget), marked `inherited_from`; None when the profile chooses its own.
 
     Raises:
-        ValueError: `recipe_from` names a study with no recipe yet (run its ablation first).
+        ValueError: `recipe_from` names the profile itself, or a study with no recipe yet, or (with `model`) one
+            chosen for another model or other study settings than the source profile's with that model.
     """
     source = prepare.profile_settings(profile, overrides).get("recipe_from")
     if not source:
         return None
-    recipe = read_recipe(str(source))
-    if recipe is None:
-        raise ValueError(f"profile {profile}: recipe_from {source!r}, but {cells_root(str(source)) / RECIPE_FILE} "
-                         f"holds no recipe yet: run `gencls study --profile {source} --cells ablation` first")
-    return {**recipe, "inherited_from": str(source)}
+    source = str(source)
+    if source == profile:
+        raise ValueError(f"profile {profile}: recipe_from names the profile itself")
+    recipe = stored_recipe(source, with_validation=True)
+    if recipe is None or recipe.get("source") != "validation":
+        raise ValueError(f"profile {profile}: recipe_from {source!r}, but {cells_root(source) / RECIPE_FILE} "
+                         f"holds no recipe chosen on validation yet: run `gencls study --profile {source} --cells "
+                         "ablation` first")
+    if model is not None:
+        config = prepare.recipe_config(source, model)
+        if not any(v.get("config") == config for v in (recipe.get("validation_results") or {}).values()):
+            raise ValueError(f"profile {profile}: the {source} study's recipe was chosen for another model or other "
+                             f"study settings than {model!r} with the {source} settings: run that study's ablation "
+                             "for this model first")
+    return {**{k: v for k, v in recipe.items() if k != "validation_results"}, "inherited_from": source}
 
 
 def rebuild_report(profile: str) -> dict:
@@ -78,8 +96,10 @@ def rebuild_report(profile: str) -> dict:
             "settings": {k: v for k, v in prepare.profile_settings(profile, None).items() if not isinstance(v, dict)},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     previous = measure.read_result(report_paths(profile)[0]) or {}
-    if (previous.get("meta") or {}).get("profile") == profile:  # keep what only a run knows (model, runs, machine)
-        meta = {**meta, **{k: v for k, v in previous["meta"].items() if k not in meta or k == "machine"}}
+    last = previous.get("meta") or {}
+    if last.get("profile") == profile:  # keep what only a run knows (model, runs, notes, the run's machine)
+        ran_here = not last.get("rebuilt_from_cells") or "rebuilt_on" in last  # older rebuilds wrote their own
+        meta = {**meta, **{k: v for k, v in last.items() if k not in meta or (k == "machine" and ran_here)}}
     datasets = read_datasets(profile)
     if not meta.get("model"):  # no finished run wrote this profile's report (one stopped mid-way): the cells say
         cell = next((c["result"] for info in datasets.values() for c in info.get("cells") or []), {})
@@ -98,6 +118,9 @@ def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | No
     report_paths); all logged to MLflow when `run_id` is given."""
     json_path, md_path, plots_dir = report_paths(profile)
     meta = {**meta, "plots": plots_dir.relative_to(reports_dir()).as_posix()}
+    if "notes" not in meta:  # notes on how cells were measured outlive the runs that add cells
+        notes = ((measure.read_result(json_path) or {}).get("meta") or {}).get("notes")
+        meta.update({"notes": notes} if notes else {})
     recipe = recipe if recipe is not None else read_recipe(profile)
     datasets = read_datasets(profile) if datasets is None else datasets
     study = report.aggregate(datasets, meta, recipe)

@@ -122,9 +122,12 @@ def ensure_adapter(ctx: dict, train: str, rl: bool, select: str = "") -> Path:
                 train_sft(ctx["dataset"], config, out_dir=out, log_fn=log_fn, data_dir=view)
             for name in ("gencls_config.json", "metrics.json", "loss_curve.png", "reward_curve.png"):
                 tracking.log_artifact(rid, out / name, kind)
+        from components.config import RUN_INFO_FILE
+
+        timing = measure.read_result(out / RUN_INFO_FILE) or {}  # the training's seconds over every attempt
         write_record(out, {"fingerprint": done_key, "settings": ctx["train_fingerprint"], "train": train, "run_id": rid,
                            **({"rl_settings": ctx["rl_fingerprint"]} if rl else {}),
-                           "seconds": round(time.time() - started, 1)})
+                           "seconds": timing.get("seconds", round(time.time() - started, 1))})
         # the learning curve goes into the committed dataset record now, not only when the study ends: a study
         # killed during the next training still leaves this one's curve in git (checkpoints/ stays on this machine)
         measure.write_dataset_record(ctx)

@@ -100,3 +100,13 @@ def test_text_only_tokenizer_does_not_import_torch(tiny_model_dir):
             f"load_tokenizer({str(tiny_model_dir)!r}, text_only=True); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_text_only_path_only_for_tokenizers_saved_as_plain_fast(tmp_path):
+    """A model-specific tokenizer class (Gemma's rebuilds its normalizer) goes through AutoTokenizer."""
+    (tmp_path / "tokenizer.json").write_text("{}")
+    for cls, plain in (("TokenizersBackend", True), ("PreTrainedTokenizerFast", True), ("GemmaTokenizer", False)):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls}))
+        assert models._plain_fast_tokenizer(tmp_path) is plain, cls
+    (tmp_path / "tokenizer.json").unlink()
+    assert not models._plain_fast_tokenizer(tmp_path)

@@ -361,7 +361,9 @@ def test_profiles_are_defined_once_in_params_yaml():
     assert set(table) == {"quick", "full", "cpu", "cpu-long", "gpu"}
     # cpu-long is cpu (YAML merge keys) with a longer SFT rule: the convergence check changes nothing else
     cpu, longer = profile_settings("cpu", None), profile_settings("cpu-long", None)
-    assert {k: v for k, v in longer.items() if k != "sft"} == {k: v for k, v in cpu.items() if k != "sft"}
+    assert {k: v for k, v in longer.items() if k not in ("sft", "recipe_from")} == \
+        {k: v for k, v in cpu.items() if k != "sft"}
+    assert longer["recipe_from"] == "cpu" and "recipe_from" not in cpu  # and it keeps cpu's recipe
     assert longer["sft"] == {**cpu["sft"], "epochs": 6.0, "patience": 3, "min_epochs": 2.0}
     for profile in ("quick", "full"):
         for kind in ("sft", "rl"):
@@ -379,3 +381,16 @@ def test_profiles_are_defined_once_in_params_yaml():
                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.AnnAssign)
                and isinstance(node.target, ast.Name) and node.target.id.endswith("PROFILES")]
     assert not tables, tables
+
+
+def test_a_resumed_run_reports_the_mean_loss_of_every_logged_step():
+    """The Trainer's training_loss covers only its last train() call: 0.0 for a run resumed at its last step."""
+    from types import SimpleNamespace
+
+    from components.train.checkpoints import run_loss
+
+    trainer = SimpleNamespace(state=SimpleNamespace(log_history=[{"loss": 1.0, "step": 5}, {"eval_accuracy": 0.9},
+                                                                 {"loss": 0.5, "step": 10}]))
+    assert run_loss(trainer, SimpleNamespace(training_loss=0.0), resumed=True) == 0.75
+    assert run_loss(trainer, SimpleNamespace(training_loss=0.6)) == 0.6  # a run in one go: the Trainer's own
+    assert run_loss(trainer) == 0.75  # nothing trained in this call (stopped early before the kill)

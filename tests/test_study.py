@@ -606,6 +606,12 @@ def test_cpu_long_keeps_the_cpu_studys_recipe(tmp_path, monkeypatch):
     assert not (tmp_path / "cells" / "cpu-long" / "recipe.json").exists()  # nothing chosen, nothing written
     assert "the cpu study's, chosen on its validation ablation" in "\n".join(markdown._recipe(recipe))
     assert study_report.inherited_recipe("cpu") is None  # cpu chooses its own
+    with pytest.raises(ValueError, match="chosen for another model"):  # cpu chose it for other settings/model
+        study_report.inherited_recipe("cpu-long", None, "smollm2-135m")
+    with pytest.raises(ValueError, match="names the profile itself"):
+        study_report.inherited_recipe("cpu-long", {"recipe_from": "cpu-long"})
+    (tmp_path / "cells" / "cpu" / "recipe.json").unlink()
+    assert study_report.read_recipe("cpu-long") is None  # a report is still written, without a recipe
     assert Path(study_report.cells_root("cpu")) == tmp_path / "cells" / "cpu"
 
 

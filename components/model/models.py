@@ -198,6 +198,19 @@ def _prepare_tokenizer(tokenizer: Any, name: str | None = None) -> Any:
     return tokenizer
 
 
+PLAIN_TOKENIZER_CLASSES = (None, "TokenizersBackend", "PreTrainedTokenizerFast")  # tokenizer.json as saved
+
+
+def _plain_fast_tokenizer(folder: Path) -> bool:
+    """Whether AutoTokenizer would load the folder's tokenizer.json as it is (no model-specific class that rebuilds
+    its normalizer or pre-tokenizer), so the plain fast tokenizer renders the same text."""
+    try:
+        saved = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    return (folder / "tokenizer.json").is_file() and saved.get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, trust_remote_code: bool = False,
                    text_only: bool = False) -> Any:
     """The tokenizer of a model (chat template, pad token, left padding), without the weights.
@@ -208,7 +221,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, trust
     """
     name = str(name_or_path or DEFAULT_MODEL)
     path = resolve_model(name)
-    if text_only and not trust_remote_code and (Path(path) / "tokenizer.json").is_file():
+    if text_only and not trust_remote_code and _plain_fast_tokenizer(Path(path)):
         from transformers import PreTrainedTokenizerFast
 
         return _prepare_tokenizer(PreTrainedTokenizerFast.from_pretrained(path), name)

@@ -49,8 +49,9 @@ def render_markdown(study: dict) -> str:
              f"(`reports/study/cells/{meta.get('profile')}/<dataset>/<key>.json`: every result with its test "
              "predictions, so every number and interval below can be recomputed without re-running).", "",
              "## Design", "",
-             f"- Machine: {machine.get('platform') or 'not recorded'}, {machine.get('cpu_count')} CPU cores, torch device "
-             f"`{machine.get('torch_device')}`{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}.",
+             *([f"- Machine: {machine.get('platform')}, {machine.get('cpu_count')} CPU cores, torch device "
+                f"`{machine.get('torch_device')}`{' (' + machine['gpu'] + ')' if machine.get('gpu') else ''}."]
+               if machine.get("platform") else []),
              *_machines(study),
              *[f"- Note: {note}" for note in meta.get("notes") or []],  # study.json meta.notes: kept by rebuilds
              f"- Settings: {json.dumps(meta.get('settings'))}.",

@@ -207,3 +207,12 @@ def canonical_adapter_config(folder: Path) -> None:
         if isinstance(data.get(key), list):
             data[key] = sorted(data[key])
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def run_loss(trainer: Any, result: Any = None, resumed: bool = False) -> float:
+    """The mean training loss of the whole run: the Trainer's own figure averages only the steps of its last
+    `train()` call (0.0 when it resumed at the last step), so a resumed run averages its logged losses instead."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if (resumed or result is None) and losses:
+        return float(sum(losses) / len(losses))
+    return float(result.training_loss) if result is not None else 0.0

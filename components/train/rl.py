@@ -46,6 +46,7 @@ from components.train.checkpoints import (
     library_versions,
     read_json,
     resume_checkpoint,
+    run_loss,
     seconds_spent,
     save_final,
     with_atomic_checkpoints,
@@ -316,7 +317,7 @@ def train_rl(dataset: str, config: RLConfig | None = None, sft_dir: str | Path |
     reward_keys = [k for k in ("reward", "rewards/label_reward/mean", "zero_variance_groups", "frac_reward_zero_std",
                                "kl") if any(k in h for h in trainer.state.log_history)]
     metrics = {
-        "kind": "rl", "dataset": dataset, "train_loss": float(result.training_loss),
+        "kind": "rl", "dataset": dataset, "train_loss": run_loss(trainer, result, resumed=bool(resume)),
         "global_step": int(trainer.state.global_step),
         "resumed_from_step": evaluator.resumed_from if evaluator else (int(resume.rsplit("-", 1)[-1]) if resume else 0),
         "eval_history": history, "best": evaluator.best if evaluator else None, "select_strategy": select.slug(),

@@ -33,6 +33,7 @@ from components.train.checkpoints import (
     library_versions,
     read_json,
     resume_checkpoint,
+    run_loss,
     seconds_spent,
     save_final,
     with_atomic_checkpoints,
@@ -325,12 +326,11 @@ def train_sft(dataset: str, config: SFTConfig | None = None, out_dir: str | Path
 
         trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
         evaluator.resumed_from = int(trainer.state.global_step)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        train_loss = sum(losses) / len(losses) if losses else 0.0
+        train_loss = run_loss(trainer)
         log(f"{resume}: stopped early at this step (held-out macro-F1 best at step {evaluator.best['step']}); "
             "nothing left to train")
     else:
-        train_loss = float(trainer.train(resume_from_checkpoint=resume).training_loss)
+        train_loss = run_loss(trainer, trainer.train(resume_from_checkpoint=resume), resumed=bool(resume))
 
     save_final(trainer.model, tokenizer, out_dir, best_dir, evaluator)
     history = evaluator.history if evaluator else []
