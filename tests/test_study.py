@@ -215,6 +215,7 @@ def test_convergence_check_compares_naive_sft_under_two_budget_rules():
         return {"cells": cells, "labels": ["a", "b"], "record": {"training": training}}
 
     main, longer = {"ds": info(60, 61, 4, 4, False), "main-only": info(50, 50, 4, 4, False)}, {"ds": info(75, 80, 8, 12, True)}
+    longer["ds"]["cells"].append(_cell("r", [], "naive", "decoding=perplexity", 72, rl=True))  # SFT + RL: 3 fewer right
     out = convergence.compare(main, longer, {"train": "naive", "infer": "decoding=perplexity"}, "cpu-long",
                               {"epochs": 6.0, "patience": 3, "min_epochs": 2.0, "eval_every_steps": 63, "learning_rate": 1})
     assert list(out["datasets"]) == ["ds"]
@@ -226,7 +227,11 @@ def test_convergence_check_compares_naive_sft_under_two_budget_rules():
     assert row["tfidf"]["accuracy"] == 0.7 and row["gencls_sft"]["accuracy"] == 0.8
     assert row["longer"]["budget"]["steps"] == 8 and row["longer"]["budget"]["stopped_early"] is True
     assert out["mean"]["accuracy"]["diff"] == pytest.approx(0.15)
+    assert row["gencls"]["accuracy"] == 0.72 and row["gencls_vs_naive"]["accuracy"]["diff"] == pytest.approx(-0.03)
+    assert out["gencls_mean"]["datasets"] == 1 and out["gencls_mean"]["accuracy"]["diff"] == pytest.approx(-0.03)
     text = "\n".join(markdown._longer_budget(out, "cpu"))
+    assert "minus naive SFT under the longer rule (the headline's comparison with a converged baseline): ds 72.0 " \
+           "vs 75.0, -3.0 [" in text and "; mean over 1 dataset(s) -3.0 [" in text
     assert ("up to 6.0 epochs, held-out evaluation every 63 steps, stopped once 3 evaluations in a row after the first "
             "2.0 epochs") in text
     assert "| ds | 60.0 / 0.0 (4 of 4; kept 2) | 75.0 / 0.0 (8 of 12, stopped early; kept 6) | +15.0 [" in text

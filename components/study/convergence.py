@@ -3,7 +3,8 @@
 The main study (profile `cpu`) trains every SFT arm under one budget rule (up to 2 epochs, best held-out
 checkpoint). A second profile with a longer rule (`cpu-long`: up to 6 epochs, early stopping on the same
 held-out slice) trains the headline's SFT arms again on the same N, held-out slice, test sample, text cut and
-seed. This module compares the two from their committed cell files:
+seed (and, where measured, the recipe's SFT + RL from that longer-trained SFT). This module compares the two
+from their committed cell files:
 
     comparison = compare(main_datasets, long_datasets, recipe)   # {"datasets": {dataset: row}, "mean"}
     # study.json keeps it as "convergence"; components/study/markdown.py renders the "Convergence check" section
@@ -57,7 +58,7 @@ def compare(main: dict[str, dict], longer: dict[str, dict], recipe: dict | None,
     """
     from components.evaluate import stats
 
-    rows, pooled, skipped = {}, [], {}
+    rows, pooled, skipped, rl_pooled = {}, [], {}, []
     for name in sorted(set(main) & set(longer)):
         a, b = _roles(main[name], recipe), _roles(longer[name], recipe)
         short, long_ = a.get("naive_sft"), b.get("naive_sft")
@@ -77,6 +78,10 @@ def compare(main: dict[str, dict], longer: dict[str, dict], recipe: dict | None,
         gencls = b.get("best_sft")
         gencls_pair = (report.paired_rows(files, f"longer:{gencls['key']}", f"longer:{long_['key']}", labels)
                        if gencls else None)
+        rl = b.get("gencls")  # the recipe's SFT + RL under the longer rule: the headline's pair, converged SFT
+        rl_pair = report.paired_rows(files, f"longer:{rl['key']}", f"longer:{long_['key']}", labels) if rl else None
+        if rl_pair:
+            rl_pooled.append(rl_pair)
         training = [((info[name].get("record") or {}).get("training") or {}).get(f"{NAIVE} sft") or {}
                     for info in (main, longer)]
         rows[name] = {"main": {**_metrics(short), "budget": _budget(training[0])},
@@ -84,9 +89,12 @@ def compare(main: dict[str, dict], longer: dict[str, dict], recipe: dict | None,
                       "longer_vs_main": stats.paired_bootstrap(*pair),
                       "gencls_sft": _metrics(gencls),
                       "gencls_sft_vs_naive": stats.paired_bootstrap(*gencls_pair) if gencls_pair else None,
+                      "gencls": _metrics(rl),
+                      "gencls_vs_naive": stats.paired_bootstrap(*rl_pair) if rl_pair else None,
                       "tfidf": _metrics(a.get("tfidf"))}
     if rule is None:  # the settings the longer cells were trained with (dataset.json), not today's params.yaml
         rule = next((((longer[n].get("record") or {}).get("settings") or {}).get("sft") for n in rows), None)
     return {"profile": profile, "rule": {k: (rule or {}).get(k) for k in ("epochs", "patience", "min_epochs", "eval_every_steps")},
-            "datasets": rows, "skipped": skipped, "mean": stats.mean_bootstrap(pooled) if pooled else None}
+            "datasets": rows, "skipped": skipped, "mean": stats.mean_bootstrap(pooled) if pooled else None,
+            "gencls_mean": {**stats.mean_bootstrap(rl_pooled), "datasets": len(rl_pooled)} if rl_pooled else None}
 

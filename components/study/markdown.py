@@ -327,6 +327,14 @@ def _longer_budget(comparison: dict | None, main_profile: str) -> list[str]:
     if mean:
         lines += ["", f"Mean over {len(rows)} dataset(s), longer rule minus `{main_profile}` rule (naive SFT): "
                       f"{_diff(mean)} points."]
+    rl = {n: r for n, r in rows.items() if r.get("gencls_vs_naive")}
+    if rl:
+        pooled = comparison.get("gencls_mean")
+        lines += ["", "GenCLS++ SFT + RL trained from the longer-trained SFT, minus naive SFT under the longer rule "
+                      "(the headline's comparison with a converged baseline): " + "; ".join(
+                          f"{n} {_pct(r['gencls']['accuracy'])} vs {_pct(r['longer']['accuracy'])}, "
+                          f"{_diff(r['gencls_vs_naive'])}" for n, r in rl.items())
+                  + (f"; mean over {pooled['datasets']} dataset(s) {_diff(pooled)} points." if pooled else ".")]
     better = [n for n, r in rows.items() if r["longer_vs_main"]["accuracy"]["low"] > 0]
     worse = [n for n, r in rows.items() if r["longer_vs_main"]["accuracy"]["high"] < 0]
     same = [n for n in rows if n not in better + worse]
