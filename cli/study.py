@@ -47,6 +47,12 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
                              "(reports/study/cells/<profile>/); trains and measures nothing")
     parser.add_argument("--no-register", dest="register", action="store_false",
                         help="do not register the best model / gate the champion")
+    parser.add_argument("--keep-recipe", action="store_true",
+                        help="GenCLS++ is the recipe already stored for the profile (cells/<profile>/recipe.json); "
+                             "this run's validation cells do not choose it again")
+    parser.add_argument("--verify", action="store_true",
+                        help="measure the datasets' committed cells again from scratch (checkpoints/study-verify/; "
+                             "the committed cells stay) and compare: reports/study/verify-<profile>.json")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -86,8 +92,10 @@ def run_study(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.verify:
+        return run_verify(args, datasets)
     state = study(datasets, args.profile, args.runner, args.cells, args.model, args.dask_address, args.workers,
-                  overrides, args.register, args.only, return_state=True)
+                  overrides, args.register, args.only, return_state=True, keep_recipe=args.keep_recipe)
     if report.is_file():
         print(f"report: {report} (and {json_path.name}, plots)")
     if state.is_failed():
@@ -107,3 +115,20 @@ def run_study(args: argparse.Namespace) -> int:
         print(f"target (GenCLS++ >= naive SFT + 4 points, interval above 0, on {verdict['datasets']} of "
               f"{verdict['expected_datasets']} datasets): {'met' if verdict['gain_met'] else 'NOT met'}")
     return 0
+
+
+def run_verify(args: argparse.Namespace, datasets: list[str]) -> int:
+    """`--verify`: re-measure the committed cells in a scratch project and print the comparison."""
+    from flows.study_verify import NothingToVerify, print_verification, run_verification
+
+    try:
+        result = run_verification(datasets, args.profile, args.cells, args.model, args.overrides, args.only)
+    except NothingToVerify as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_verification(result)
+    if result.get("failed"):
+        print(f"verify: the re-run exited with status {result['failed']}; the cells it finished are compared above",
+              file=sys.stderr)
+        return 1
+    return 0 if result["summary"]["reproduced"] else 1

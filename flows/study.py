@@ -39,7 +39,7 @@ from components.config import checkpoints_dir, load_params, project_root, set_of
 from components.model.prompts import PROMPT_FORMAT
 from components.ops import tracking
 from components.study import measure, plan, prepare, report
-from flows.study_report import RECIPE_FILE, cells_root, inherited_recipe, study_root, write_report
+from flows.study_report import RECIPE_FILE, cells_root, inherited_recipe, stored_recipe, study_root, write_report
 from flows.study_tasks import EXPERIMENT, cell_group_task, register_task
 
 RUNNERS = ("local", "dask")
@@ -162,7 +162,7 @@ def _collect(futures: list[Any], logger: Any) -> tuple[list[dict], list[str]]:
 @flow(name="study", log_prints=False)  # training libraries print a lot; it stays on stdout
 def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local", cells: str = "headline",
                model: str | None = None, overrides: dict[str, Any] | None = None, register_model: bool = True,
-               torch_threads: int | None = None, only: list[str] | None = None) -> dict:
+               torch_threads: int | None = None, only: list[str] | None = None, keep_recipe: bool = False) -> dict:
     """Run the GenCLS++ study (see module docstring) and write its report (flows/study_report.report_paths).
 
     Args:
@@ -177,6 +177,8 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
         torch_threads: torch threads per task (set for Dask workers sharing cores).
         only: keep only cells with these roles (or role prefixes such as "grid:"), e.g. ["tfidf",
             "zeroshot"]; phase 2 runs only when "gencls", "best_sft" or "reasoning" is kept.
+        keep_recipe: GenCLS++ is the recipe already stored for the profile (cells/<profile>/recipe.json); this
+            run's validation cells do not choose it again (`gencls study --verify` re-measures with it).
 
     Returns:
         The study.json dict (plus "failed": error messages); the flow fails when a cell failed.
@@ -210,7 +212,7 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
             for d in datasets:
                 results[d], errs = _collect(futures[d], logger)
                 errors += errs
-            recipe = update_recipe(profile, ctxs, model, overrides)
+            recipe = update_recipe(profile, ctxs, model, overrides, keep_recipe)
             logger.info("recipe (%s): train=%s inference=%s", recipe["source"], recipe["train"], recipe["infer"])
             for attempt in range(2):  # a second round when the confirmation replaces the combination
                 for d, ctx in ctxs.items():
@@ -221,7 +223,7 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
                     more, errs = _collect(futures[d], logger)
                     results[d] += more
                     errors += errs
-                again = update_recipe(profile, ctxs, model, overrides)
+                again = update_recipe(profile, ctxs, model, overrides, keep_recipe)
                 if (again["train"], again["infer"]) == (recipe["train"], recipe["infer"]):
                     recipe = again
                     break
@@ -280,15 +282,22 @@ def dataset_lock(profile: str, dataset: str) -> Any:
     return lock
 
 
-def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", overrides: dict | None = None) -> dict:
+def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", overrides: dict | None = None,
+                  keep: bool = False) -> dict:
     """Choose the study's recipe on validation (plan.select_recipe) over every dataset with a complete ablation:
     this run's datasets' cells plus the validation results other datasets left in the committed recipe file,
-    only those measured with the same model and study settings (a lock keeps two studies from racing on it)."""
+    only those measured with the same model and study settings (a lock keeps two studies from racing on it).
+    `keep`: return the stored recipe as it is (ValueError when there is none)."""
     from filelock import FileLock
 
     inherited = inherited_recipe(profile, overrides, model or None)
     if inherited is not None:  # a profile that re-runs another study under other budgets keeps that study's recipe
         return inherited
+    if keep:
+        stored = stored_recipe(profile)
+        if not stored:
+            raise ValueError(f"{cells_root(profile) / RECIPE_FILE}: no stored recipe to keep")
+        return stored
     root = cells_root(profile)
     root.mkdir(parents=True, exist_ok=True)
     config = prepare.recipe_config(profile, model, overrides)
@@ -321,7 +330,7 @@ def _study_run(study_key: str) -> str | None:
 def study(datasets: list[str], profile: str = "cpu", runner: str = "local", cells: str = "headline",
           model: str | None = None, dask_address: str | None = None, workers: int | None = None,
           overrides: dict[str, Any] | None = None, register_model: bool = True, only: list[str] | None = None,
-          torch_threads: int | None = None, return_state: bool = False) -> Any:
+          torch_threads: int | None = None, return_state: bool = False, keep_recipe: bool = False) -> Any:
     """Run `study_flow` on the task runner named by `runner` (see make_task_runner)."""
     task_runner = make_task_runner(runner, dask_address, workers)
     threads = torch_threads
@@ -330,4 +339,5 @@ def study(datasets: list[str], profile: str = "cpu", runner: str = "local", cell
 
         threads = thread_budget(workers or 2)
     return study_flow.with_options(task_runner=task_runner)(
-        datasets, profile, runner, cells, model, overrides, register_model, threads, only, return_state=return_state)
+        datasets, profile, runner, cells, model, overrides, register_model, threads, only, keep_recipe,
+        return_state=return_state)

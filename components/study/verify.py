@@ -1,0 +1,103 @@
+"""Re-measurement check: a dataset's committed study cells against the same cells measured again from scratch.
+
+Pure comparison of two cell folders' contents (``measure.read_dataset`` output). The orchestration that
+re-runs the cells in a scratch project is flows/study_verify.py (`gencls study --verify`).
+
+A cell is keyed by its settings (measure.cell_key), so the same key on both sides is the same experiment:
+same examples, prompts, budgets and seed. Per cell the check reports both figures, the share of test
+examples predicted alike, and the paired-bootstrap interval of re-run minus committed accuracy. It sorts
+each cell into:
+
+* ``identical``: every test prediction is the same;
+* ``within noise``: predictions differ, but the interval of the accuracy difference contains 0;
+* ``differs``: the interval excludes 0.
+
+Training on CPU is deterministic for one engine and machine, but engines that are equal to 1e-4 (the
+packed shared-prefix SFT against the padded one, for example) are not bitwise equal. A few hundred
+optimizer steps then end at another adapter. So ``within noise`` is the expected verdict when the cells
+come from an older engine, and ``identical`` when both runs used the same engine.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+VERDICTS = ("identical", "within noise", "differs")
+ABOUT = ("Each committed cell measured again from scratch with the same settings key (same examples, prompts, budgets "
+         "and seed). identical: every test prediction the same; within noise: the paired-bootstrap 95% interval of "
+         "re-run minus committed accuracy contains 0; differs: it does not.")
+
+
+def _by_key(info: dict | None) -> dict[str, dict]:
+    return {cell["result"]["key"]: cell for cell in (info or {}).get("cells") or []}
+
+
+def compare_cell(committed: dict, rerun: dict, labels: list[str]) -> dict:
+    """One cell measured twice: both figures, prediction agreement and the interval of re-run - committed."""
+    from components.evaluate import stats
+
+    a, b = committed["result"], rerun["result"]
+    rows_a = (committed.get("predictions") or {}).get("test") or []
+    rows_b = (rerun.get("predictions") or {}).get("test") or []
+    row = {"key": a["key"], "name": a.get("name", a["key"]),
+           "committed": {"accuracy": a.get("accuracy"), "macro_f1": a.get("macro_f1"),
+                         "machine": a.get("machine") or "not recorded"},
+           "rerun": {"accuracy": b.get("accuracy"), "macro_f1": b.get("macro_f1"),
+                     "machine": b.get("machine") or "not recorded"}}
+    if not rows_a or not rows_b:
+        return {**row, "verdict": None, "note": "test predictions missing on one side"}
+    gold, pred_a, pred_b = stats.align(rows_a, rows_b)
+    agree = sum(x == y for x, y in zip(pred_a, pred_b)) / len(gold)
+    diff = stats.paired_bootstrap(gold, pred_b, pred_a, labels)  # re-run - committed
+    acc = diff["accuracy"]
+    verdict = "identical" if agree == 1.0 else "within noise" if acc["low"] <= 0 <= acc["high"] else "differs"
+    return {**row, "n": len(gold), "agreement": agree, "difference": diff, "verdict": verdict}
+
+
+def compare_dataset(committed: dict | None, rerun: dict | None) -> dict:
+    """Every cell key on either side: compared where both have it, listed as missing where one lacks it.
+
+    Args:
+        committed, rerun: ``measure.read_dataset`` of the committed and of the re-run cell folder.
+    """
+    if not committed:
+        raise ValueError("no committed cells to compare with")
+    if rerun and rerun["record"].get("fingerprint") != committed["record"].get("fingerprint"):
+        raise ValueError(f"the re-run was measured under other settings (fingerprint "
+                         f"{rerun['record'].get('fingerprint')} vs committed {committed['record'].get('fingerprint')})")
+    labels = list(committed.get("labels") or [])
+    ours, theirs = _by_key(committed), _by_key(rerun)
+    cells = [compare_cell(ours[k], theirs[k], labels) for k in sorted(ours) if k in theirs]
+    counts = {v: sum(c.get("verdict") == v for c in cells) for v in VERDICTS}
+    diffs = [abs(c["difference"]["accuracy"]["diff"]) for c in cells if c.get("difference")]
+    return {"fingerprint": committed["record"].get("fingerprint"), "cells": cells, "counts": counts,
+            "max_abs_accuracy_diff": max(diffs) if diffs else None,
+            "not_rerun": sorted(k for k in ours if k not in theirs),
+            "only_in_rerun": sorted(k for k in theirs if k not in ours),
+            "reproduced": bool(cells) and counts["differs"] == 0}
+
+
+def table(dataset: str, result: dict) -> list[str]:
+    """Console lines: one per compared cell, then the dataset's summary."""
+    lines = [f"{dataset}: {'committed':>9} {'re-run':>7} {'agree':>6}  re-run - committed [95%]  verdict"]
+    for c in result["cells"]:
+        if not c.get("difference"):
+            lines.append(f"  {c['name'][:44]:44} {c.get('note', '')}")
+            continue
+        acc = c["difference"]["accuracy"]
+        lines.append(f"  {c['name'][:44]:44} {100 * c['committed']['accuracy']:5.1f} {100 * c['rerun']['accuracy']:7.1f} "
+                     f"{100 * c['agreement']:5.1f}%  {100 * acc['diff']:+5.1f} [{100 * acc['low']:+.1f}, "
+                     f"{100 * acc['high']:+.1f}]  {c['verdict']}")
+    counts = ", ".join(f"{n} {v}" for v, n in result["counts"].items() if n)
+    lines.append(f"  {len(result['cells'])} cell(s) compared: {counts or 'none'}"
+                 + (f"; not re-run: {len(result['not_rerun'])}" if result["not_rerun"] else ""))
+    return lines
+
+
+def summary(results: dict[str, Any]) -> dict:
+    """Over datasets: cells compared, verdict counts, the largest accuracy difference, reproduced or not."""
+    cells = [c for r in results.values() for c in r["cells"]]
+    diffs = [r["max_abs_accuracy_diff"] for r in results.values() if r["max_abs_accuracy_diff"] is not None]
+    return {"datasets": sorted(results), "cells": len(cells),
+            "counts": {v: sum(c.get("verdict") == v for c in cells) for v in VERDICTS},
+            "max_abs_accuracy_diff": max(diffs) if diffs else None,
+            "reproduced": bool(results) and all(r["reproduced"] for r in results.values())}

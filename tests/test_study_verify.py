@@ -1,0 +1,89 @@
+"""`gencls study --verify`: committed study cells measured again from scratch and compared (the comparison
+rules on constructed cells; the whole round trip on the tiny model in a subprocess, as a user runs it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from components.study import verify
+from tests.test_study import project, tiny_settings, write_dataset  # noqa: F401 (fixture)
+
+
+def _cell(key, preds, gold="a"):
+    rows = [[str(i), gold, p] for i, p in enumerate(preds)]
+    acc = sum(p == gold for p in preds) / len(preds)
+    return {"result": {"key": key, "name": f"cell {key}", "accuracy": acc, "macro_f1": acc},
+            "predictions": {"test": rows}}
+
+
+def _info(cells, fingerprint="fp"):
+    return {"record": {"fingerprint": fingerprint}, "labels": ["a", "b"], "cells": cells}
+
+
+def test_compare_sorts_cells_into_identical_within_noise_and_differs():
+    n = 200
+    committed = _info([_cell("same", ["a"] * 150 + ["b"] * 50), _cell("noise", ["a"] * 150 + ["b"] * 50),
+                       _cell("worse", ["a"] * 180 + ["b"] * 20), _cell("gone", ["a"] * n)])
+    rerun = _info([_cell("same", ["a"] * 150 + ["b"] * 50),
+                   _cell("noise", ["b"] * 2 + ["a"] * 150 + ["b"] * 48),  # 4 predictions changed, accuracy the same
+                   _cell("worse", ["a"] * 120 + ["b"] * 80), _cell("new", ["a"] * n)])
+    out = verify.compare_dataset(committed, rerun)
+    by_key = {c["key"]: c for c in out["cells"]}
+    assert by_key["same"]["verdict"] == "identical" and by_key["same"]["agreement"] == 1.0
+    assert by_key["noise"]["verdict"] == "within noise" and by_key["noise"]["agreement"] == pytest.approx(0.98)
+    assert by_key["worse"]["verdict"] == "differs"
+    assert by_key["worse"]["difference"]["accuracy"]["diff"] == pytest.approx(-0.3)  # re-run - committed
+    assert out["not_rerun"] == ["gone"] and out["only_in_rerun"] == ["new"]
+    assert out["counts"] == {"identical": 1, "within noise": 1, "differs": 1}
+    assert out["reproduced"] is False and out["max_abs_accuracy_diff"] == pytest.approx(0.3)
+    lines = verify.table("d", out)
+    assert any("differs" in line and "-30.0" in line for line in lines)
+    assert verify.summary({"d": out})["reproduced"] is False
+    fine = verify.compare_dataset(_info(committed["cells"][:2]), rerun)
+    assert fine["reproduced"] is True and verify.summary({"d": fine})["counts"]["identical"] == 1
+
+
+def test_compare_refuses_other_settings_and_nothing_committed():
+    with pytest.raises(ValueError, match="other settings"):
+        verify.compare_dataset(_info([_cell("k", ["a"])]), _info([_cell("k", ["a"])], fingerprint="other"))
+    with pytest.raises(ValueError, match="no committed cells"):
+        verify.compare_dataset(None, _info([]))
+    assert verify.compare_dataset(_info([_cell("k", ["a"])]), None)["not_rerun"] == ["k"]
+
+
+def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_harness, project, tiny_model_dir,
+                                                                       monkeypatch):
+    """A tiny study commits its cells; `gencls study --verify` trains and measures them again in a scratch project
+    (its own process, MLflow store and checkpoints) and finds the same predictions; the committed cells stay."""
+    from flows.study import study
+    from flows.study_report import cells_root
+    from flows.study_verify import scratch_root, verify_path
+
+    settings = tiny_settings()
+    study(["tinya"], "cpu", "local", "headline", str(tiny_model_dir), overrides=settings,
+          only=["tfidf", "naive_sft"], register_model=False)
+    committed = sorted(cells_root("cpu").joinpath("tinya").glob("*.json"))
+    before = {p.name: p.read_bytes() for p in committed}
+    assert len(before) >= 4  # dataset.json + tfidf, tfidf_all, naive SFT (generative, perplexity)
+    command = [sys.executable, "-m", "cli", "study", "--datasets", "tinya", "--cells", "headline", "--model",
+               str(tiny_model_dir), "--only", "tfidf", "naive_sft", "--verify"]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={value}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "reproduced ->" in done.stdout and "NOT reproduced" not in done.stdout
+    out = json.loads(verify_path("cpu").read_text())
+    tinya = out["datasets"]["tinya"]
+    assert len(tinya["cells"]) == len(before) - 1 and not tinya["not_rerun"]
+    assert all(c["verdict"] == "identical" for c in tinya["cells"])  # same engine, same machine: same predictions
+    assert tinya["meta"]["command"].startswith("gencls study --verify --datasets tinya")
+    rerun = scratch_root("cpu") / "reports" / "study" / "cells" / "cpu" / "tinya"
+    assert sorted(p.name for p in rerun.glob("*.json")) == sorted(before)  # the same keys, measured again
+    assert (scratch_root("cpu") / "mlflow" / "mlflow.db").is_file()  # its own store, not the project's
+    assert {p.name: p.read_bytes() for p in committed} == before  # the committed cells are untouched
+    missing = subprocess.run([sys.executable, "-m", "cli", "study", "--datasets", "tinyb", "--verify"],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "no committed cpu cells for tinyb" in missing.stderr
