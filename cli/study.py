@@ -119,11 +119,18 @@ def run_study(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace, datasets: list[str]) -> int:
     """`--verify`: re-measure the committed cells in a scratch project and print the comparison."""
-    from flows.study_verify import NothingToVerify, print_verification, run_verification
+    from pathlib import Path
 
+    from flows.study_verify import VerifyError, print_verification, run_verification
+
+    if args.runner != "local" or args.dask_address or args.workers:
+        print("error: --verify re-measures with the local runner, one cell group at a time; drop --runner, "
+              "--dask-address and --workers", file=sys.stderr)
+        return 2
+    model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
     try:
-        result = run_verification(datasets, args.profile, args.cells, args.model, args.overrides, args.only)
-    except NothingToVerify as exc:
+        result = run_verification(datasets, args.profile, args.cells, model, args.overrides, args.only)
+    except VerifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_verification(result)

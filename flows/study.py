@@ -203,6 +203,8 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
             run_id = run.info.run_id
             logger.info("MLflow study run %s (%s)", run_id, tracking.tracking_uri())
             inherited_recipe(profile, overrides, model)  # a missing or mismatched inherited recipe: stop before training
+            if keep_recipe:
+                update_recipe(profile, {}, model, overrides, keep_stored=True)  # none stored: stop before training
             ctxs = {d: prepare_dataset(d, profile, model, overrides, run_id, torch_threads) for d in datasets}
             for ctx in ctxs.values():  # written again at the end; now, so that an interrupted study still reports
                 measure.write_dataset_record(ctx)
@@ -283,17 +285,17 @@ def dataset_lock(profile: str, dataset: str) -> Any:
 
 
 def update_recipe(profile: str, ctxs: dict[str, dict], model: str = "", overrides: dict | None = None,
-                  keep: bool = False) -> dict:
+                  keep_stored: bool = False) -> dict:
     """Choose the study's recipe on validation (plan.select_recipe) over every dataset with a complete ablation:
     this run's datasets' cells plus the validation results other datasets left in the committed recipe file,
     only those measured with the same model and study settings (a lock keeps two studies from racing on it).
-    `keep`: return the stored recipe as it is (ValueError when there is none)."""
+    `keep_stored`: return the stored recipe as it is (ValueError when there is none)."""
     from filelock import FileLock
 
     inherited = inherited_recipe(profile, overrides, model or None)
     if inherited is not None:  # a profile that re-runs another study under other budgets keeps that study's recipe
         return inherited
-    if keep:
+    if keep_stored:
         stored = stored_recipe(profile)
         if not stored:
             raise ValueError(f"{cells_root(profile) / RECIPE_FILE}: no stored recipe to keep")

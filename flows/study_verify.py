@@ -5,10 +5,14 @@
 The committed cells (reports/study/cells/<profile>/<dataset>/) are left as they are. A scratch project
 under checkpoints/study-verify/<profile>/ links conf/ and data/, holds a copy of the committed recipes
 (GenCLS++ is the committed recipe, not chosen again) and no cells and no adapters, so every cell is trained
-and measured again, exactly as a fresh clone would: its own MLflow store, no registration. An interrupted
-verification resumes from that scratch project; delete it to start over. The comparison
-(components/study/verify.py) goes to reports/study/verify-<profile>.json, one entry per dataset
-(later verifications of other datasets are added to it).
+and measured again, as on a fresh clone: its own MLflow store, no registration (caches under
+~/.cache/gencls, such as the base model's converted copy, are shared). First a run that measures nothing
+(`--only none`) computes the datasets' settings fingerprints: other settings than the committed cells'
+stop the verification there (exit 2), not after hours of training. An interrupted verification resumes
+from the scratch project (the report counts cells measured by an earlier attempt); delete the folder to
+start over. The comparison (components/study/verify.py) goes to reports/study/verify-<profile>.json,
+one entry per dataset (later verifications of other datasets are added to it); a re-run that failed
+prints what it finished and writes nothing.
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ from flows.study_report import RECIPE_FILE, cells_root, study_root
 SOURCE = Path(__file__).resolve().parents[1]  # the code that runs the re-measurement
 
 
-class NothingToVerify(ValueError):
-    """A dataset has no committed cells for the profile."""
+class VerifyError(ValueError):
+    """Nothing to verify, or a re-run that would not measure the committed cells' settings (exit 2)."""
 
 
 def scratch_root(profile: str) -> Path:
@@ -59,7 +63,8 @@ def prepare_scratch(profile: str) -> Path:
 
 def rerun_command(datasets: list[str], profile: str, cells: str, model: str | None = None,
                   settings: list[str] | None = None, only: list[str] | None = None) -> list[str]:
-    """The `gencls study` command the scratch project runs: the same cells, the committed recipe, no registry."""
+    """The `gencls study` command the scratch project runs: the same cells, the committed recipe, no registry
+    (`only=["none"]`: measure nothing, only write the datasets' records)."""
     command = [sys.executable, "-m", "cli", "study", "--datasets", *datasets, "--profile", profile,
                "--cells", cells, "--no-register", "--keep-recipe"]
     command += ["--model", model] if model else []
@@ -69,46 +74,86 @@ def rerun_command(datasets: list[str], profile: str, cells: str, model: str | No
 
 
 def committed_datasets(datasets: list[str], profile: str) -> dict[str, dict]:
-    """{dataset: measure.read_dataset of its committed cells}; NothingToVerify names the first without cells."""
+    """{dataset: measure.read_dataset of its committed cells}; VerifyError names the first without cells."""
     out = {}
     for d in datasets:
         info = measure.read_dataset(cells_root(profile) / d)
         if not info or not info["cells"]:
-            raise NothingToVerify(f"{cells_root(profile) / d}: no committed {profile} cells for {d} to verify "
+            raise VerifyError(f"{cells_root(profile) / d}: no committed {profile} cells for {d} to verify "
                                   f"(run `gencls study --datasets {d} --profile {profile}` first)")
         out[d] = info
     return out
+
+
+def _run(command: list[str], root: Path) -> int:
+    """Run `command` in the scratch project (GENCLS_ROOT) with its own MLflow store; its exit status."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "GENCLS_PARENT_RUN_ID")}
+    env["GENCLS_ROOT"] = str(root)
+    return subprocess.run(command, cwd=SOURCE, env=env).returncode
+
+
+def check_settings(committed: dict[str, dict], rerun_cells: Path, profile: str) -> None:
+    """VerifyError unless the scratch records (written by the `--only none` run) carry the committed fingerprints."""
+    for d, info in committed.items():
+        rerun = measure.read_dataset(rerun_cells / d) or {"record": {}}
+        for name in ("fingerprint", "rl_fingerprint"):
+            ours, theirs = info["record"].get(name), rerun["record"].get(name)
+            if ours != theirs:
+                raise VerifyError(f"{d}: the re-run would measure other settings than the committed cells ({name} "
+                                  f"{theirs} vs {ours}): pass the committed study's --model and --set options (its "
+                                  f"settings: {cells_root(profile) / d / measure.DATASET_FILE})")
+
+
+def source_commit() -> str | None:
+    """The git commit of the code that re-measures (None outside a git checkout)."""
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SOURCE, capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "headline", model: str | None = None,
                      settings: list[str] | None = None, only: list[str] | None = None) -> dict:
     """Re-run the datasets' cells in the scratch project, compare with the committed ones, write verify-<p>.json.
 
+    Raises:
+        VerifyError: a dataset without committed cells; the re-run's settings are not the committed cells'.
+
     Returns:
-        {"meta", "datasets": {dataset: verify.compare_dataset(...)}, "summary"} for this run's datasets, plus
-        "failed" (the re-run's exit status when it was not 0; the cells it finished are still compared).
+        {"meta", "datasets": {dataset: verify.compare_dataset(...)}, "summary", "path"} for this run's datasets,
+        plus "failed" (the re-run's exit status when it was not 0: nothing is written, the cells it finished
+        are compared).
     """
+    from filelock import FileLock
+
     committed = committed_datasets(datasets, profile)
     root = prepare_scratch(profile)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the scratch project's own store
-    env["GENCLS_ROOT"] = str(root)
-    command = rerun_command(datasets, profile, cells, model, settings, only)
-    print(f"[verify] measuring {', '.join(datasets)} ({profile}, {cells}) again in {root}", flush=True)
-    started = time.time()
-    status = subprocess.run(command, cwd=SOURCE, env=env).returncode
     rerun_cells = root / cells_root(profile).relative_to(project_root())
-    results = {d: verify.compare_dataset(committed[d], measure.read_dataset(rerun_cells / d)) for d in datasets}
+    print(f"[verify] {', '.join(datasets)} ({profile}, {cells}): checking the settings in {root}", flush=True)
+    status = _run(rerun_command(datasets, profile, cells, model, settings, ["none"]), root)
+    if status:
+        raise VerifyError(f"the re-run could not start (exit {status}; its output is above)")
+    check_settings(committed, rerun_cells, profile)
+    command = rerun_command(datasets, profile, cells, model, settings, only)
+    print(f"[verify] measuring {', '.join(datasets)} again", flush=True)
+    started = time.time()
+    status = _run(command, root)
+    reran = {d: measure.read_dataset(rerun_cells / d) for d in datasets}
+    results = {d: verify.compare_dataset(committed[d], reran[d]) for d in datasets}
+    earlier = sum(1 for info in reran.values() for c in (info or {}).get("cells") or []
+                  if (rerun_cells / info["record"]["dataset"] / f"{c['result']['key']}.json").stat().st_mtime < started)
     meta = {"profile": profile, "cells": cells, "only": only, "settings": settings or [],
             "command": "gencls study --verify " + " ".join(command[command.index("--datasets"):]),
-            "machine": report.machine_info(), "seconds": round(time.time() - started, 1),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "commit": source_commit(), "machine": report.machine_info(), "seconds": round(time.time() - started, 1),
+            "cells_from_an_earlier_attempt": earlier, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = verify_path(profile)
-    stored = measure.read_result(path) or {}
-    merged = {**(stored.get("datasets") or {}), **{d: {**r, "meta": meta} for d, r in results.items()}}
-    measure.write_result(path, {"profile": profile, "datasets": merged, "summary": verify.summary(merged),
-                                "about": verify.ABOUT})
     out = {"meta": meta, "datasets": results, "summary": verify.summary(results), "path": str(path)}
-    return {**out, "failed": status} if status else out
+    if status:
+        return {**out, "failed": status}
+    with FileLock(str(path) + ".lock"):
+        stored = measure.read_result(path) or {}
+        merged = {**(stored.get("datasets") or {}), **{d: {**r, "meta": meta} for d, r in results.items()}}
+        measure.write_result(path, {"profile": profile, "datasets": merged, "summary": verify.summary(merged),
+                                    "about": verify.ABOUT})
+    return out
 
 
 def print_verification(result: dict) -> None:
@@ -118,5 +163,8 @@ def print_verification(result: dict) -> None:
     s = result["summary"]
     counts = ", ".join(f"{n} {v}" for v, n in s["counts"].items() if n) or "none"
     largest = "" if s["max_abs_accuracy_diff"] is None else f"; largest accuracy change {100 * s['max_abs_accuracy_diff']:.1f} points"
-    print(f"verify: {s['cells']} cell(s) over {len(s['datasets'])} dataset(s): {counts}{largest}; "
-          f"{'reproduced' if s['reproduced'] else 'NOT reproduced'} -> {result['path']}")
+    earlier = result["meta"]["cells_from_an_earlier_attempt"]
+    reused = f" ({earlier} measured by an earlier attempt in the scratch project)" if earlier else ""
+    where = "not written: the re-run failed" if result.get("failed") else result["path"]
+    print(f"verify: {s['cells']} cell(s) over {len(s['datasets'])} dataset(s){reused}: {counts}{largest}; "
+          f"{'reproduced' if s['reproduced'] else 'NOT reproduced'} -> {where}")

@@ -19,36 +19,45 @@ def _cell(key, preds, gold="a"):
             "predictions": {"test": rows}}
 
 
-def _info(cells, fingerprint="fp"):
-    return {"record": {"fingerprint": fingerprint}, "labels": ["a", "b"], "cells": cells}
+def _info(cells, fingerprint="fp", rl_fingerprint="rl"):
+    return {"record": {"fingerprint": fingerprint, "rl_fingerprint": rl_fingerprint}, "labels": ["a", "b"],
+            "cells": cells}
 
 
 def test_compare_sorts_cells_into_identical_within_noise_and_differs():
     n = 200
     committed = _info([_cell("same", ["a"] * 150 + ["b"] * 50), _cell("noise", ["a"] * 150 + ["b"] * 50),
-                       _cell("worse", ["a"] * 180 + ["b"] * 20), _cell("gone", ["a"] * n)])
+                       _cell("few", ["a"] * n), _cell("worse", ["a"] * 180 + ["b"] * 20), _cell("gone", ["a"] * n)])
     rerun = _info([_cell("same", ["a"] * 150 + ["b"] * 50),
                    _cell("noise", ["b"] * 2 + ["a"] * 150 + ["b"] * 48),  # 4 predictions changed, accuracy the same
+                   _cell("few", ["b"] * 4 + ["a"] * (n - 4)),  # 4 of 200 all one way: the bootstrap excludes 0
                    _cell("worse", ["a"] * 120 + ["b"] * 80), _cell("new", ["a"] * n)])
     out = verify.compare_dataset(committed, rerun)
     by_key = {c["key"]: c for c in out["cells"]}
     assert by_key["same"]["verdict"] == "identical" and by_key["same"]["agreement"] == 1.0
     assert by_key["noise"]["verdict"] == "within noise" and by_key["noise"]["agreement"] == pytest.approx(0.98)
-    assert by_key["worse"]["verdict"] == "differs"
+    few = by_key["few"]
+    assert few["difference"]["accuracy"]["high"] < 0 and few["verdict"] == "within noise"
+    assert few["mcnemar"] == {"p": pytest.approx(0.125), "only_rerun_right": 0, "only_committed_right": 4}
+    assert by_key["worse"]["verdict"] == "differs" and by_key["worse"]["mcnemar"]["p"] < 1e-6
     assert by_key["worse"]["difference"]["accuracy"]["diff"] == pytest.approx(-0.3)  # re-run - committed
     assert out["not_rerun"] == ["gone"] and out["only_in_rerun"] == ["new"]
-    assert out["counts"] == {"identical": 1, "within noise": 1, "differs": 1}
+    assert out["counts"] == {"identical": 1, "within noise": 2, "differs": 1}
     assert out["reproduced"] is False and out["max_abs_accuracy_diff"] == pytest.approx(0.3)
     lines = verify.table("d", out)
     assert any("differs" in line and "-30.0" in line for line in lines)
     assert verify.summary({"d": out})["reproduced"] is False
-    fine = verify.compare_dataset(_info(committed["cells"][:2]), rerun)
+    fine = verify.compare_dataset(_info(committed["cells"][:3]), _info(rerun["cells"][:3]))
     assert fine["reproduced"] is True and verify.summary({"d": fine})["counts"]["identical"] == 1
+    extra = verify.compare_dataset(_info(committed["cells"][:3]), _info(rerun["cells"][:3] + rerun["cells"][-1:]))
+    assert extra["only_in_rerun"] == ["new"] and extra["reproduced"] is False  # a cell under another key
 
 
 def test_compare_refuses_other_settings_and_nothing_committed():
     with pytest.raises(ValueError, match="other settings"):
         verify.compare_dataset(_info([_cell("k", ["a"])]), _info([_cell("k", ["a"])], fingerprint="other"))
+    with pytest.raises(ValueError, match="rl_fingerprint"):  # another RL budget: its RL cells would be other cells
+        verify.compare_dataset(_info([_cell("k", ["a"])]), _info([_cell("k", ["a"])], rl_fingerprint="other"))
     with pytest.raises(ValueError, match="no committed cells"):
         verify.compare_dataset(None, _info([]))
     assert verify.compare_dataset(_info([_cell("k", ["a"])]), None)["not_rerun"] == ["k"]
@@ -62,6 +71,12 @@ def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_ha
     from flows.study_report import cells_root
     from flows.study_verify import scratch_root, verify_path
 
+    import torch
+
+    for name, value in (("PREFECT_HOME", project / "prefect"), ("GENCLS_CACHE", project / "cache"),
+                        ("GENCLS_THREADS", "1")):  # the child's Prefect database and caches; its thread count
+        monkeypatch.setenv(name, str(value))
+    torch.set_num_threads(1)  # as the child: another thread count sums in another order (the fixture restores it)
     settings = tiny_settings()
     study(["tinya"], "cpu", "local", "headline", str(tiny_model_dir), overrides=settings,
           only=["tfidf", "naive_sft"], register_model=False)
@@ -87,3 +102,37 @@ def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_ha
     missing = subprocess.run([sys.executable, "-m", "cli", "study", "--datasets", "tinyb", "--verify"],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no committed cpu cells for tinyb" in missing.stderr
+
+
+def test_other_settings_stop_the_verification_before_training(tmp_path, monkeypatch):
+    """The measuring-nothing run's records against the committed ones: another fingerprint is one clear error."""
+    from components.study import measure
+    from flows.study_report import cells_root
+    from flows.study_verify import VerifyError, check_settings
+
+    monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))
+    committed = {"d": {"record": {"fingerprint": "a", "rl_fingerprint": "r"}}}
+    scratch = tmp_path / "scratch"
+    measure.write_result(scratch / "d" / measure.DATASET_FILE, {"dataset": "d", "fingerprint": "a", "rl_fingerprint": "r"})
+    check_settings(committed, scratch, "cpu")  # the same settings: no error
+    measure.write_result(scratch / "d" / measure.DATASET_FILE, {"dataset": "d", "fingerprint": "b", "rl_fingerprint": "r"})
+    with pytest.raises(VerifyError, match=r"d: the re-run would measure other settings .*fingerprint b vs a.*--set"):
+        check_settings(committed, scratch, "cpu")
+    assert str(cells_root("cpu") / "d" / measure.DATASET_FILE) in str(
+        pytest.raises(VerifyError, check_settings, committed, tmp_path / "empty", "cpu").value)
+
+
+def test_keep_recipe_returns_the_stored_recipe_and_stops_when_there_is_none(tmp_path, monkeypatch):
+    from components.study import measure
+    from flows.study import update_recipe
+    from flows.study_report import RECIPE_FILE, cells_root
+
+    monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))
+    with pytest.raises(ValueError, match="no stored recipe to keep"):
+        update_recipe("cpu", {}, "tiny", None, keep_stored=True)
+    stored = {"train": "definitions", "infer": "decoding=perplexity", "source": "validation",
+              "validation_results": {"d": {"rows": []}}}
+    measure.write_result(cells_root("cpu") / RECIPE_FILE, stored)
+    kept = update_recipe("cpu", {}, "tiny", None, keep_stored=True)  # no dataset's rows: a re-choice would differ
+    assert (kept["train"], kept["infer"], kept["source"]) == ("definitions", "decoding=perplexity", "validation")
+    assert json.loads((cells_root("cpu") / RECIPE_FILE).read_text()) == stored  # not rewritten

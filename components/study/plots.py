@@ -53,13 +53,16 @@ def plot_heatmap(grid: dict, path: Path, title: str, metric: str = "accuracy") -
     return save_figure(fig, path)
 
 
-def plot_headline(study: dict, path: Path) -> Path:
-    """Grouped bar chart: accuracy of each headline configuration per dataset (and the mean)."""
+def plot_headline(study: dict, path: Path) -> Path | None:
+    """Grouped bar chart: accuracy of each headline configuration per dataset (and the mean); None before any
+    headline cell is measured (a study run with `--only none` writes its records and report only)."""
     import numpy as np
 
-    plt = _pyplot()
     names = list(study["datasets"])
     rows = measured_rows(study["summary"])
+    if not rows:
+        return None
+    plt = _pyplot()
     data = np.array([[(((study["datasets"][n]["headline"].get(role)) or {}).get("accuracy") or np.nan) * 100
                       for n in names] for role, _ in rows], dtype=float)
     means = [study["summary"]["rows"][role]["mean_accuracy"] for role, _ in rows]

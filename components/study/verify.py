@@ -5,12 +5,15 @@ re-runs the cells in a scratch project is flows/study_verify.py (`gencls study -
 
 A cell is keyed by its settings (measure.cell_key), so the same key on both sides is the same experiment:
 same examples, prompts, budgets and seed. Per cell the check reports both figures, the share of test
-examples predicted alike, and the paired-bootstrap interval of re-run minus committed accuracy. It sorts
-each cell into:
+examples predicted alike, the paired-bootstrap interval of re-run minus committed accuracy and the
+two-sided exact McNemar test on the examples only one of the two gets right. It sorts each cell into:
 
 * ``identical``: every test prediction is the same;
-* ``within noise``: predictions differ, but the interval of the accuracy difference contains 0;
-* ``differs``: the interval excludes 0.
+* ``within noise``: predictions differ, but not significantly (McNemar p >= 0.05);
+* ``differs``: one of the two is right significantly more often (p < 0.05).
+
+(The verdict uses the exact test because the bootstrap interval is too narrow when a handful of
+predictions all move one way: 4 of 500 give [-1.6, -0.2], p = 0.125.)
 
 Training on CPU is deterministic for one engine and machine, but engines that are equal to 1e-4 (the
 packed shared-prefix SFT against the padded one, for example) are not bitwise equal. A few hundred
@@ -22,9 +25,27 @@ from __future__ import annotations
 from typing import Any
 
 VERDICTS = ("identical", "within noise", "differs")
+ALPHA = 0.05
 ABOUT = ("Each committed cell measured again from scratch with the same settings key (same examples, prompts, budgets "
-         "and seed). identical: every test prediction the same; within noise: the paired-bootstrap 95% interval of "
-         "re-run minus committed accuracy contains 0; differs: it does not.")
+         "and seed). identical: every test prediction the same; within noise: predictions differ but neither side is "
+         "right significantly more often (two-sided exact McNemar test, p >= 0.05); differs: p < 0.05. `difference` "
+         "is re-run minus committed with its paired-bootstrap 95% interval.")
+
+
+def mcnemar_two_sided(right_a: list[bool], right_b: list[bool]) -> tuple[float, int, int]:
+    """(p, only a right, only b right): two-sided exact McNemar test on the discordant pairs.
+
+    Example:
+        >>> round(mcnemar_two_sided([False] * 4 + [True] * 96, [True] * 100)[0], 3)
+        0.125
+    """
+    b = sum(x and not y for x, y in zip(right_a, right_b))
+    c = sum(y and not x for x, y in zip(right_a, right_b))
+    if b + c == 0:
+        return 1.0, 0, 0
+    from scipy.stats import binomtest
+
+    return float(binomtest(b, b + c, 0.5).pvalue), b, c
 
 
 def _by_key(info: dict | None) -> dict[str, dict]:
@@ -48,9 +69,11 @@ def compare_cell(committed: dict, rerun: dict, labels: list[str]) -> dict:
     gold, pred_a, pred_b = stats.align(rows_a, rows_b)
     agree = sum(x == y for x, y in zip(pred_a, pred_b)) / len(gold)
     diff = stats.paired_bootstrap(gold, pred_b, pred_a, labels)  # re-run - committed
-    acc = diff["accuracy"]
-    verdict = "identical" if agree == 1.0 else "within noise" if acc["low"] <= 0 <= acc["high"] else "differs"
-    return {**row, "n": len(gold), "agreement": agree, "difference": diff, "verdict": verdict}
+    p, only_rerun, only_committed = mcnemar_two_sided([x == g for x, g in zip(pred_b, gold)],
+                                                      [x == g for x, g in zip(pred_a, gold)])
+    verdict = "identical" if agree == 1.0 else "within noise" if p >= ALPHA else "differs"
+    return {**row, "n": len(gold), "agreement": agree, "difference": diff, "verdict": verdict,
+            "mcnemar": {"p": p, "only_rerun_right": only_rerun, "only_committed_right": only_committed}}
 
 
 def compare_dataset(committed: dict | None, rerun: dict | None) -> dict:
@@ -61,9 +84,11 @@ def compare_dataset(committed: dict | None, rerun: dict | None) -> dict:
     """
     if not committed:
         raise ValueError("no committed cells to compare with")
-    if rerun and rerun["record"].get("fingerprint") != committed["record"].get("fingerprint"):
-        raise ValueError(f"the re-run was measured under other settings (fingerprint "
-                         f"{rerun['record'].get('fingerprint')} vs committed {committed['record'].get('fingerprint')})")
+    if rerun:
+        for name in ("fingerprint", "rl_fingerprint"):
+            if rerun["record"].get(name) != committed["record"].get(name):
+                raise ValueError(f"the re-run was measured under other settings ({name} "
+                                 f"{rerun['record'].get(name)} vs committed {committed['record'].get(name)})")
     labels = list(committed.get("labels") or [])
     ours, theirs = _by_key(committed), _by_key(rerun)
     cells = [compare_cell(ours[k], theirs[k], labels) for k in sorted(ours) if k in theirs]
@@ -73,12 +98,13 @@ def compare_dataset(committed: dict | None, rerun: dict | None) -> dict:
             "max_abs_accuracy_diff": max(diffs) if diffs else None,
             "not_rerun": sorted(k for k in ours if k not in theirs),
             "only_in_rerun": sorted(k for k in theirs if k not in ours),
-            "reproduced": bool(cells) and counts["differs"] == 0}
+            "reproduced": bool(cells) and all(c.get("verdict") in VERDICTS[:2] for c in cells)
+            and not any(k not in ours for k in theirs)}
 
 
 def table(dataset: str, result: dict) -> list[str]:
     """Console lines: one per compared cell, then the dataset's summary."""
-    lines = [f"{dataset}: {'committed':>9} {'re-run':>7} {'agree':>6}  re-run - committed [95%]  verdict"]
+    lines = [f"{dataset}: {'committed':>40} {'re-run':>7} {'agree':>6}  re-run - committed [95%]  verdict (McNemar)"]
     for c in result["cells"]:
         if not c.get("difference"):
             lines.append(f"  {c['name'][:44]:44} {c.get('note', '')}")
@@ -86,7 +112,7 @@ def table(dataset: str, result: dict) -> list[str]:
         acc = c["difference"]["accuracy"]
         lines.append(f"  {c['name'][:44]:44} {100 * c['committed']['accuracy']:5.1f} {100 * c['rerun']['accuracy']:7.1f} "
                      f"{100 * c['agreement']:5.1f}%  {100 * acc['diff']:+5.1f} [{100 * acc['low']:+.1f}, "
-                     f"{100 * acc['high']:+.1f}]  {c['verdict']}")
+                     f"{100 * acc['high']:+.1f}]  {c['verdict']} (p {c['mcnemar']['p']:.2f})")
     counts = ", ".join(f"{n} {v}" for v, n in result["counts"].items() if n)
     lines.append(f"  {len(result['cells'])} cell(s) compared: {counts or 'none'}"
                  + (f"; not re-run: {len(result['not_rerun'])}" if result["not_rerun"] else ""))
