@@ -3,6 +3,7 @@
     reports/study/cells/<profile>/<dataset>/<key>.json   one committed file per finished cell (cells_root)
     reports/study.md, study.json, study/plots/           the `cpu` profile's report (MAIN_PROFILE)
     reports/study-<profile>.md, .json, study/plots-<profile>/   any other profile's (report_paths)
+    reports/study/verify-<profile>.json                  committed cells measured again (verify_path)
 
 The main profile's report also carries the convergence check (components/study/convergence.py) when a longer
 budget profile (LONGER_PROFILE) has measured naive SFT on some of its datasets.
@@ -30,6 +31,11 @@ def study_root() -> Path:
 def cells_root(profile: str) -> Path:
     """reports/study/cells/<profile>/: one committed JSON per finished cell (result + predictions)."""
     return study_root() / "cells" / profile
+
+
+def verify_path(profile: str) -> Path:
+    """reports/study/verify-<profile>.json: the committed cells measured again (flows/study_verify.py)."""
+    return study_root() / f"verify-{profile}.json"
 
 
 def report_paths(profile: str) -> tuple[Path, Path, Path]:
@@ -124,6 +130,9 @@ def write_report(profile: str, meta: dict, run_id: str | None, recipe: dict | No
     recipe = recipe if recipe is not None else read_recipe(profile)
     datasets = read_datasets(profile) if datasets is None else datasets
     study = report.aggregate(datasets, meta, recipe)
+    verified = measure.read_result(verify_path(profile))
+    if verified:
+        study["verification"] = verified
     if profile == MAIN_PROFILE and cells_root(LONGER_PROFILE).is_dir():
         longer = convergence.compare(datasets, read_datasets(LONGER_PROFILE), recipe, LONGER_PROFILE)
         if longer["datasets"] or longer["skipped"]:

@@ -11,8 +11,8 @@ and measured again, as on a fresh clone: its own MLflow store, no registration (
 stop the verification there (exit 2), not after hours of training. An interrupted verification resumes
 from the scratch project (the report counts cells measured by an earlier attempt); delete the folder to
 start over. The comparison (components/study/verify.py) goes to reports/study/verify-<profile>.json,
-one entry per dataset (later verifications of other datasets are added to it); a re-run that failed
-prints what it finished and writes nothing.
+one entry per dataset (later verifications of other datasets are added to it), and the profile's report
+(reports/study.md for cpu) is rebuilt with it; a re-run that failed prints what it finished and writes nothing.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from components.config import checkpoints_dir, data_dir, project_root
 from components.study import measure, report, verify
-from flows.study_report import RECIPE_FILE, cells_root, study_root
+from flows.study_report import RECIPE_FILE, cells_root, rebuild_report, report_paths, verify_path
 
 SOURCE = Path(__file__).resolve().parents[1]  # the code that runs the re-measurement
 
@@ -37,11 +37,6 @@ class VerifyError(ValueError):
 def scratch_root(profile: str) -> Path:
     """checkpoints/study-verify/<profile>/: the scratch project the cells are measured again in (not in git)."""
     return checkpoints_dir() / "study-verify" / profile
-
-
-def verify_path(profile: str) -> Path:
-    """reports/study/verify-<profile>.json: the comparison (committed)."""
-    return study_root() / f"verify-{profile}.json"
 
 
 def prepare_scratch(profile: str) -> Path:
@@ -153,6 +148,8 @@ def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "he
         merged = {**(stored.get("datasets") or {}), **{d: {**r, "meta": meta} for d, r in results.items()}}
         measure.write_result(path, {"profile": profile, "datasets": merged, "summary": verify.summary(merged),
                                     "about": verify.ABOUT})
+    if report_paths(profile)[0].is_file():  # the profile's report carries the comparison (its own section)
+        rebuild_report(profile)
     return out
 
 

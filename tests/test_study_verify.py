@@ -47,6 +47,9 @@ def test_compare_sorts_cells_into_identical_within_noise_and_differs():
     lines = verify.table("d", out)
     assert any("differs" in line and "-30.0" in line for line in lines)
     assert verify.summary({"d": out})["reproduced"] is False
+    md = verify.markdown_lines({"datasets": {"d": out}, "summary": verify.summary({"d": out})})
+    assert "**not reproduced**" in md[2] and any(line.startswith("| d | cell worse | 90.0 | 60.0 |") for line in md)
+    assert verify.markdown_lines(None) == []
     fine = verify.compare_dataset(_info(committed["cells"][:3]), _info(rerun["cells"][:3]))
     assert fine["reproduced"] is True and verify.summary({"d": fine})["counts"]["identical"] == 1
     extra = verify.compare_dataset(_info(committed["cells"][:3]), _info(rerun["cells"][:3] + rerun["cells"][-1:]))
@@ -99,6 +102,7 @@ def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_ha
     assert sorted(p.name for p in rerun.glob("*.json")) == sorted(before)  # the same keys, measured again
     assert (scratch_root("cpu") / "mlflow" / "mlflow.db").is_file()  # its own store, not the project's
     assert {p.name: p.read_bytes() for p in committed} == before  # the committed cells are untouched
+    assert "## Committed cells measured again from scratch" in (project / "reports" / "study.md").read_text()
     missing = subprocess.run([sys.executable, "-m", "cli", "study", "--datasets", "tinyb", "--verify"],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no committed cpu cells for tinyb" in missing.stderr

@@ -1,12 +1,13 @@
 """A study profile's report (reports/study.md for cpu, reports/study-<profile>.md otherwise) from its study.json:
 the design, the headline with paired-bootstrap intervals, the verdict, the convergence check (naive SFT under
-a longer budget profile), the recipe and how it was chosen, and per dataset the ablation, the interplay grid,
-RL and reasoning.
+a longer budget profile), committed cells measured again (`gencls study --verify`), the recipe and how it was
+chosen, and per dataset the ablation, the interplay grid, RL and reasoning.
 """
 from __future__ import annotations
 
 import json
 
+from components.study import verify
 from components.study.plan import INFER_ONLY_DIMS, TRAIN_DIMS
 from components.study.report import REFERENCE, TARGET_POINTS, WEAK_MARGIN, measured_rows, still_rising
 
@@ -74,6 +75,7 @@ def render_markdown(study: dict) -> str:
              "longer completions).", ""]
     lines += _headline(study, summary)
     lines += _verdict(summary["verdict"]) + _longer_budget(study.get("convergence"), meta.get("profile", ""))
+    lines += verify.markdown_lines(study.get("verification"))
     lines += _recipe(recipe, (meta.get("settings") or {}).get("val_size"))
     plots = meta.get("plots") or "study/plots"  # relative to reports/ (flows/study_report.report_paths)
     lines += _ablation(summary, plots) + _reasoning(study)

@@ -127,3 +127,30 @@ def summary(results: dict[str, Any]) -> dict:
             "counts": {v: sum(c.get("verdict") == v for c in cells) for v in VERDICTS},
             "max_abs_accuracy_diff": max(diffs) if diffs else None,
             "reproduced": bool(results) and all(r["reproduced"] for r in results.values())}
+
+
+def markdown_lines(verified: dict | None) -> list[str]:
+    """study.md's section on the committed cells measured again (reports/study/verify-<profile>.json)."""
+    if not verified or not verified.get("datasets"):
+        return []
+    s = verified["summary"]
+    counts = ", ".join(f"{n} {v}" for v, n in s["counts"].items() if n) or "none"
+    lines = ["## Committed cells measured again from scratch", "",
+             f"`gencls study --verify` trained and measured {s['cells']} committed cells again ({', '.join(s['datasets'])}): "
+             f"{counts}; {'reproduced' if s['reproduced'] else '**not reproduced**'}. {verified.get('about', ABOUT)} "
+             "The intervals elsewhere in this report resample test examples only: they leave out training randomness, "
+             "which this re-run measures for the trained cells.", "",
+             "| dataset | cell | committed | re-run | agree | re-run - committed [95%] | McNemar p | verdict | re-run on |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, info in sorted(verified["datasets"].items()):
+        meta = info.get("meta") or {}
+        where = f"{(meta.get('machine') or {}).get('platform', '?')}, {str(meta.get('commit') or '?')[:7]}"
+        for c in info["cells"]:
+            if not c.get("difference"):
+                lines.append(f"| {name} | {c['name']} | | | | {c.get('note', '')} | | | {where} |")
+                continue
+            acc = c["difference"]["accuracy"]
+            lines.append(f"| {name} | {c['name']} | {100 * c['committed']['accuracy']:.1f} | {100 * c['rerun']['accuracy']:.1f} "
+                         f"| {100 * c['agreement']:.1f}% | {100 * acc['diff']:+.1f} [{100 * acc['low']:+.1f}, "
+                         f"{100 * acc['high']:+.1f}] | {c['mcnemar']['p']:.2f} | {c['verdict']} | {where} |")
+    return lines + [""]
