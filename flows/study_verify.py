@@ -158,7 +158,7 @@ def print_verification(result: dict) -> None:
     for dataset, info in result["datasets"].items():
         print("\n".join(verify.table(dataset, info)))
     s = result["summary"]
-    counts = ", ".join(f"{n} {v}" for v, n in s["counts"].items() if n) or "none"
+    counts = verify.count_text(s["counts"])
     largest = "" if s["max_abs_accuracy_diff"] is None else f"; largest accuracy change {100 * s['max_abs_accuracy_diff']:.1f} points"
     earlier = result["meta"]["cells_from_an_earlier_attempt"]
     reused = f" ({earlier} measured by an earlier attempt in the scratch project)" if earlier else ""

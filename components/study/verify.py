@@ -113,8 +113,7 @@ def table(dataset: str, result: dict) -> list[str]:
         lines.append(f"  {c['name'][:44]:44} {100 * c['committed']['accuracy']:5.1f} {100 * c['rerun']['accuracy']:7.1f} "
                      f"{100 * c['agreement']:5.1f}%  {100 * acc['diff']:+5.1f} [{100 * acc['low']:+.1f}, "
                      f"{100 * acc['high']:+.1f}]  {c['verdict']} (p {c['mcnemar']['p']:.2f})")
-    counts = ", ".join(f"{n} {v}" for v, n in result["counts"].items() if n)
-    lines.append(f"  {len(result['cells'])} cell(s) compared: {counts or 'none'}"
+    lines.append(f"  {len(result['cells'])} cell(s) compared: {count_text(result['counts'])}"
                  + (f"; not re-run: {len(result['not_rerun'])}" if result["not_rerun"] else ""))
     return lines
 
@@ -129,12 +128,17 @@ def summary(results: dict[str, Any]) -> dict:
             "reproduced": bool(results) and all(r["reproduced"] for r in results.values())}
 
 
+def count_text(counts: dict) -> str:
+    """"10 identical, 3 within noise" in the verdicts' order (a JSON round trip sorts the keys)."""
+    return ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts.get(v)) or "none"
+
+
 def markdown_lines(verified: dict | None) -> list[str]:
     """study.md's section on the committed cells measured again (reports/study/verify-<profile>.json)."""
     if not verified or not verified.get("datasets"):
         return []
     s = verified["summary"]
-    counts = ", ".join(f"{n} {v}" for v, n in s["counts"].items() if n) or "none"
+    counts = count_text(s["counts"])
     lines = ["## Committed cells measured again from scratch", "",
              f"`gencls study --verify` trained and measured {s['cells']} committed cells again ({', '.join(s['datasets'])}): "
              f"{counts}; {'reproduced' if s['reproduced'] else '**not reproduced**'}. {verified.get('about', ABOUT)} "
@@ -153,4 +157,6 @@ def markdown_lines(verified: dict | None) -> list[str]:
             lines.append(f"| {name} | {c['name']} | {100 * c['committed']['accuracy']:.1f} | {100 * c['rerun']['accuracy']:.1f} "
                          f"| {100 * c['agreement']:.1f}% | {100 * acc['diff']:+.1f} [{100 * acc['low']:+.1f}, "
                          f"{100 * acc['high']:+.1f}] | {c['mcnemar']['p']:.2f} | {c['verdict']} | {where} |")
-    return lines + [""]
+    notes = [f"- {name}: {info['meta']['note']}" for name, info in sorted(verified["datasets"].items())
+             if (info.get("meta") or {}).get("note")]
+    return lines + ([""] + notes if notes else []) + [""]
