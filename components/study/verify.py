@@ -102,6 +102,14 @@ def compare_dataset(committed: dict | None, rerun: dict | None) -> dict:
             and not any(k not in ours for k in theirs)}
 
 
+def _figures(c: dict) -> tuple[str, ...]:
+    """(committed, re-run, agreement, re-run - committed [95%], McNemar p, verdict) of a compared cell, as text."""
+    acc = c["difference"]["accuracy"]
+    return (f"{100 * c['committed']['accuracy']:.1f}", f"{100 * c['rerun']['accuracy']:.1f}", f"{100 * c['agreement']:.1f}%",
+            f"{100 * acc['diff']:+.1f} [{100 * acc['low']:+.1f}, {100 * acc['high']:+.1f}]", f"{c['mcnemar']['p']:.2f}",
+            c["verdict"])
+
+
 def table(dataset: str, result: dict) -> list[str]:
     """Console lines: one per compared cell, then the dataset's summary."""
     lines = [f"{dataset}: {'committed':>40} {'re-run':>7} {'agree':>6}  re-run - committed [95%]  verdict (McNemar)"]
@@ -109,10 +117,8 @@ def table(dataset: str, result: dict) -> list[str]:
         if not c.get("difference"):
             lines.append(f"  {c['name'][:44]:44} {c.get('note', '')}")
             continue
-        acc = c["difference"]["accuracy"]
-        lines.append(f"  {c['name'][:44]:44} {100 * c['committed']['accuracy']:5.1f} {100 * c['rerun']['accuracy']:7.1f} "
-                     f"{100 * c['agreement']:5.1f}%  {100 * acc['diff']:+5.1f} [{100 * acc['low']:+.1f}, "
-                     f"{100 * acc['high']:+.1f}]  {c['verdict']} (p {c['mcnemar']['p']:.2f})")
+        committed, rerun, agree, diff, p, verdict = _figures(c)
+        lines.append(f"  {c['name'][:44]:44} {committed:>5} {rerun:>7} {agree:>6}  {diff:>18}  {verdict} (p {p})")
     lines.append(f"  {len(result['cells'])} cell(s) compared: {count_text(result['counts'])}"
                  + (f"; not re-run: {len(result['not_rerun'])}" if result["not_rerun"] else ""))
     return lines
@@ -150,13 +156,8 @@ def markdown_lines(verified: dict | None) -> list[str]:
         meta = info.get("meta") or {}
         where = f"{(meta.get('machine') or {}).get('platform', '?')}, {str(meta.get('commit') or '?')[:7]}"
         for c in info["cells"]:
-            if not c.get("difference"):
-                lines.append(f"| {name} | {c['name']} | | | | {c.get('note', '')} | | | {where} |")
-                continue
-            acc = c["difference"]["accuracy"]
-            lines.append(f"| {name} | {c['name']} | {100 * c['committed']['accuracy']:.1f} | {100 * c['rerun']['accuracy']:.1f} "
-                         f"| {100 * c['agreement']:.1f}% | {100 * acc['diff']:+.1f} [{100 * acc['low']:+.1f}, "
-                         f"{100 * acc['high']:+.1f}] | {c['mcnemar']['p']:.2f} | {c['verdict']} | {where} |")
+            figures = _figures(c) if c.get("difference") else ("", "", "", c.get("note", ""), "", "")
+            lines.append("| " + " | ".join((name, c["name"], *figures, where)) + " |")
     notes = [f"- {name}: {info['meta']['note']}" for name, info in sorted(verified["datasets"].items())
              if (info.get("meta") or {}).get("note")]
     return lines + ([""] + notes if notes else []) + [""]
