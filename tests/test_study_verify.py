@@ -53,7 +53,10 @@ def test_compare_sorts_cells_into_identical_within_noise_and_differs():
     fine = verify.compare_dataset(_info(committed["cells"][:3]), _info(rerun["cells"][:3]))
     assert fine["reproduced"] is True and verify.summary({"d": fine})["counts"]["identical"] == 1
     extra = verify.compare_dataset(_info(committed["cells"][:3]), _info(rerun["cells"][:3] + rerun["cells"][-1:]))
-    assert extra["only_in_rerun"] == ["new"] and extra["reproduced"] is False  # a cell under another key
+    assert extra["only_in_rerun"] == ["new"] and extra["reproduced"] is True  # a cell never committed: listed
+    gap = verify.compare_dataset(_info(committed["cells"][:3]), _info(rerun["cells"][:2] + [
+        {"result": rerun["cells"][2]["result"], "predictions": {}}]))
+    assert gap["reproduced"] is False and gap["cells"][0]["key"] == "few" and gap["cells"][0]["verdict"] is None
 
 
 def test_compare_refuses_other_settings_and_nothing_committed():
