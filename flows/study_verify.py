@@ -75,7 +75,7 @@ def committed_datasets(datasets: list[str], profile: str) -> dict[str, dict]:
         info = measure.read_dataset(cells_root(profile) / d)
         if not info or not info["cells"]:
             raise VerifyError(f"{cells_root(profile) / d}: no committed {profile} cells for {d} to verify "
-                                  f"(run `gencls study --datasets {d} --profile {profile}` first)")
+                              f"(run `gencls study --datasets {d} --profile {profile}` first)")
         out[d] = info
     return out
 
@@ -133,8 +133,8 @@ def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "he
     status = _run(command, root)
     reran = {d: measure.read_dataset(rerun_cells / d) for d in datasets}
     results = {d: verify.compare_dataset(committed[d], reran[d]) for d in datasets}
-    earlier = sum(1 for info in reran.values() for c in (info or {}).get("cells") or []
-                  if (rerun_cells / info["record"]["dataset"] / f"{c['result']['key']}.json").stat().st_mtime < started)
+    earlier = sum(1 for d, info in reran.items() for c in (info or {}).get("cells") or []
+                  if (rerun_cells / d / f"{c['result']['key']}.json").stat().st_mtime < started)
     meta = {"profile": profile, "cells": cells, "only": only, "settings": settings or [],
             "command": "gencls study --verify " + " ".join(command[command.index("--datasets"):]),
             "commit": source_commit(), "machine": report.machine_info(), "seconds": round(time.time() - started, 1),
