@@ -122,3 +122,28 @@ def align(test_a: Sequence[Sequence[str]], test_b: Sequence[Sequence[str]]) -> t
         pa.append(p)
         pb.append(b[ex_id][2])
     return gold, pa, pb
+
+
+def mcnemar_p(candidate_correct: Sequence[bool], champion_correct: Sequence[bool],
+              alternative: str = "greater") -> tuple[float, int, int]:
+    """Exact McNemar test on the discordant pairs; one-sided by default: the candidate is right more often.
+
+    Returns (p, b, c): b = examples only the candidate gets right, c = only the champion;
+    p = P(X >= b) for X ~ Binomial(b + c, 1/2) (1.0 when b <= c). `alternative="two-sided"`: either side
+    right more often (1.0 when b + c = 0; components/study/verify.py compares a re-run with its cell so; components/ops/gate.py gates the champion one-sided).
+
+    Example:
+        >>> mcnemar_p([True] * 10 + [False] * 2, [False] * 10 + [True] * 2)[0] < 0.05
+        True
+        >>> round(mcnemar_p([False] * 4 + [True] * 96, [True] * 100, "two-sided")[0], 3)
+        0.125
+    """
+    if len(candidate_correct) != len(champion_correct):
+        raise ValueError("candidate and champion were scored on different numbers of examples")
+    b = sum(1 for x, y in zip(candidate_correct, champion_correct) if x and not y)
+    c = sum(1 for x, y in zip(candidate_correct, champion_correct) if y and not x)
+    if (b <= c if alternative == "greater" else b + c == 0):
+        return 1.0, b, c
+    from scipy.stats import binomtest
+
+    return float(binomtest(b, b + c, 0.5, alternative=alternative).pvalue), b, c

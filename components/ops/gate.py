@@ -6,28 +6,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from components.evaluate.stats import mcnemar_p  # noqa: F401 (the gate's test; registry and tests call it here)
+
 DEFAULT_ALPHA = 0.05  # significance level of the gate (conf/params.yaml register.alpha)
-
-
-def mcnemar_p(candidate_correct: Sequence[bool], champion_correct: Sequence[bool]) -> tuple[float, int, int]:
-    """One-sided exact McNemar test that the candidate is right more often than the champion.
-
-    Returns (p, b, c): b = examples only the candidate gets right, c = only the champion;
-    p = P(X >= b) for X ~ Binomial(b + c, 1/2) (1.0 when b <= c).
-
-    Example:
-        >>> mcnemar_p([True] * 10 + [False] * 2, [False] * 10 + [True] * 2)[0] < 0.05
-        True
-    """
-    if len(candidate_correct) != len(champion_correct):
-        raise ValueError("candidate and champion were scored on different numbers of examples")
-    b = sum(1 for x, y in zip(candidate_correct, champion_correct) if x and not y)
-    c = sum(1 for x, y in zip(candidate_correct, champion_correct) if y and not x)
-    if b <= c:
-        return 1.0, b, c
-    from scipy.stats import binomtest
-
-    return float(binomtest(b, b + c, 0.5, alternative="greater").pvalue), b, c
 
 
 def decide(candidate_correct: Sequence[bool], champion_correct: Sequence[bool] | None,

@@ -24,28 +24,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from components.evaluate.stats import mcnemar_p
+
 VERDICTS = ("identical", "within noise", "differs")
 ALPHA = 0.05
 ABOUT = ("Each committed cell measured again from scratch with the same settings key (same examples, prompts, budgets "
          "and seed). identical: every test prediction the same; within noise: predictions differ but neither side is "
          "right significantly more often (two-sided exact McNemar test, p >= 0.05); differs: p < 0.05. `difference` "
          "is re-run minus committed with its paired-bootstrap 95% interval.")
-
-
-def mcnemar_two_sided(right_a: list[bool], right_b: list[bool]) -> tuple[float, int, int]:
-    """(p, only a right, only b right): two-sided exact McNemar test on the discordant pairs.
-
-    Example:
-        >>> round(mcnemar_two_sided([False] * 4 + [True] * 96, [True] * 100)[0], 3)
-        0.125
-    """
-    b = sum(x and not y for x, y in zip(right_a, right_b))
-    c = sum(y and not x for x, y in zip(right_a, right_b))
-    if b + c == 0:
-        return 1.0, 0, 0
-    from scipy.stats import binomtest
-
-    return float(binomtest(b, b + c, 0.5).pvalue), b, c
 
 
 def _by_key(info: dict | None) -> dict[str, dict]:
@@ -69,8 +55,8 @@ def compare_cell(committed: dict, rerun: dict, labels: list[str]) -> dict:
     gold, pred_a, pred_b = stats.align(rows_a, rows_b)
     agree = sum(x == y for x, y in zip(pred_a, pred_b)) / len(gold)
     diff = stats.paired_bootstrap(gold, pred_b, pred_a, labels)  # re-run - committed
-    p, only_rerun, only_committed = mcnemar_two_sided([x == g for x, g in zip(pred_b, gold)],
-                                                      [x == g for x, g in zip(pred_a, gold)])
+    p, only_rerun, only_committed = mcnemar_p([x == g for x, g in zip(pred_b, gold)],
+                                              [x == g for x, g in zip(pred_a, gold)], alternative="two-sided")
     verdict = "identical" if agree == 1.0 else "within noise" if p >= ALPHA else "differs"
     return {**row, "n": len(gold), "agreement": agree, "difference": diff, "verdict": verdict,
             "mcnemar": {"p": p, "only_rerun_right": only_rerun, "only_committed_right": only_committed}}
