@@ -53,6 +53,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true",
                         help="measure the datasets' committed cells again from scratch (checkpoints/study-verify/; "
                              "the committed cells stay) and compare: reports/study/verify-<profile>.json")
+    parser.add_argument("--adopt", action="store_true",
+                        help="with --verify: then replace the committed cells by the re-run's (the current code's), "
+                             "keeping the comparison; refused when the re-run would not measure every committed cell")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -81,6 +84,9 @@ def run_study(args: argparse.Namespace) -> int:
 
     from flows.study_report import rebuild_report, report_paths
 
+    if args.adopt and not args.verify:
+        print("error: --adopt replaces committed cells by a --verify re-run's; pass --verify", file=sys.stderr)
+        return 2
     json_path, report, _ = report_paths(args.profile)
     if args.report_only:
         rebuilt = rebuild_report(args.profile)
@@ -129,7 +135,7 @@ def run_verify(args: argparse.Namespace, datasets: list[str]) -> int:
         return 2
     model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
     try:
-        result = run_verification(datasets, args.profile, args.cells, model, args.overrides, args.only)
+        result = run_verification(datasets, args.profile, args.cells, model, args.overrides, args.only, args.adopt)
     except VerifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -138,4 +144,6 @@ def run_verify(args: argparse.Namespace, datasets: list[str]) -> int:
         print(f"verify: the re-run exited with status {result['failed']}; the cells it finished are compared above",
               file=sys.stderr)
         return 1
+    if args.adopt:
+        return 0 if len(result["adopted"]) == len(datasets) else 1
     return 0 if result["summary"]["reproduced"] else 1

@@ -10,7 +10,10 @@ and measured again, as on a fresh clone: its own MLflow store, no registration (
 (`--only none`) computes the datasets' settings fingerprints: other settings than the committed cells'
 stop the verification there (exit 2), not after hours of training. An interrupted verification resumes
 from the scratch project (the report counts cells measured by an earlier attempt); delete the folder to
-start over. The comparison (components/study/verify.py) goes to reports/study/verify-<profile>.json,
+start over. `--adopt` then replaces the committed cells (and the dataset's record: training curves, compute)
+with the re-run's, e.g. to bring cells measured by an older engine up to the current code; it refuses, before
+training, a dataset whose committed cells the re-run would not all measure (its tables would mix two code
+versions), and keeps the comparison with the replaced cells in the verify file. The comparison (components/study/verify.py) goes to reports/study/verify-<profile>.json,
 one entry per dataset (later verifications of other datasets are added to it), and the profile's report
 (reports/study.md for cpu) is rebuilt with it; a re-run that failed prints what it finished and writes nothing.
 """
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 
 from components.config import checkpoints_dir, data_dir, project_root
-from components.study import measure, report, verify
+from components.study import measure, plan, report, verify
 from flows.study_report import RECIPE_FILE, cells_root, rebuild_report, report_paths, verify_path
 
 SOURCE = Path(__file__).resolve().parents[1]  # the code that runs the re-measurement
@@ -99,6 +102,28 @@ def check_settings(committed: dict[str, dict], rerun_cells: Path, profile: str) 
                                   f"settings: {cells_root(profile) / d / measure.DATASET_FILE})")
 
 
+def check_adoptable(committed: dict[str, dict], cells: str, only: list[str] | None) -> None:
+    """VerifyError (before any training) when adopting the re-run would keep committed cells it does not measure."""
+    for d, info in committed.items():
+        k = int((info["record"].get("settings") or {}).get("icl_k") or 2)
+        left = verify.uncovered(info, plan.selection_roles(cells, only, k))
+        if left:
+            raise VerifyError(f"{d}: --adopt would keep {len(left)} committed cell(s) that `--cells {cells}`"
+                              f"{' --only ' + ' '.join(only) if only else ''} does not measure ({', '.join(left[:3])}"
+                              f"{', ...' if len(left) > 3 else ''}), so the dataset's tables would mix two code versions; "
+                              "verify with --cells all and without --only")
+
+
+def replace_cells(source: Path, target: Path) -> int:
+    """Copy a re-run dataset folder's cell files and record over the committed ones; the number of cells."""
+    info = measure.read_dataset(source) or {"cells": []}
+    for cell in info["cells"]:
+        name = f"{cell['result']['key']}.json"
+        shutil.copy2(source / name, target / name)
+    shutil.copy2(source / measure.DATASET_FILE, target / measure.DATASET_FILE)
+    return len(info["cells"])
+
+
 def source_commit() -> str | None:
     """The git commit of the code that re-measures (None outside a git checkout)."""
     done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SOURCE, capture_output=True, text=True)
@@ -106,20 +131,24 @@ def source_commit() -> str | None:
 
 
 def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "headline", model: str | None = None,
-                     settings: list[str] | None = None, only: list[str] | None = None) -> dict:
-    """Re-run the datasets' cells in the scratch project, compare with the committed ones, write verify-<p>.json.
+                     settings: list[str] | None = None, only: list[str] | None = None, adopt: bool = False) -> dict:
+    """Re-run the datasets' cells in the scratch project, compare with the committed ones, write verify-<p>.json;
+    `adopt`: then replace the committed cells of every dataset whose committed cells were all measured again.
 
     Raises:
-        VerifyError: a dataset without committed cells; the re-run's settings are not the committed cells'.
+        VerifyError: a dataset without committed cells; the re-run's settings are not the committed cells'; `adopt`
+            with committed cells that `cells` and `only` do not measure.
 
     Returns:
         {"meta", "datasets": {dataset: verify.compare_dataset(...)}, "summary", "path"} for this run's datasets,
         plus "failed" (the re-run's exit status when it was not 0: nothing is written, the cells it finished
-        are compared).
+        are compared), "adopted" ({dataset: {"date", "commit", "cells"}}).
     """
     from filelock import FileLock
 
     committed = committed_datasets(datasets, profile)
+    if adopt:
+        check_adoptable(committed, cells, only)
     root = prepare_scratch(profile)
     rerun_cells = root / cells_root(profile).relative_to(project_root())
     print(f"[verify] {', '.join(datasets)} ({profile}, {cells}): checking the settings in {root}", flush=True)
@@ -143,14 +172,22 @@ def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "he
     out = {"meta": meta, "datasets": results, "summary": verify.summary(results), "path": str(path)}
     if status:
         return {**out, "failed": status}
+    adopted = {}
+    for d in datasets if adopt else []:
+        if results[d]["not_rerun"]:  # a cell the re-run did not finish: the committed set stays whole
+            print(f"[verify] {d}: not adopted, {len(results[d]['not_rerun'])} committed cell(s) not measured again")
+            continue
+        count = replace_cells(rerun_cells / d, cells_root(profile) / d)
+        adopted[d] = {"date": meta["finished"][:10], "commit": meta["commit"], "cells": count}
     with FileLock(str(path) + ".lock"):
         stored = measure.read_result(path) or {}
-        merged = {**(stored.get("datasets") or {}), **{d: {**r, "meta": meta} for d, r in results.items()}}
+        merged = {**(stored.get("datasets") or {}),
+                  **{d: {**r, "meta": meta, **({"adopted": adopted[d]} if d in adopted else {})} for d, r in results.items()}}
         measure.write_result(path, {"profile": profile, "datasets": merged, "summary": verify.summary(merged),
                                     "about": verify.ABOUT})
     if report_paths(profile)[0].is_file():  # the profile's report carries the comparison (its own section)
         rebuild_report(profile)
-    return out
+    return {**out, "adopted": adopted}
 
 
 def print_verification(result: dict) -> None:
@@ -163,5 +200,7 @@ def print_verification(result: dict) -> None:
     earlier = result["meta"]["cells_from_an_earlier_attempt"]
     reused = f" ({earlier} measured by an earlier attempt in the scratch project)" if earlier else ""
     where = "not written: the re-run failed" if result.get("failed") else result["path"]
+    if result.get("adopted"):
+        print(f"adopted: {', '.join(result['adopted'])}: the committed cells are now the re-run's (report rebuilt)")
     print(f"verify: {s['cells']} cell(s) over {len(s['datasets'])} dataset(s){reused}: {counts}{largest}; "
           f"{'reproduced' if s['reproduced'] else 'NOT reproduced'} -> {where}")

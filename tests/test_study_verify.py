@@ -111,6 +111,29 @@ def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_ha
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no committed cpu cells for tinyb" in missing.stderr
 
+    # --adopt: refused before any training when the re-run would leave committed cells (naive SFT) unmeasured ...
+    from flows.study_verify import VerifyError, run_verification
+
+    with pytest.raises(VerifyError, match=r"tinya: --adopt would keep 2 committed cell\(s\) .*--only tfidf"):
+        run_verification(["tinya"], "cpu", "headline", str(tiny_model_dir), [], ["tfidf"], adopt=True)
+    # ... else the re-run's cells (resumed from the scratch project) replace the committed ones
+    stale = next(p for p in committed if p.name != "dataset.json")
+    cell = json.loads(stale.read_text())
+    stale.write_text(json.dumps({**cell, "result": {**cell["result"], "seconds": -1.0}}))  # e.g. an older engine's
+    done = subprocess.run(command + ["--adopt"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "adopted: tinya" in done.stdout
+    assert {p.name: p.read_bytes() for p in committed} == {p.name: (rerun / p.name).read_bytes() for p in committed}
+    adopted = json.loads(verify_path("cpu").read_text())["datasets"]["tinya"]["adopted"]
+    assert adopted["cells"] == len(before) - 1 and adopted["date"]
+    assert "tinya: adopted on" in (project / "reports" / "study.md").read_text()
+
+
+def test_adopt_needs_verify():
+    from cli.main import main
+
+    assert main(["study", "--datasets", "tinya", "--adopt"]) == 2
+
 
 def test_other_settings_stop_the_verification_before_training(tmp_path, monkeypatch):
     """The measuring-nothing run's records against the committed ones: another fingerprint is one clear error."""

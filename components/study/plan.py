@@ -324,3 +324,16 @@ def roles_by_cell(planned: Sequence[tuple[str, Cell]]) -> dict[Cell, list[str]]:
         if role not in out[cell]:
             out[cell].append(role)
     return dict(out)
+
+
+def selection_roles(selection: str, only: Sequence[str] | None = None, k: int = 2) -> set[str]:
+    """The role names a `--cells` selection measures (kept by `only`), whatever the recipe: which committed
+    cells a re-run of that selection covers (`gencls study --verify --adopt`).
+
+    >>> sorted(selection_roles("headline", ["naive_sft", "gencls"]))
+    ['gencls', 'naive_sft', 'naive_sft_perplexity']
+    >>> "grid:naive|naive" in selection_roles("ablation") and "tfidf" not in selection_roles("ablation")
+    True
+    """
+    planned = phase1_cells(selection, "", "", k) + phase2_cells(selection, "", "", (NAIVE, NAIVE))
+    return {role for role, _ in keep_roles(planned, only)}

@@ -88,6 +88,18 @@ def compare_dataset(committed: dict | None, rerun: dict | None) -> dict:
             "reproduced": bool(cells) and all(c.get("verdict") in VERDICTS[:2] for c in cells)}
 
 
+def uncovered(committed: dict, roles: set[str]) -> list[str]:
+    """Names of the committed cells none of whose roles is in `roles` (``plan.selection_roles``): cells a re-run
+    of that selection leaves out, which adopting its cells would leave from another code version.
+
+    >>> uncovered({"cells": [{"result": {"name": "tfidf", "roles": ["tfidf"]}},
+    ...                      {"result": {"name": "sft[numeric] -> naive", "roles": ["grid:numeric|naive"]}}]}, {"tfidf"})
+    ['sft[numeric] -> naive']
+    """
+    return sorted(c["result"].get("name") or c["result"]["key"] for c in committed.get("cells") or []
+                  if not set(c["result"].get("roles") or []) & roles)
+
+
 def _figures(c: dict) -> tuple[str, ...]:
     """(committed, re-run, agreement, re-run - committed [95%], McNemar p, verdict) of a compared cell, as text."""
     acc = c["difference"]["accuracy"]
@@ -146,4 +158,8 @@ def markdown_lines(verified: dict | None) -> list[str]:
             lines.append("| " + " | ".join((name, c["name"], *figures, where)) + " |")
     notes = [f"- {name}: {info['meta']['note']}" for name, info in sorted(verified["datasets"].items())
              if (info.get("meta") or {}).get("note")]
+    notes += [f"- {name}: adopted on {info['adopted']['date']} (`--adopt`, code {str(info['adopted'].get('commit') or '?')[:7]}): "
+              f"the re-run's {info['adopted']['cells']} cells and its training record replaced the committed ones, so every "
+              "table above shows the re-run; `committed` in this table is the cells they replaced (in git history)."
+              for name, info in sorted(verified["datasets"].items()) if info.get("adopted")]
     return lines + ([""] + notes if notes else []) + [""]
