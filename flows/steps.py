@@ -360,7 +360,8 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
         else:
             info = serving.log_model(rid, adapter, labels, settings["strategy"], base_model=base_model,
                                      demos_path=demos, max_prompt_tokens=prompt["max_prompt_tokens"],
-                                     seed=prompt["seed"], batch_size=prompt["batch_size"])
+                                     seed=prompt["seed"], batch_size=prompt["batch_size"],
+                                     validate=not gate_examples)  # the gate loads and scores it (and fails loudly)
             tags, description = registry.version_metadata(
                 serving.base_model_reference(adapter, base_model), configs.get("sft", {}).get("train_strategy", ""),
                 settings["strategy"], profile, data_hash(dataset), metrics, dataset)

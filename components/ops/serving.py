@@ -223,7 +223,9 @@ def log_model(run_id: str, adapter_dir: str | Path, labels_path: str | Path, str
         demos_path: JSONL demo pool, logged only when the strategy uses in-context examples.
         input_text: text of the input example.
         artifact_path: name of the model inside the run.
-        validate: let MLflow load the model and score the input example before logging.
+        validate: log an input example, which MLflow checks by loading the model and scoring it (~12 s for
+            SmolLM2 on 2 cores; a failure there is only a warning). The registry's gate, which loads the
+            registered model and scores the validation slice (raising on failure), makes it redundant.
         max_prompt_tokens, seed, batch_size: the prompt settings of the evaluation that measured the
             model; saved in model_config (with the label order) so serving builds the same prompts.
 
