@@ -358,10 +358,11 @@ def step_register(dataset: str, run_id: str | None = None, profile: str = "quick
         if registry.find_identical(dataset, identity) is not None:  # retrain on unchanged data: no new version
             decision = registry.register_and_gate(rid, dataset, metrics, test_key, adapter_hash=identity)
         else:
+            champ = registry.current_champion(dataset)  # the gate scores (loads) the new version unless it refuses
+            gated = bool(gate_examples) and (champ is None or champ.tags.get("test_set_hash") == test_key)
             info = serving.log_model(rid, adapter, labels, settings["strategy"], base_model=base_model,
                                      demos_path=demos, max_prompt_tokens=prompt["max_prompt_tokens"],
-                                     seed=prompt["seed"], batch_size=prompt["batch_size"],
-                                     validate=not gate_examples)  # the gate loads and scores it (and fails loudly)
+                                     seed=prompt["seed"], batch_size=prompt["batch_size"], validate=not gated)
             tags, description = registry.version_metadata(
                 serving.base_model_reference(adapter, base_model), configs.get("sft", {}).get("train_strategy", ""),
                 settings["strategy"], profile, data_hash(dataset), metrics, dataset)

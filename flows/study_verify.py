@@ -75,6 +75,7 @@ def committed_datasets(datasets: list[str], profile: str) -> dict[str, dict]:
     """{dataset: measure.read_dataset of its committed cells}; VerifyError names the first without cells."""
     out = {}
     for d in datasets:
+        recover_adoption(cells_root(profile) / d)
         info = measure.read_dataset(cells_root(profile) / d)
         if not info or not info["cells"]:
             raise VerifyError(f"{cells_root(profile) / d}: no committed {profile} cells for {d} to verify "
@@ -102,26 +103,63 @@ def check_settings(committed: dict[str, dict], rerun_cells: Path, profile: str) 
                                   f"settings: {cells_root(profile) / d / measure.DATASET_FILE})")
 
 
-def check_adoptable(committed: dict[str, dict], cells: str, only: list[str] | None) -> None:
-    """VerifyError (before any training) when adopting the re-run would keep committed cells it does not measure."""
+def check_adoptable(committed: dict[str, dict], cells: str, only: list[str] | None, root: Path,
+                    rerun_cells: Path) -> None:
+    """VerifyError (before any training) when adopting the re-run would keep committed cells it does not measure,
+    or would reuse cells that an earlier attempt in the scratch project measured with other code."""
+    from flows.study_tasks import code_hash
+
     for d, info in committed.items():
-        k = int((info["record"].get("settings") or {}).get("icl_k") or 2)
+        k = int((info["record"].get("settings") or {}).get("icl_k", 2))
         left = verify.uncovered(info, plan.selection_roles(cells, only, k))
         if left:
+            roles = sorted({r for c in info["cells"] for r in c["result"].get("roles") or []})
             raise VerifyError(f"{d}: --adopt would keep {len(left)} committed cell(s) that `--cells {cells}`"
                               f"{' --only ' + ' '.join(only) if only else ''} does not measure ({', '.join(left[:3])}"
                               f"{', ...' if len(left) > 3 else ''}), so the dataset's tables would mix two code versions; "
-                              "verify with --cells all and without --only")
+                              f"pass a selection that measures every committed role ({', '.join(roles[:8])}"
+                              f"{', ...' if len(roles) > 8 else ''}), e.g. --cells all")
+        other = sorted({c["result"]["code"] for c in (measure.read_dataset(rerun_cells / d) or {}).get("cells") or []
+                        if c["result"].get("code") not in (None, code_hash())})
+        if other:
+            raise VerifyError(f"{d}: the scratch project holds cells measured by other code ({', '.join(other)}; this "
+                              f"checkout's is {code_hash()}), which --adopt would reuse: delete {rerun_cells / d} and "
+                              f"{root / 'checkpoints' / 'study' / d}, then run again")
 
 
-def replace_cells(source: Path, target: Path) -> int:
-    """Copy a re-run dataset folder's cell files and record over the committed ones; the number of cells."""
-    info = measure.read_dataset(source) or {"cells": []}
-    for cell in info["cells"]:
-        name = f"{cell['result']['key']}.json"
-        shutil.copy2(source / name, target / name)
-    shutil.copy2(source / measure.DATASET_FILE, target / measure.DATASET_FILE)
-    return len(info["cells"])
+def recover_adoption(target: Path) -> None:
+    """Finish or undo a dataset folder swap that an interrupted adoption left (`<d>.replaced`, `<d>.adopting`)."""
+    replaced, staged = target.with_name(target.name + ".replaced"), target.with_name(target.name + ".adopting")
+    if replaced.is_dir():
+        if target.is_dir():  # the new folder is in place: the old one only had to be removed
+            shutil.rmtree(replaced)
+        else:
+            replaced.rename(target)
+    if staged.is_dir():
+        shutil.rmtree(staged)
+
+
+def adopt_dataset(source: Path, target: Path, keys: list[str]) -> None:
+    """Swap the committed dataset folder for one with the re-run's cells of `keys` and its record (the committed
+    registry decision kept): staged beside it, then two renames, so an interruption leaves one whole folder
+    (``recover_adoption`` puts it back)."""
+    staged, replaced = target.with_name(target.name + ".adopting"), target.with_name(target.name + ".replaced")
+    recover_adoption(target)
+    shutil.copytree(target, staged)
+    for key in keys:
+        shutil.copy2(source / f"{key}.json", staged / f"{key}.json")
+    record = measure.read_result(source / measure.DATASET_FILE) or {}
+    record["register"] = (measure.read_result(target / measure.DATASET_FILE) or {}).get("register")
+    measure.write_result(staged / measure.DATASET_FILE, record)
+    target.rename(replaced)
+    staged.rename(target)
+    shutil.rmtree(replaced)
+
+
+def clear_scratch(root: Path, rerun_cells: Path, dataset: str) -> None:
+    """Remove a dataset's cells and adapters from the scratch project, so the next --verify measures it again."""
+    for folder in (rerun_cells / dataset, root / "checkpoints" / "study" / dataset):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def source_commit() -> str | None:
@@ -147,10 +185,11 @@ def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "he
     from filelock import FileLock
 
     committed = committed_datasets(datasets, profile)
-    if adopt:
-        check_adoptable(committed, cells, only)
-    root = prepare_scratch(profile)
+    root = scratch_root(profile)
     rerun_cells = root / cells_root(profile).relative_to(project_root())
+    if adopt:
+        check_adoptable(committed, cells, only, root, rerun_cells)
+    prepare_scratch(profile)
     print(f"[verify] {', '.join(datasets)} ({profile}, {cells}): checking the settings in {root}", flush=True)
     status = _run(rerun_command(datasets, profile, cells, model, settings, ["none"]), root)
     if status:
@@ -175,16 +214,25 @@ def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "he
     adopted = {}
     for d in datasets if adopt else []:
         if results[d]["not_rerun"]:  # a cell the re-run did not finish: the committed set stays whole
-            print(f"[verify] {d}: not adopted, {len(results[d]['not_rerun'])} committed cell(s) not measured again")
+            print(f"[verify] {d}: not adopted, {len(results[d]['not_rerun'])} committed cell(s) not measured again",
+                  file=sys.stderr)
             continue
-        count = replace_cells(rerun_cells / d, cells_root(profile) / d)
-        adopted[d] = {"date": meta["finished"][:10], "commit": meta["commit"], "cells": count}
-    with FileLock(str(path) + ".lock"):
-        stored = measure.read_result(path) or {}
-        merged = {**(stored.get("datasets") or {}),
-                  **{d: {**r, "meta": meta, **({"adopted": adopted[d]} if d in adopted else {})} for d, r in results.items()}}
+        codes = sorted({str(c["result"].get("code") or "not recorded") for c in reran[d]["cells"]})
+        adopted[d] = {"date": meta["finished"][:10], "commit": meta["commit"], "code": codes,
+                      "cells": len(results[d]["cells"]), "not_adopted": results[d]["only_in_rerun"]}
+    with FileLock(str(path) + ".lock"):  # the comparison first: an interrupted adoption re-runs to the same entry
+        stored = (measure.read_result(path) or {}).get("datasets") or {}
+        entries = {}
+        for d, r in results.items():
+            before = stored.get(d, {}).get("adopted") or stored.get(d, {}).get("adopted_earlier")
+            entries[d] = {**r, "meta": meta, **({"adopted": adopted[d]} if d in adopted else
+                                                 {"adopted_earlier": before} if before else {})}
+        merged = {**stored, **entries}
         measure.write_result(path, {"profile": profile, "datasets": merged, "summary": verify.summary(merged),
                                     "about": verify.ABOUT})
+    for d in adopted:
+        adopt_dataset(rerun_cells / d, cells_root(profile) / d, [c["key"] for c in results[d]["cells"]])
+        clear_scratch(root, rerun_cells, d)
     if report_paths(profile)[0].is_file():  # the profile's report carries the comparison (its own section)
         rebuild_report(profile)
     return {**out, "adopted": adopted}

@@ -120,18 +120,62 @@ def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_ha
     stale = next(p for p in committed if p.name != "dataset.json")
     cell = json.loads(stale.read_text())
     stale.write_text(json.dumps({**cell, "result": {**cell["result"], "seconds": -1.0}}))  # e.g. an older engine's
+    measured = {p.name: p.read_bytes() for p in rerun.glob("*.json") if p.name != "dataset.json"}
+    assert all(json.loads(b)["result"]["code"] for b in measured.values())  # the code that measured each cell
     done = subprocess.run(command + ["--adopt"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "adopted: tinya" in done.stdout
-    assert {p.name: p.read_bytes() for p in committed} == {p.name: (rerun / p.name).read_bytes() for p in committed}
-    adopted = json.loads(verify_path("cpu").read_text())["datasets"]["tinya"]["adopted"]
-    assert adopted["cells"] == len(before) - 1 and adopted["date"]
+    assert {p.name: p.read_bytes() for p in committed if p.name != "dataset.json"} == measured
+    assert not rerun.exists() and not (scratch_root("cpu") / "checkpoints" / "study" / "tinya").exists()
+    entry = json.loads(verify_path("cpu").read_text())["datasets"]["tinya"]
+    assert entry["adopted"]["cells"] == len(before) - 1 and entry["adopted"]["code"] == [cell["result"]["code"]]
     assert "tinya: adopted on" in (project / "reports" / "study.md").read_text()
+    assert not list(cells_root("cpu").glob("tinya.*"))  # no staged or replaced folder left
 
 
-def test_adopt_needs_verify():
+def test_an_interrupted_adoption_leaves_one_whole_folder(tmp_path):
+    """The dataset folder is swapped by two renames; whichever step an interruption hit, one whole folder remains."""
+    from components.study import measure
+    from flows.study_verify import adopt_dataset, recover_adoption
+
+    committed, rerun = tmp_path / "cells" / "d", tmp_path / "scratch" / "d"
+    for folder, tag in ((committed, "old"), (rerun, "new")):
+        for key in ("k1", "k2"):
+            measure.write_result(folder / f"{key}.json", {"result": {"key": key, "tag": tag}})
+    measure.write_result(committed / measure.DATASET_FILE, {"register": {"version": "3"}, "training": "old"})
+    measure.write_result(rerun / measure.DATASET_FILE, {"register": None, "training": "new"})
+    measure.write_result(rerun / "k9.json", {"result": {"key": "k9", "tag": "new"}})  # only in the re-run
+    adopt_dataset(rerun, committed, ["k1", "k2"])
+    assert sorted(p.name for p in committed.iterdir()) == ["dataset.json", "k1.json", "k2.json"]
+    assert all(json.loads((committed / f"{k}.json").read_text())["result"]["tag"] == "new" for k in ("k1", "k2"))
+    record = json.loads((committed / measure.DATASET_FILE).read_text())
+    assert record == {"register": {"version": "3"}, "training": "new"}  # the committed registry decision kept
+    committed.rename(committed.with_name("d.replaced"))  # killed between the two renames: the old folder comes back
+    (tmp_path / "cells" / "d.adopting").mkdir()
+    recover_adoption(committed)
+    assert committed.is_dir() and not list(committed.parent.glob("d.*"))
+    (tmp_path / "cells" / "d.replaced").mkdir()  # killed after both renames: the leftover goes
+    recover_adoption(committed)
+    assert committed.is_dir() and not list(committed.parent.glob("d.*"))
+
+
+def test_adopt_refuses_scratch_cells_of_other_code(tmp_path):
+    from components.study import measure
+    from flows.study_verify import VerifyError, check_adoptable
+
+    info = {"record": {"settings": {"icl_k": 2}}, "cells": [{"result": {"key": "k", "name": "tfidf", "roles": ["tfidf"]}}]}
+    scratch = tmp_path / "cells"
+    measure.write_result(scratch / "d" / measure.DATASET_FILE, {"fingerprint": "f"})
+    measure.write_result(scratch / "d" / "k.json", {"result": {"key": "k", "fingerprint": "f", "code": "0ldc0de"}})
+    with pytest.raises(VerifyError, match=r"d: the scratch project holds cells measured by other code \(0ldc0de"):
+        check_adoptable({"d": info}, "headline", None, tmp_path, scratch)
+
+
+def test_adopt_needs_verify(monkeypatch):
+    import flows.study
     from cli.main import main
 
+    monkeypatch.setattr(flows.study, "study", lambda *a, **k: pytest.fail("a study ran"))
     assert main(["study", "--datasets", "tinya", "--adopt"]) == 2
 
 

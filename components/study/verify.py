@@ -158,8 +158,16 @@ def markdown_lines(verified: dict | None) -> list[str]:
             lines.append("| " + " | ".join((name, c["name"], *figures, where)) + " |")
     notes = [f"- {name}: {info['meta']['note']}" for name, info in sorted(verified["datasets"].items())
              if (info.get("meta") or {}).get("note")]
-    notes += [f"- {name}: adopted on {info['adopted']['date']} (`--adopt`, code {str(info['adopted'].get('commit') or '?')[:7]}): "
-              f"the re-run's {info['adopted']['cells']} cells and its training record replaced the committed ones, so every "
-              "table above shows the re-run; `committed` in this table is the cells they replaced (in git history)."
-              for name, info in sorted(verified["datasets"].items()) if info.get("adopted")]
+    for name, info in sorted(verified["datasets"].items()):
+        if info.get("adopted"):
+            a = info["adopted"]
+            extra = f"; {len(a['not_adopted'])} cell(s) only the re-run measured were not adopted" if a.get("not_adopted") else ""
+            code = ", ".join(a["code"]) if a.get("code") else f"of commit {str(a.get('commit') or '?')[:7]}"
+            notes.append(f"- {name}: adopted on {a['date']} (`--adopt`, cells measured by code {code}): "
+                         f"the re-run's {a['cells']} cells and its training record replaced the committed ones{extra}, so "
+                         "every table above shows the re-run; `committed` in this table is the cells they replaced (in git "
+                         "history).")
+        elif info.get("adopted_earlier"):
+            notes.append(f"- {name}: its committed cells were adopted from a re-run on {info['adopted_earlier']['date']}; "
+                         "this comparison is against them.")
     return lines + ([""] + notes if notes else []) + [""]
