@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,8 @@ def log_model(run_id: str, adapter_dir: str | Path, labels_path: str | Path, str
 
     tracking.configure()  # the fluent API may still point at another store (tests, long-lived workers)
     try:
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided")  # validate=False: on purpose
             return mlflow.pyfunc.log_model(
                 name=artifact_path,
                 python_model=GenclsClassifier(),
