@@ -10,12 +10,17 @@ and measured again, as on a fresh clone: its own MLflow store, no registration (
 (`--only none`) computes the datasets' settings fingerprints: other settings than the committed cells'
 stop the verification there (exit 2), not after hours of training. An interrupted verification resumes
 from the scratch project (the report counts cells measured by an earlier attempt); delete the folder to
-start over. `--adopt` then replaces the committed cells (and the dataset's record: training curves, compute)
-with the re-run's, e.g. to bring cells measured by an older engine up to the current code; it refuses, before
-training, a dataset whose committed cells the re-run would not all measure (its tables would mix two code
-versions), and keeps the comparison with the replaced cells in the verify file. The comparison (components/study/verify.py) goes to reports/study/verify-<profile>.json,
-one entry per dataset (later verifications of other datasets are added to it), and the profile's report
-(reports/study.md for cpu) is rebuilt with it; a re-run that failed prints what it finished and writes nothing.
+start over.
+
+`--adopt` then replaces the committed cells, the dataset's record (training curves, compute) and the project's
+adapters of the dataset (checkpoints/study/<d>; the old ones go to <d>.replaced) by the re-run's, e.g. to bring
+cells of an older engine up to the current code. Before any training it refuses a dataset whose committed cells
+the re-run would not all measure (its tables would mix two code versions) and scratch cells of other code; the
+comparison with the replaced cells stays in the verify file.
+
+The comparison (components/study/verify.py) goes to reports/study/verify-<profile>.json, one entry per dataset
+(later verifications of other datasets are added to it), and the profile's report (reports/study.md for cpu) is
+rebuilt with it; a re-run that failed prints what it finished and writes nothing.
 """
 from __future__ import annotations
 
@@ -156,10 +161,19 @@ def adopt_dataset(source: Path, target: Path, keys: list[str]) -> None:
     shutil.rmtree(replaced)
 
 
-def clear_scratch(root: Path, rerun_cells: Path, dataset: str) -> None:
-    """Remove a dataset's cells and adapters from the scratch project, so the next --verify measures it again."""
-    for folder in (rerun_cells / dataset, root / "checkpoints" / "study" / dataset):
-        shutil.rmtree(folder, ignore_errors=True)
+def take_adapters(root: Path, rerun_cells: Path, dataset: str) -> None:
+    """After an adoption: the re-run's adapters move to the project's checkpoints/study/<d> (the replaced cells'
+    go to <d>.replaced), so a later study of the dataset reads the adopted cells' training records, and the
+    dataset's scratch folders are emptied, so the next --verify measures it again."""
+    ours, theirs = checkpoints_dir() / "study" / dataset, root / "checkpoints" / "study" / dataset
+    if ours.is_dir():
+        old = ours.with_name(dataset + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        ours.rename(old)
+    if theirs.is_dir():
+        ours.parent.mkdir(parents=True, exist_ok=True)
+        theirs.rename(ours)
+    shutil.rmtree(rerun_cells / dataset, ignore_errors=True)
 
 
 def source_commit() -> str | None:
@@ -232,7 +246,7 @@ def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "he
                                     "about": verify.ABOUT})
     for d in adopted:
         adopt_dataset(rerun_cells / d, cells_root(profile) / d, [c["key"] for c in results[d]["cells"]])
-        clear_scratch(root, rerun_cells, d)
+        take_adapters(root, rerun_cells, d)
     if report_paths(profile)[0].is_file():  # the profile's report carries the comparison (its own section)
         rebuild_report(profile)
     return {**out, "adopted": adopted}

@@ -127,6 +127,8 @@ def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_ha
     assert "adopted: tinya" in done.stdout
     assert {p.name: p.read_bytes() for p in committed if p.name != "dataset.json"} == measured
     assert not rerun.exists() and not (scratch_root("cpu") / "checkpoints" / "study" / "tinya").exists()
+    adapters = project / "checkpoints" / "study"  # the re-run's adapters are the project's now; the old ones kept aside
+    assert list((adapters / "tinya").glob("*/sft")) and list((adapters / "tinya.replaced").glob("*/sft"))
     entry = json.loads(verify_path("cpu").read_text())["datasets"]["tinya"]
     assert entry["adopted"]["cells"] == len(before) - 1 and entry["adopted"]["code"] == [cell["result"]["code"]]
     assert "tinya: adopted on" in (project / "reports" / "study.md").read_text()
