@@ -240,6 +240,9 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
                     if gencls is not None and not Path(gencls.get("adapter") or "").is_dir():
                         logger.warning("%s: GenCLS++ cell %s was measured elsewhere (its adapter %s is not on this "
                                        "machine): not registered", d, gencls["key"], gencls.get("adapter"))
+                    elif gencls is not None and not _in_store(gencls.get("run_id")):
+                        logger.warning("%s: GenCLS++ cell %s was measured in another MLflow store (run %s, e.g. a "
+                                       "`--verify --adopt` re-run): not registered", d, gencls["key"], gencls.get("run_id"))
                     elif gencls is not None:
                         reg[d] = register_task.submit(ctx, gencls)
                 for d, future in reg.items():
@@ -266,6 +269,16 @@ def study_flow(datasets: list[str], profile: str = "cpu", runner: str = "local",
             if errors:
                 raise RuntimeError(f"study: {len(errors)} failure(s): " + " | ".join(errors))
     return study
+
+
+def _in_store(run_id: str | None) -> bool:
+    """Whether the project's MLflow store has this run (a cell adopted from a scratch project's has not)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return bool(run_id) and tracking.client().get_run(run_id) is not None
+    except MlflowException:  # RESOURCE_DOES_NOT_EXIST
+        return False
 
 
 def dataset_lock(profile: str, dataset: str) -> Any:

@@ -17,6 +17,7 @@ from pathlib import Path
 from components.config import reports_dir
 from components.ops import tracking
 from components.study import convergence, markdown, measure, plots as figures, prepare, report
+from components.study.adopt import REPLACED, STAGED
 
 MAIN_PROFILE = "cpu"  # `gencls study`'s default profile: its report is reports/study.md
 LONGER_PROFILE = "cpu-long"  # the main profile under a longer SFT budget rule (conf/params.yaml)
@@ -48,7 +49,8 @@ def report_paths(profile: str) -> tuple[Path, Path, Path]:
 def read_datasets(profile: str) -> dict[str, dict]:
     """{dataset: its record and cell files} of every dataset with a record under cells_root(profile)."""
     root = cells_root(profile)
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith((STAGED, REPLACED))) \
+        if root.is_dir() else []  # not the folders of an interrupted adoption
     return {folder.name: info for folder in folders if (info := measure.read_dataset(folder)) is not None}
 
 

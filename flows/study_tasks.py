@@ -3,7 +3,6 @@ own MLflow child run) and the registration of the best model; resume from result
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -150,7 +149,7 @@ def run_cell(ctx: dict, cell: plan.Cell, roles: list[str], loaded: Any = None, a
         metrics = measure.evaluate_cell(ctx, cell, out, loaded=loaded, adapter=adapter, views=views)
         result = {**measure.cell_fields(cell, key, ctx), "roles": roles, "run_id": rid,
                   "adapter": str(adapter) if adapter else None, "worker": f"{socket.gethostname()}:{os.getpid()}",
-                  "machine": platform.platform(), "code": code_hash(),
+                  "machine": platform.platform(), "code": measure.code_hash(),
                   **measure.metric_subset(metrics["test"]), **measure.metric_subset(metrics.get("val", {}), "val_")}
         tracking.log_metrics(rid, {k: v for k, v in result.items() if isinstance(v, float)})
         for name in ("metrics.json", "confusion.png", "predictions.jsonl", "prompts_sample.txt"):
@@ -194,16 +193,6 @@ def cell_group_task(ctx: dict, cells: list[tuple[plan.Cell, list[str]]]) -> list
     if errors:
         raise RuntimeError(f"{ctx['dataset']}: {len(errors)} cell(s) failed: " + "; ".join(errors))
     return results
-
-
-CODE_MODULES = ("components.study.measure", "components.train.sft", "components.train.rl")
-
-
-@functools.lru_cache(maxsize=1)
-def code_hash() -> str:
-    """Hash of the code that trains and measures a cell (their files and their imports'), recorded in every cell:
-    `gencls study --verify --adopt` adopts only cells measured by the code that adopts them."""
-    return source_hash(*CODE_MODULES)[:12]
 
 
 @task(name="study-register", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)

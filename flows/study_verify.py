@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from components.config import checkpoints_dir, data_dir, project_root
-from components.study import measure, plan, report, verify
+from components.study import adopt, measure, report, verify
 from flows.study_report import RECIPE_FILE, cells_root, rebuild_report, report_paths, verify_path
 
 SOURCE = Path(__file__).resolve().parents[1]  # the code that runs the re-measurement
@@ -80,7 +80,7 @@ def committed_datasets(datasets: list[str], profile: str) -> dict[str, dict]:
     """{dataset: measure.read_dataset of its committed cells}; VerifyError names the first without cells."""
     out = {}
     for d in datasets:
-        recover_adoption(cells_root(profile) / d)
+        adopt.recover_adoption(cells_root(profile) / d)
         info = measure.read_dataset(cells_root(profile) / d)
         if not info or not info["cells"]:
             raise VerifyError(f"{cells_root(profile) / d}: no committed {profile} cells for {d} to verify "
@@ -108,72 +108,30 @@ def check_settings(committed: dict[str, dict], rerun_cells: Path, profile: str) 
                                   f"settings: {cells_root(profile) / d / measure.DATASET_FILE})")
 
 
-def check_adoptable(committed: dict[str, dict], cells: str, only: list[str] | None, root: Path,
-                    rerun_cells: Path) -> None:
-    """VerifyError (before any training) when adopting the re-run would keep committed cells it does not measure,
-    or would reuse cells that an earlier attempt in the scratch project measured with other code."""
-    from flows.study_tasks import code_hash
+def finish_adoptions(profile: str, root: Path, rerun_cells: Path, datasets: list[str]) -> None:
+    """At the start: finish what an interrupted adoption left. A swapped folder is completed or undone
+    (adopt.recover_adoption); a verify entry still `adopting` becomes `done` when the committed cells are the
+    adopted ones (its adapters taken from the scratch project), else loses its mark (the run adopts again)."""
+    from filelock import FileLock
 
-    for d, info in committed.items():
-        k = int((info["record"].get("settings") or {}).get("icl_k", 2))
-        left = verify.uncovered(info, plan.selection_roles(cells, only, k))
-        if left:
-            roles = sorted({r for c in info["cells"] for r in c["result"].get("roles") or []})
-            raise VerifyError(f"{d}: --adopt would keep {len(left)} committed cell(s) that `--cells {cells}`"
-                              f"{' --only ' + ' '.join(only) if only else ''} does not measure ({', '.join(left[:3])}"
-                              f"{', ...' if len(left) > 3 else ''}), so the dataset's tables would mix two code versions; "
-                              f"pass a selection that measures every committed role ({', '.join(roles[:8])}"
-                              f"{', ...' if len(roles) > 8 else ''}), e.g. --cells all")
-        other = sorted({c["result"]["code"] for c in (measure.read_dataset(rerun_cells / d) or {}).get("cells") or []
-                        if c["result"].get("code") not in (None, code_hash())})
-        if other:
-            raise VerifyError(f"{d}: the scratch project holds cells measured by other code ({', '.join(other)}; this "
-                              f"checkout's is {code_hash()}), which --adopt would reuse: delete {rerun_cells / d} and "
-                              f"{root / 'checkpoints' / 'study' / d}, then run again")
-
-
-def recover_adoption(target: Path) -> None:
-    """Finish or undo a dataset folder swap that an interrupted adoption left (`<d>.replaced`, `<d>.adopting`)."""
-    replaced, staged = target.with_name(target.name + ".replaced"), target.with_name(target.name + ".adopting")
-    if replaced.is_dir():
-        if target.is_dir():  # the new folder is in place: the old one only had to be removed
-            shutil.rmtree(replaced)
-        else:
-            replaced.rename(target)
-    if staged.is_dir():
-        shutil.rmtree(staged)
-
-
-def adopt_dataset(source: Path, target: Path, keys: list[str]) -> None:
-    """Swap the committed dataset folder for one with the re-run's cells of `keys` and its record (the committed
-    registry decision kept): staged beside it, then two renames, so an interruption leaves one whole folder
-    (``recover_adoption`` puts it back)."""
-    staged, replaced = target.with_name(target.name + ".adopting"), target.with_name(target.name + ".replaced")
-    recover_adoption(target)
-    shutil.copytree(target, staged)
-    for key in keys:
-        shutil.copy2(source / f"{key}.json", staged / f"{key}.json")
-    record = measure.read_result(source / measure.DATASET_FILE) or {}
-    record["register"] = (measure.read_result(target / measure.DATASET_FILE) or {}).get("register")
-    measure.write_result(staged / measure.DATASET_FILE, record)
-    target.rename(replaced)
-    staged.rename(target)
-    shutil.rmtree(replaced)
-
-
-def take_adapters(root: Path, rerun_cells: Path, dataset: str) -> None:
-    """After an adoption: the re-run's adapters move to the project's checkpoints/study/<d> (the replaced cells'
-    go to <d>.replaced), so a later study of the dataset reads the adopted cells' training records, and the
-    dataset's scratch folders are emptied, so the next --verify measures it again."""
-    ours, theirs = checkpoints_dir() / "study" / dataset, root / "checkpoints" / "study" / dataset
-    if ours.is_dir():
-        old = ours.with_name(dataset + ".replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        ours.rename(old)
-    if theirs.is_dir():
-        ours.parent.mkdir(parents=True, exist_ok=True)
-        theirs.rename(ours)
-    shutil.rmtree(rerun_cells / dataset, ignore_errors=True)
+    for d in datasets:
+        adopt.recover_adoption(cells_root(profile) / d)
+    path = verify_path(profile)
+    with FileLock(str(path) + ".lock"):
+        stored = measure.read_result(path)
+        entries = (stored or {}).get("datasets") or {}
+        pending = [d for d in datasets if (entries.get(d, {}).get("adopted") or {}).get("state") == "adopting"]
+        for d in pending:
+            info = measure.read_dataset(cells_root(profile) / d) or {}
+            runs = {c["result"].get("run_id") for c in info.get("cells") or []}
+            if runs and runs <= set(entries[d]["adopted"].get("run_ids") or []):
+                adopt.take_adapters(root / "checkpoints" / "study" / d, checkpoints_dir() / "study" / d)
+                shutil.rmtree(rerun_cells / d, ignore_errors=True)
+                entries[d]["adopted"]["state"] = "done"
+            else:
+                del entries[d]["adopted"]
+        if pending:
+            measure.write_result(path, stored)
 
 
 def source_commit() -> str | None:
@@ -183,26 +141,30 @@ def source_commit() -> str | None:
 
 
 def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "headline", model: str | None = None,
-                     settings: list[str] | None = None, only: list[str] | None = None, adopt: bool = False) -> dict:
+                     settings: list[str] | None = None, only: list[str] | None = None,
+                     adopt_cells: bool = False) -> dict:
     """Re-run the datasets' cells in the scratch project, compare with the committed ones, write verify-<p>.json;
-    `adopt`: then replace the committed cells of every dataset whose committed cells were all measured again.
+    `adopt_cells`: then replace the committed cells of every dataset whose committed cells were all measured again.
 
     Raises:
-        VerifyError: a dataset without committed cells; the re-run's settings are not the committed cells'; `adopt`
-            with committed cells that `cells` and `only` do not measure.
+        VerifyError: a dataset without committed cells; the re-run's settings are not the committed cells';
+            `adopt_cells` with committed cells that `cells` and `only` do not measure, or scratch cells of other code.
 
     Returns:
         {"meta", "datasets": {dataset: verify.compare_dataset(...)}, "summary", "path"} for this run's datasets,
         plus "failed" (the re-run's exit status when it was not 0: nothing is written, the cells it finished
-        are compared), "adopted" ({dataset: {"date", "commit", "cells"}}).
+        are compared), "adopted" ({dataset: {"date", "commit", "state", "code", "cells", "not_adopted", "run_ids"}}).
     """
-    from filelock import FileLock
-
     committed = committed_datasets(datasets, profile)
     root = scratch_root(profile)
     rerun_cells = root / cells_root(profile).relative_to(project_root())
-    if adopt:
-        check_adoptable(committed, cells, only, root, rerun_cells)
+    if adopt_cells:
+        finish_adoptions(profile, root, rerun_cells, datasets)
+        try:
+            adopt.check_adoptable(committed, cells, only, rerun_cells, root / "checkpoints" / "study",
+                                  measure.code_hash())
+        except adopt.AdoptError as exc:
+            raise VerifyError(str(exc)) from None
     prepare_scratch(profile)
     print(f"[verify] {', '.join(datasets)} ({profile}, {cells}): checking the settings in {root}", flush=True)
     status = _run(rerun_command(datasets, profile, cells, model, settings, ["none"]), root)
@@ -226,30 +188,47 @@ def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "he
     if status:
         return {**out, "failed": status}
     adopted = {}
-    for d in datasets if adopt else []:
-        if results[d]["not_rerun"]:  # a cell the re-run did not finish: the committed set stays whole
-            print(f"[verify] {d}: not adopted, {len(results[d]['not_rerun'])} committed cell(s) not measured again",
-                  file=sys.stderr)
+    for d in datasets if adopt_cells else []:
+        codes = {c["result"].get("code") for c in (reran[d] or {}).get("cells") or []}
+        if results[d]["not_rerun"] or codes - {None, measure.code_hash()}:  # the committed set stays whole
+            why = (f"{len(results[d]['not_rerun'])} committed cell(s) not measured again" if results[d]["not_rerun"]
+                   else f"cells measured by other code ({', '.join(sorted(c for c in codes if c))}): the code changed")
+            print(f"[verify] {d}: not adopted, {why}", file=sys.stderr)
             continue
-        codes = sorted({str(c["result"].get("code") or "not recorded") for c in reran[d]["cells"]})
-        adopted[d] = {"date": meta["finished"][:10], "commit": meta["commit"], "code": codes,
-                      "cells": len(results[d]["cells"]), "not_adopted": results[d]["only_in_rerun"]}
-    with FileLock(str(path) + ".lock"):  # the comparison first: an interrupted adoption re-runs to the same entry
+        adopted[d] = {"date": meta["finished"][:10], "commit": meta["commit"], "state": "adopting",
+                      "code": sorted(str(c or "not recorded") for c in codes), "cells": len(results[d]["cells"]),
+                      "not_adopted": results[d]["only_in_rerun"],
+                      "run_ids": sorted(c["result"].get("run_id") or "" for c in reran[d]["cells"])}
+    write_entries(path, profile, results, meta, adopted)  # first: an interrupted adoption is finished next time
+    for d in adopted:
+        adopt.adopt_dataset(rerun_cells / d, cells_root(profile) / d, [c["key"] for c in results[d]["cells"]],
+                            root / "checkpoints", checkpoints_dir())
+        adopt.take_adapters(root / "checkpoints" / "study" / d, checkpoints_dir() / "study" / d)
+        shutil.rmtree(rerun_cells / d, ignore_errors=True)
+        adopted[d]["state"] = "done"
+    if adopted:
+        write_entries(path, profile, results, meta, adopted)
+    if report_paths(profile)[0].is_file():  # the profile's report carries the comparison (its own section)
+        rebuild_report(profile)
+    return {**out, "adopted": adopted}
+
+
+def write_entries(path: Path, profile: str, results: dict, meta: dict, adopted: dict) -> None:
+    """Merge this run's comparisons into the verify file; an earlier adoption of a dataset this run does not adopt
+    is carried as `adopted_earlier` (the committed cells are still the adopted ones)."""
+    from filelock import FileLock
+
+    with FileLock(str(path) + ".lock"):
         stored = (measure.read_result(path) or {}).get("datasets") or {}
         entries = {}
         for d, r in results.items():
             before = stored.get(d, {}).get("adopted") or stored.get(d, {}).get("adopted_earlier")
+            before = before if before and before.get("state", "done") == "done" else None
             entries[d] = {**r, "meta": meta, **({"adopted": adopted[d]} if d in adopted else
                                                  {"adopted_earlier": before} if before else {})}
         merged = {**stored, **entries}
         measure.write_result(path, {"profile": profile, "datasets": merged, "summary": verify.summary(merged),
                                     "about": verify.ABOUT})
-    for d in adopted:
-        adopt_dataset(rerun_cells / d, cells_root(profile) / d, [c["key"] for c in results[d]["cells"]])
-        take_adapters(root, rerun_cells, d)
-    if report_paths(profile)[0].is_file():  # the profile's report carries the comparison (its own section)
-        rebuild_report(profile)
-    return {**out, "adopted": adopted}
 
 
 def print_verification(result: dict) -> None:
@@ -263,6 +242,6 @@ def print_verification(result: dict) -> None:
     reused = f" ({earlier} measured by an earlier attempt in the scratch project)" if earlier else ""
     where = "not written: the re-run failed" if result.get("failed") else result["path"]
     if result.get("adopted"):
-        print(f"adopted: {', '.join(result['adopted'])}: the committed cells are now the re-run's (report rebuilt)")
+        print(f"adopted: {', '.join(result['adopted'])}: the committed cells are now the re-run's")
     print(f"verify: {s['cells']} cell(s) over {len(s['datasets'])} dataset(s){reused}: {counts}{largest}; "
           f"{'reproduced' if s['reproduced'] else 'NOT reproduced'} -> {where}")

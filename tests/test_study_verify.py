@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,7 +116,7 @@ def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_ha
     from flows.study_verify import VerifyError, run_verification
 
     with pytest.raises(VerifyError, match=r"tinya: --adopt would keep 2 committed cell\(s\) .*--only tfidf"):
-        run_verification(["tinya"], "cpu", "headline", str(tiny_model_dir), [], ["tfidf"], adopt=True)
+        run_verification(["tinya"], "cpu", "headline", str(tiny_model_dir), [], ["tfidf"], adopt_cells=True)
     # ... else the re-run's cells (resumed from the scratch project) replace the committed ones
     stale = next(p for p in committed if p.name != "dataset.json")
     cell = json.loads(stale.read_text())
@@ -125,10 +126,15 @@ def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_ha
     done = subprocess.run(command + ["--adopt"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "adopted: tinya" in done.stdout
-    assert {p.name: p.read_bytes() for p in committed if p.name != "dataset.json"} == measured
+    strip = lambda b: {**json.loads(b), "result": {**json.loads(b)["result"], "adapter": None}}  # noqa: E731
+    assert {p.name: strip(p.read_bytes()) for p in committed if p.name != "dataset.json"} == \
+        {name: strip(b) for name, b in measured.items()}  # the re-run's cells (adapters now the project's)
     assert not rerun.exists() and not (scratch_root("cpu") / "checkpoints" / "study" / "tinya").exists()
     adapters = project / "checkpoints" / "study"  # the re-run's adapters are the project's now; the old ones kept aside
     assert list((adapters / "tinya").glob("*/sft")) and list((adapters / "tinya.replaced").glob("*/sft"))
+    trained = [json.loads(p.read_text())["result"] for p in committed if p.name != "dataset.json"]
+    assert all(Path(r["adapter"]).is_relative_to(adapters / "tinya") for r in trained if r.get("adapter"))
+    assert any(r.get("adapter") and Path(r["adapter"]).is_dir() for r in trained)
     entry = json.loads(verify_path("cpu").read_text())["datasets"]["tinya"]
     assert entry["adopted"]["cells"] == len(before) - 1 and entry["adopted"]["code"] == [cell["result"]["code"]]
     assert "tinya: adopted on" in (project / "reports" / "study.md").read_text()
@@ -138,18 +144,23 @@ def test_verify_measures_the_committed_cells_again_and_they_reproduce(prefect_ha
 def test_an_interrupted_adoption_leaves_one_whole_folder(tmp_path):
     """The dataset folder is swapped by two renames; whichever step an interruption hit, one whole folder remains."""
     from components.study import measure
-    from flows.study_verify import adopt_dataset, recover_adoption
+    from components.study.adopt import adopt_dataset, recover_adoption
 
     committed, rerun = tmp_path / "cells" / "d", tmp_path / "scratch" / "d"
+    scratch_ckpt, ckpt = tmp_path / "scratch" / "checkpoints", tmp_path / "checkpoints"
     for folder, tag in ((committed, "old"), (rerun, "new")):
         for key in ("k1", "k2"):
-            measure.write_result(folder / f"{key}.json", {"result": {"key": key, "tag": tag}})
+            adapter = str(scratch_ckpt / "study" / "d" / "naive-1" / "sft") if key == "k1" else None
+            measure.write_result(folder / f"{key}.json", {"result": {"key": key, "tag": tag, "adapter": adapter},
+                                                          "predictions": {"test": []}})
     measure.write_result(committed / measure.DATASET_FILE, {"register": {"version": "3"}, "training": "old"})
     measure.write_result(rerun / measure.DATASET_FILE, {"register": None, "training": "new"})
     measure.write_result(rerun / "k9.json", {"result": {"key": "k9", "tag": "new"}})  # only in the re-run
-    adopt_dataset(rerun, committed, ["k1", "k2"])
+    adopt_dataset(rerun, committed, ["k1", "k2"], scratch_ckpt, ckpt)
     assert sorted(p.name for p in committed.iterdir()) == ["dataset.json", "k1.json", "k2.json"]
-    assert all(json.loads((committed / f"{k}.json").read_text())["result"]["tag"] == "new" for k in ("k1", "k2"))
+    cells = {k: json.loads((committed / f"{k}.json").read_text())["result"] for k in ("k1", "k2")}
+    assert all(c["tag"] == "new" for c in cells.values())
+    assert cells["k1"]["adapter"] == str(ckpt / "study" / "d" / "naive-1" / "sft")  # where take_adapters puts it
     record = json.loads((committed / measure.DATASET_FILE).read_text())
     assert record == {"register": {"version": "3"}, "training": "new"}  # the committed registry decision kept
     committed.rename(committed.with_name("d.replaced"))  # killed between the two renames: the old folder comes back
@@ -161,16 +172,56 @@ def test_an_interrupted_adoption_leaves_one_whole_folder(tmp_path):
     assert committed.is_dir() and not list(committed.parent.glob("d.*"))
 
 
+def test_adopted_adapters_replace_only_their_own_training_folders(tmp_path):
+    """checkpoints/study/<d> holds every profile's adapters: only the re-run's training folders are replaced."""
+    from components.study.adopt import take_adapters
+
+    theirs, ours = tmp_path / "scratch" / "d", tmp_path / "study" / "d"
+    for folder, names in ((theirs, ("naive-cpu",)), (ours, ("naive-cpu", "naive-cpulong"))):
+        for name in names:
+            (folder / name / "sft").mkdir(parents=True)
+            (folder / name / "sft" / "who").write_text(folder.parent.name)
+    assert take_adapters(theirs, ours) == ["naive-cpu"]
+    assert (ours / "naive-cpu" / "sft" / "who").read_text() == "scratch"
+    assert (ours / "naive-cpulong" / "sft" / "who").read_text() == "study"  # another profile's: untouched
+    assert (tmp_path / "study" / "d.replaced" / "naive-cpu" / "sft" / "who").read_text() == "study"
+    assert not theirs.exists()
+
+
+def test_an_adoption_left_pending_is_finished_or_dropped(tmp_path, monkeypatch):
+    """A verify entry still `adopting` (killed after writing it): done when the committed cells are the adopted
+    ones, else its mark goes (the next --adopt adopts again)."""
+    from components.study import measure
+    from flows.study_report import cells_root
+    from flows.study_verify import finish_adoptions, verify_path
+
+    monkeypatch.setenv("GENCLS_ROOT", str(tmp_path))
+    for d, run in (("swapped", "new-run"), ("not-swapped", "old-run")):
+        measure.write_result(cells_root("cpu") / d / measure.DATASET_FILE, {"fingerprint": "f"})
+        measure.write_result(cells_root("cpu") / d / "k.json", {"result": {"key": "k", "fingerprint": "f", "run_id": run}})
+    pending = {"state": "adopting", "run_ids": ["new-run"], "date": "2026-12-02"}
+    measure.write_result(verify_path("cpu"), {"datasets": {d: {"cells": [], "adopted": dict(pending)}
+                                                           for d in ("swapped", "not-swapped")}})
+    scratch = tmp_path / "scratch"
+    (scratch / "checkpoints" / "study" / "swapped" / "naive-1").mkdir(parents=True)
+    finish_adoptions("cpu", scratch, scratch / "cells", ["swapped", "not-swapped"])
+    entries = json.loads(verify_path("cpu").read_text())["datasets"]
+    assert entries["swapped"]["adopted"]["state"] == "done" and "adopted" not in entries["not-swapped"]
+    assert (tmp_path / "checkpoints" / "study" / "swapped" / "naive-1").is_dir()  # its adapters taken
+
+
 def test_adopt_refuses_scratch_cells_of_other_code(tmp_path):
     from components.study import measure
-    from flows.study_verify import VerifyError, check_adoptable
+    from components.study.adopt import AdoptError, check_adoptable
 
     info = {"record": {"settings": {"icl_k": 2}}, "cells": [{"result": {"key": "k", "name": "tfidf", "roles": ["tfidf"]}}]}
     scratch = tmp_path / "cells"
-    measure.write_result(scratch / "d" / measure.DATASET_FILE, {"fingerprint": "f"})
     measure.write_result(scratch / "d" / "k.json", {"result": {"key": "k", "fingerprint": "f", "code": "0ldc0de"}})
-    with pytest.raises(VerifyError, match=r"d: the scratch project holds cells measured by other code \(0ldc0de"):
-        check_adoptable({"d": info}, "headline", None, tmp_path, scratch)
+    check_adoptable({"d": info}, "headline", None, scratch, tmp_path / "ckpt", "0ldc0de")  # the same code: fine
+    with pytest.raises(AdoptError, match=r"d: the scratch project holds cells measured by other code \(0ldc0de"):
+        check_adoptable({"d": info}, "headline", None, scratch, tmp_path / "ckpt", "n3wc0de")
+    with pytest.raises(AdoptError, match=r"d: --adopt would keep 1 committed cell\(s\) .*--only minilm .*\(tfidf\)"):
+        check_adoptable({"d": info}, "headline", ["minilm"], scratch, tmp_path / "ckpt", "0ldc0de")
 
 
 def test_adopt_needs_verify(monkeypatch):

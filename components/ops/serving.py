@@ -213,7 +213,7 @@ def log_model(run_id: str, adapter_dir: str | Path, labels_path: str | Path, str
               base_model: str | None = None, demos_path: str | Path | None = None,
               input_text: str = "What is the capital of France?", artifact_path: str = "model",
               validate: bool = True, max_prompt_tokens: int = 384, seed: int = 0, batch_size: int = 16) -> Any:
-    """Log the adapter as a pyfunc model in ``run_id`` (explicit signature, example, pip deps).
+    """Log the adapter as a pyfunc model in ``run_id`` (explicit signature, pip deps, an input example if `validate`).
 
     Args:
         run_id: MLflow run to log into.

@@ -7,6 +7,7 @@ Cell files live in ``reports/study/cells/<profile>/<dataset>/<key>.json`` (in gi
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,12 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from components.evaluate.evaluation import read_predictions
-from components.fingerprint import RECORD_FILE, read_record
+from components.fingerprint import RECORD_FILE, read_record, source_hash
 from components.study.plan import METRIC_KEYS, Cell
 
 
 # ----------------------------------------------------------------------------- results
 BASELINE_KINDS = ("tfidf", "tfidf_all", "minilm")  # cells that train no LLM
+CODE_MODULES = ("components.study.measure", "components.train.sft", "components.train.rl")
+
+
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """Hash of the code that trains and measures a cell (those modules' files and their imports'), recorded in
+    every cell: `gencls study --verify --adopt` adopts only cells measured by the code that adopts them."""
+    return source_hash(*CODE_MODULES)[:12]
 
 
 def cell_path(ctx: dict, key: str) -> Path:

@@ -159,7 +159,7 @@ def markdown_lines(verified: dict | None) -> list[str]:
     notes = [f"- {name}: {info['meta']['note']}" for name, info in sorted(verified["datasets"].items())
              if (info.get("meta") or {}).get("note")]
     for name, info in sorted(verified["datasets"].items()):
-        if info.get("adopted"):
+        if (info.get("adopted") or {}).get("state", "done") == "done" and info.get("adopted"):
             a = info["adopted"]
             extra = f"; {len(a['not_adopted'])} cell(s) only the re-run measured were not adopted" if a.get("not_adopted") else ""
             code = ", ".join(a["code"]) if a.get("code") else f"of commit {str(a.get('commit') or '?')[:7]}"
