@@ -108,6 +108,12 @@ def check_settings(committed: dict[str, dict], rerun_cells: Path, profile: str) 
                                   f"settings: {cells_root(profile) / d / measure.DATASET_FILE})")
 
 
+def empty_scratch(root: Path, rerun_cells: Path, dataset: str) -> None:
+    """After a swap: the re-run's adapters become the project's and its cells leave the scratch project."""
+    adopt.take_adapters(root / "checkpoints" / "study" / dataset, checkpoints_dir() / "study" / dataset)
+    shutil.rmtree(rerun_cells / dataset, ignore_errors=True)
+
+
 def finish_adoptions(profile: str, root: Path, rerun_cells: Path, datasets: list[str]) -> None:
     """At the start: finish what an interrupted adoption left. A swapped folder is completed or undone
     (adopt.recover_adoption); a verify entry still `adopting` becomes `done` when the committed cells are the
@@ -125,8 +131,7 @@ def finish_adoptions(profile: str, root: Path, rerun_cells: Path, datasets: list
             info = measure.read_dataset(cells_root(profile) / d) or {}
             runs = {c["result"].get("run_id") for c in info.get("cells") or []}
             if runs and runs <= set(entries[d]["adopted"].get("run_ids") or []):
-                adopt.take_adapters(root / "checkpoints" / "study" / d, checkpoints_dir() / "study" / d)
-                shutil.rmtree(rerun_cells / d, ignore_errors=True)
+                empty_scratch(root, rerun_cells, d)
                 entries[d]["adopted"]["state"] = "done"
             else:
                 del entries[d]["adopted"]
@@ -203,8 +208,7 @@ def run_verification(datasets: list[str], profile: str = "cpu", cells: str = "he
     for d in adopted:
         adopt.adopt_dataset(rerun_cells / d, cells_root(profile) / d, [c["key"] for c in results[d]["cells"]],
                             root / "checkpoints", checkpoints_dir())
-        adopt.take_adapters(root / "checkpoints" / "study" / d, checkpoints_dir() / "study" / d)
-        shutil.rmtree(rerun_cells / d, ignore_errors=True)
+        empty_scratch(root, rerun_cells, d)
         adopted[d]["state"] = "done"
     if adopted:
         write_entries(path, profile, results, meta, adopted)
