@@ -115,13 +115,11 @@ def empty_scratch(root: Path, rerun_cells: Path, dataset: str) -> None:
 
 
 def finish_adoptions(profile: str, root: Path, rerun_cells: Path, datasets: list[str]) -> None:
-    """At the start: finish what an interrupted adoption left. A swapped folder is completed or undone
-    (adopt.recover_adoption); a verify entry still `adopting` becomes `done` when the committed cells are the
+    """At the start, after committed_datasets has completed or undone a half-swapped folder
+    (adopt.recover_adoption): a verify entry still `adopting` becomes `done` when the committed cells are the
     adopted ones (its adapters taken from the scratch project), else loses its mark (the run adopts again)."""
     from filelock import FileLock
 
-    for d in datasets:
-        adopt.recover_adoption(cells_root(profile) / d)
     path = verify_path(profile)
     with FileLock(str(path) + ".lock"):
         stored = measure.read_result(path)
