@@ -154,6 +154,9 @@ def test_aggregate_markdown_and_plots(tmp_path):
     assert d1["headline"]["naive_sft"]["vs_naive_sft"] is None
     assert d1["single_dims"][0]["vs_naive_sft"]["accuracy"]["diff"] == pytest.approx(-0.30)
     assert d2["rl_vs_sft"]["accuracy"]["diff"] == pytest.approx(0.03) and d1["rl_vs_sft"] is None
+    rl = study["summary"]["rl_vs_sft"]  # RL on its own, pooled: only ds2 has both SFT and SFT + RL of the recipe
+    assert rl["datasets"] == ["ds2"] and rl["accuracy"]["diff"] == pytest.approx(0.03)
+    assert rl["runs"] == {"ds1": {"steps": 2, "kept_step": 2, "zero_variance": 0.25}, "ds2": None}  # ds2: no record
     rows = study["summary"]["rows"]
     assert rows["gencls"]["mean_accuracy"] == pytest.approx(0.625) and rows["gencls"]["datasets"] == 2
     assert rows["gencls"]["vs_naive_sft"]["accuracy"]["diff"] == pytest.approx(0.075)
@@ -180,6 +183,13 @@ def test_aggregate_markdown_and_plots(tmp_path):
     text = markdown.render_markdown(study)
     assert "| GenCLS++ SFT + RL | 70.0 / 0.0<br>+10.0 [" in text and "INCOMPLETE" in text and "NOT met" in text
     assert "| numeric | inference | ds1 | -30.0 [" in text  # the ablation pooled over datasets
+    assert "## RL on its own" in text and "ds1 2 of 2 (25%), ds2 - of -" in text
+    assert "Mean over 1 datasets: accuracy +3.0 [" in text and "kept step 0 on all" not in text
+    stayed = {**rl, "runs": {"ds1": {**rl["runs"]["ds1"], "kept_step": 0}, "ds2": None}}
+    assert "GRPO kept step 0 on all 1 datasets with a record: at this budget RL does not help" in "\n".join(
+        markdown._rl(stayed))
+    assert "RL hurts" in "\n".join(markdown._rl({**rl, "accuracy": {"diff": -0.1, "low": -0.2, "high": -0.05}}))
+    assert markdown._rl(None) == []
     assert "## Reasoning vs direct answer" in text and "mean over 1 datasets: -5.0 [" in text and "ds1 65.0 vs 70.0" in text
     assert "| naive sft | 4 | 1.0 | " in text and "| MiniLM + LR" not in text  # never measured: no row
     assert plots.plot_heatmap(grid, tmp_path / "h.png", "t").stat().st_size > 0

@@ -74,7 +74,7 @@ def render_markdown(study: dict) -> str:
              "the format. Compared with the direct answer at equal budget (same recipe, SFT epochs and RL steps; "
              "longer completions).", ""]
     lines += _headline(study, summary)
-    lines += _verdict(summary["verdict"]) + _longer_budget(study.get("convergence"), meta.get("profile", ""))
+    lines += _verdict(summary["verdict"]) + _rl(summary.get("rl_vs_sft")) + _longer_budget(study.get("convergence"), meta.get("profile", ""))
     lines += verify.markdown_lines(study.get("verification"))
     lines += _recipe(recipe, (meta.get("settings") or {}).get("val_size"))
     plots = meta.get("plots") or "study/plots"  # relative to reports/ (flows/study_report.report_paths)
@@ -127,6 +127,34 @@ def _verdict(v: dict) -> list[str]:
             f"{', '.join(f'{n} {chr(10003) if ok else chr(10007)}' for n, ok in beats.items()) or 'not measured'}"
             f"{'' if v['beats_tfidf_met'] is None else (': met' if v['beats_tfidf_met'] else ': NOT met')}.",
             *_convergence(v), ""]
+
+
+def _rl(rl: dict | None) -> list[str]:
+    """RL judged on its own over the datasets: SFT + RL minus SFT (same recipe), the step GRPO kept, the share of
+    groups with no reward variance, and what that says."""
+    if not rl:
+        return []
+    runs = rl.get("runs") or {}
+    each = [f"{n} {'-' if r is None else r.get('kept_step')} of {'-' if r is None else r.get('steps')}"
+            + ("" if r is None or r.get("zero_variance") is None else f" ({100 * r['zero_variance']:.0f}%)")
+            for n, r in runs.items()]
+    lines = ["## RL on its own", "",
+             "The recipe's SFT + RL minus its SFT (the adapter GRPO started from; same decoding), test points.",
+             ""]
+    if rl.get("datasets"):
+        lines.append(f"- Mean over {len(rl['datasets'])} datasets: accuracy {_diff(rl)}, macro-F1 {_diff(rl, 'macro_f1')}.")
+    lines.append("- Step kept on SFT's held-out slice, of the steps run (0 = the SFT adapter), with the share of "
+                 f"groups whose completions all got the same reward: {', '.join(each)}.")
+    kept = [r.get("kept_step") for r in runs.values() if r is not None]
+    acc = rl.get("accuracy") or {}
+    if kept and all(k == 0 for k in kept):
+        lines.append(f"- GRPO kept step 0 on all {len(kept)} datasets with a record: at this budget RL does not help; "
+                     "GenCLS++ SFT + RL predicts what GenCLS++ SFT does.")
+    elif acc:
+        lines.append("- " + ("RL helps: the interval is above zero." if acc["low"] > 0 else "RL hurts: the interval is "
+                     "below zero." if acc["high"] < 0 else "No difference the test samples can resolve: at this budget "
+                     "RL does not measurably help."))
+    return lines + [""]
 
 
 def _convergence(v: dict) -> list[str]:

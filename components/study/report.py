@@ -104,12 +104,16 @@ def paired_rows(files: dict[str, dict], key_a: str | None, key_b: str | None, la
     return (*stats.align(rows_a, rows_b), labels) if rows_a and rows_b else None
 
 
-def _difference(files: dict[str, dict], key_a: str | None, key_b: str | None, labels: list[str]) -> dict | None:
-    """Paired-bootstrap difference a - b of two cells' test predictions (None when either is missing)."""
-    from components.evaluate import stats
-
-    pair = paired_rows(files, key_a, key_b, labels)
-    return None if pair is None else stats.paired_bootstrap(*pair)
+def rl_run(training: dict, recipe_train: str | None) -> dict | None:
+    """What GRPO did for the recipe's SFT + RL adapter (its training record "<train> rl"): steps run, the step kept
+    on the held-out slice (0 = the SFT adapter itself) and the mean share of groups with no reward variance."""
+    run = training.get(f"{canonical(recipe_train)} rl") if recipe_train else None
+    if not run:
+        return None
+    zero = [z for h in run.get("train_history") or []
+            if (z := h.get("zero_variance_groups", h.get("frac_reward_zero_std"))) is not None]
+    return {"steps": run.get("global_step"), "kept_step": (run.get("best") or {}).get("step"),
+            "zero_variance": sum(zero) / len(zero) if zero else None}
 
 
 def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None) -> dict:
@@ -130,6 +134,8 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
     pairs: dict[str, list] = {role: [] for role, _ in HEADLINE_ROWS}
     ablation: dict[tuple[str, str], dict] = {}  # (dimension, on at) -> paired test rows over the datasets
     reasoning: dict[str, tuple] = {}  # dataset -> paired test rows of reasoning vs the direct answer (both SFT + RL)
+    rl_pairs: dict[str, tuple] = {}  # dataset -> paired test rows of the recipe's SFT + RL vs its SFT
+    rl_runs: dict[str, dict | None] = {}  # dataset -> what GRPO did (rl_run)
     for name, info in datasets.items():
         files = {c["result"]["key"]: c for c in info.get("cells", [])}
         k = int(((info.get("record") or {}).get("settings") or {}).get("icl_k") or (recipe or {}).get("k") or 2)
@@ -162,11 +168,16 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
         if think:
             reasoning[name] = think
         record = info.get("record") or {}
+        rl_pair = paired_rows(files, gencls["key"], best_sft["key"], labels) if gencls and best_sft else None
+        if rl_pair:
+            rl_pairs[name] = rl_pair
+        if gencls:
+            rl_runs[name] = rl_run(record.get("training") or {}, (recipe or {}).get("train"))
         out_ds[name] = {
             "subsample": record.get("subsample"), "register": record.get("register"), "seconds": record.get("seconds"),
             "training": record.get("training", {}), "headline": headline, "grid": interplay_grid(results),
             "single_dims": dims, "reasoning": _pick(thought),
-            "rl_vs_sft": _difference(files, gencls["key"], best_sft["key"], labels) if gencls and best_sft else None,
+            "rl_vs_sft": stats.paired_bootstrap(*rl_pair) if rl_pair else None,
             "reasoning_vs_direct": stats.paired_bootstrap(*think) if think else None,
             "cells": [{**_pick(r), "roles": r["roles"]} for r in results]}
     rows = {}
@@ -185,6 +196,8 @@ def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None)
             "summary": {"rows": rows, "verdict": verdict(out_ds, rows, recipe_train=(recipe or {}).get("train")),
                         "ablation": pooled, "reasoning_vs_direct": {**stats.mean_bootstrap(list(reasoning.values())),
                                                                        "datasets": list(reasoning)} if reasoning else None,
+                        "rl_vs_sft": {**(stats.mean_bootstrap(list(rl_pairs.values())) if rl_pairs else {}),
+                                      "datasets": list(rl_pairs), "runs": rl_runs} if rl_runs else None,
                         "grid_mean": mean_grid([d["grid"] for d in out_ds.values()])}}
 
 
