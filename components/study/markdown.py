@@ -9,7 +9,7 @@ import json
 
 from components.study import verify
 from components.study.plan import INFER_ONLY_DIMS, TRAIN_DIMS
-from components.study.report import REFERENCE, TARGET_POINTS, WEAK_MARGIN, measured_rows, still_rising
+from components.study.report import REFERENCE, TARGET_POINTS, WEAK_MARGIN, measured_rows, still_rising, zero_variance_share
 
 
 def _pct(value: float | None) -> str:
@@ -314,10 +314,9 @@ def _training(name: str, training: dict, plots: str) -> list[str]:
         loss = "-" if not losses else f"{sum(losses[:tenth]) / tenth:.3f} -> {sum(losses[-tenth:]) / tenth:.3f}"
         held = ", ".join(f"{h['step']}: {_pct(h['accuracy'])}" for h in t.get("eval_history") or []) or "-"
         rewards = [h.get("reward") for h in t.get("train_history") or [] if h.get("reward") is not None]
-        zero = [h.get("zero_variance_groups", h.get("frac_reward_zero_std")) for h in t.get("train_history") or []]
-        zero = [z for z in zero if z is not None]
+        zero = zero_variance_share(t.get("train_history") or [])
         rl = "-" if not rewards else (f"{rewards[0]:.2f} -> {rewards[-1]:.2f}, "
-                                      f"{100 * sum(zero) / len(zero):.0f}%" if zero else f"{rewards[0]:.2f} -> {rewards[-1]:.2f}")
+                                      f"{100 * zero:.0f}%" if zero is not None else f"{rewards[0]:.2f} -> {rewards[-1]:.2f}")
         lines.append(f"| {label} | {t.get('global_step')} | {(t.get('seconds') or 0) / 60:.1f} | {loss} | {held} | "
                      f"{(t.get('best') or {}).get('step', '-')} | {rl} |")
     lines.append("")

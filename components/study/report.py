@@ -110,10 +110,14 @@ def rl_run(training: dict, recipe_train: str | None) -> dict | None:
     run = training.get(f"{canonical(recipe_train)} rl") if recipe_train else None
     if not run:
         return None
-    zero = [z for h in run.get("train_history") or []
-            if (z := h.get("zero_variance_groups", h.get("frac_reward_zero_std"))) is not None]
     return {"steps": run.get("global_step"), "kept_step": (run.get("best") or {}).get("step"),
-            "zero_variance": sum(zero) / len(zero) if zero else None}
+            "zero_variance": zero_variance_share(run.get("train_history") or [])}
+
+
+def zero_variance_share(history: list[dict]) -> float | None:
+    """Mean share of GRPO groups whose completions all got the same reward (None when no step logged it)."""
+    zero = [z for h in history if (z := h.get("zero_variance_groups", h.get("frac_reward_zero_std"))) is not None]
+    return sum(zero) / len(zero) if zero else None
 
 
 def aggregate(datasets: dict[str, dict], meta: dict, recipe: dict | None = None) -> dict:
